@@ -1,0 +1,67 @@
+"""Named errors for everything a user can hand us: files, catalogs, manifests.
+
+Each error says which file (or parameter) was wrong and why, so a CLI or an HTTP
+route can show it verbatim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Fundus2VideoError(Exception):
+    """Base class of the project's errors."""
+
+
+class UnreadableMedia(Fundus2VideoError):
+    """A file that should hold an image or a video cannot be decoded."""
+
+    kind = "file"
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read {self.kind} {self.path}: {reason}")
+
+
+class UnreadableImage(UnreadableMedia):
+    kind = "image"
+
+
+class UnreadableVideo(UnreadableMedia):
+    kind = "video"
+
+
+class MediaTooLarge(UnreadableMedia):
+    """Refused before decoding: the header declares more pixels than allowed."""
+
+    def __init__(self, path: str | Path, pixels: int, limit: int):
+        self.pixels = pixels
+        self.limit = limit
+        super().__init__(path, f"{pixels:,} pixels exceeds the limit of {limit:,}")
+
+
+class CohortError(Fundus2VideoError):
+    """A cohort folder or its catalog does not follow the data contract."""
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    row: int  # 1-based data row of the manifest (the header is row 0)
+    case_id: str | None
+    message: str
+
+    def __str__(self) -> str:
+        who = f" ({self.case_id})" if self.case_id else ""
+        return f"row {self.row}{who}: {self.message}"
+
+
+class ManifestError(Fundus2VideoError):
+    """A user manifest has bad rows; every problem is listed, not only the first."""
+
+    def __init__(self, manifest: str | Path, problems: list[RowProblem]):
+        self.manifest = str(manifest)
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{self.manifest}: {len(problems)} problem(s)\n{lines}")
