@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from .errors import CohortError
-from .fsutil import atomic_write_bytes
+from index.atomic import atomic_write_bytes
 
 CATALOG_NAME = "catalog.parquet"
 DIAGNOSES = ("normal", "NPDR", "PDR", "BRVO", "CRVO", "wet-AMD", "CSC")

@@ -17,7 +17,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from .fsutil import atomic_write_bytes
+from index.atomic import atomic_write_bytes
 
 FFA_FPS = 4  # playback rate of written FFA videos; acquisition times live in the catalog
 
