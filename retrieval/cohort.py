@@ -15,16 +15,27 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .errors import CohortError
 from index.atomic import atomic_write_bytes
+
+from .errors import CohortError
 
 CATALOG_NAME = "catalog.parquet"
 DIAGNOSES = ("normal", "NPDR", "PDR", "BRVO", "CRVO", "wet-AMD", "CSC")
 LESIONS = (
-    "microaneurysm", "haemorrhage", "hard-exudate", "cotton-wool-spot", "non-perfusion",
-    "neovascularisation", "leakage", "staining", "blocking", "cnv", "drusen",
-    "tortuous-veins", "delayed-filling",
-)  # fmt: skip
+    "microaneurysm",
+    "haemorrhage",
+    "hard-exudate",
+    "cotton-wool-spot",
+    "non-perfusion",
+    "neovascularisation",
+    "leakage",
+    "staining",
+    "blocking",
+    "cnv",
+    "drusen",
+    "tortuous-veins",
+    "delayed-filling",
+)
 EYES = ("OD", "OS")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
@@ -43,7 +54,7 @@ CATALOG_SCHEMA: dict[str, pl.DataType] = {
     "ffa_times_s": pl.List(pl.Float64()),
     "source": pl.String(),
 }
-REQUIRED_NON_NULL = ("case_id", "patient_id", "eye", "split", "cf_path", "ffa_path", "source")
+REQUIRED_NON_NULL = ("case_id", "patient_id", "split", "cf_path", "ffa_path", "source")
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,7 @@ class Case:
 
     case_id: str
     patient_id: str
-    eye: str
+    eye: str | None  # None when a user manifest does not say
     age: int | None
     sex: str | None
     diagnosis: str | None
@@ -117,7 +128,9 @@ def validate_catalog(df: pl.DataFrame, where: str = "catalog") -> None:
         raise CohortError(f"{where}: missing column(s) {', '.join(missing)}")
     for name, dtype in CATALOG_SCHEMA.items():
         if df.schema[name] != dtype:
-            raise CohortError(f"{where}: column {name} has type {df.schema[name]}, expected {dtype}")
+            raise CohortError(
+                f"{where}: column {name} has type {df.schema[name]}, expected {dtype}"
+            )
     for name in REQUIRED_NON_NULL:
         if df[name].null_count():
             raise CohortError(f"{where}: column {name} has empty values")
@@ -126,7 +139,7 @@ def validate_catalog(df: pl.DataFrame, where: str = "catalog") -> None:
         raise CohortError(f"{where}: duplicate case_id {', '.join(dup.head(5).to_list())}")
     bad_eye = df.filter(~pl.col("eye").is_in(EYES))["eye"].unique().to_list()
     if bad_eye:
-        raise CohortError(f"{where}: eye must be OD or OS, got {bad_eye[:5]}")
+        raise CohortError(f"{where}: eye must be OD, OS or empty, got {bad_eye[:5]}")
     bad_split = df.filter(~pl.col("split").is_in(SPLITS))["split"].unique().to_list()
     if bad_split:
         raise CohortError(f"{where}: split must be one of {SPLITS}, got {bad_split[:5]}")
