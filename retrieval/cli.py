@@ -111,3 +111,27 @@ def info(
     except Fundus2VideoError as e:
         raise _fail(e) from e
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps what it builds.")] = Path(
+        ".demo"
+    ),
+    cases: Annotated[int, typer.Option(min=8, help="Phantom cases.")] = 128,
+    seed: Annotated[int, typer.Option(help="Phantom seed.")] = 0,
+):
+    """Build (once; later runs reuse it) a phantom cohort, then summarise it and write its preview."""
+    from .cohort import Cohort
+    from .info import cohort_summary, format_summary
+    from .phantom import write_phantom_cohort, write_preview
+
+    cohort_dir, preview = workdir / "cohort", workdir / "preview.png"
+    if cohort_dir.exists():
+        typer.echo(f"reusing {cohort_dir}")
+    else:
+        write_phantom_cohort(cohort_dir, cases=cases, size=128, frames=16, seed=seed, workers=2)
+    if not preview.exists():
+        write_preview(preview, seed=seed, size=128, frames=16)
+    typer.echo(format_summary(cohort_summary(Cohort.open(cohort_dir), progress=False)))
+    typer.echo(f"preview  {preview}")

@@ -35,6 +35,7 @@ LESIONS = (
     "drusen",
     "tortuous-veins",
     "delayed-filling",
+    "serous-detachment",
 )
 EYES = ("OD", "OS")
 SPLITS = ("train", "val", "test")
