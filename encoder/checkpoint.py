@@ -1,0 +1,191 @@
+"""Checkpoints: `generator.safetensors` + `config.json`, rebuilt from data, written atomically.
+
+A checkpoint folder (a training run folder is one) holds:
+- `config.json`: {"format", "format_version", "model": ScaleConfig dict, "preprocessing",
+  "training": training options, "code_version", "iteration"};
+- `generator.safetensors`: the generator's state dict (the config JSON in its metadata).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .configs import ScaleConfig, get_scale, list_scales
+from .errors import CheckpointError, ConfigError, UnknownModel
+from .networks import Generator
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fundus2video-generator"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "generator.safetensors"
+LOCAL_PREFIX = "local-dir:"
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when there is one."""
+    try:
+        version = metadata.version("fundus2video")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}"
+
+
+def _atomic_path(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write through a temporary sibling and os.replace, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = _atomic_path(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None
+) -> None:
+    path = Path(path)
+    fd, tmp = _atomic_path(path)
+    os.close(fd)
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def checkpoint_config(
+    scale: ScaleConfig, training: dict[str, Any] | None = None, iteration: int | None = None
+) -> dict[str, Any]:
+    """The `config.json` dictionary of a generator checkpoint."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": scale.to_dict(),
+        "preprocessing": {
+            "size": scale.generator.image_size,
+            "geometry": "centre-pad to square with black, then antialiased bilinear resize",
+            "cf": "RGB uint8 -> x / 127.5 - 1",
+            "ffa": "grey uint8 -> x / 127.5 - 1",
+            "previous_frames_before_start": "black",
+        },
+        "training": training or {},
+        "code_version": code_version(),
+        "iteration": iteration,
+    }
+
+
+def save_generator(
+    folder: str | Path,
+    generator: Generator,
+    scale: ScaleConfig,
+    training: dict[str, Any] | None = None,
+    iteration: int | None = None,
+) -> Path:
+    """Write `generator.safetensors` then `config.json` into `folder`, each atomically."""
+    if scale.generator != generator.config:
+        raise ConfigError(
+            f"scale config {scale.generator} does not describe the generator ({generator.config})"
+        )
+    folder = Path(folder)
+    cfg = checkpoint_config(scale, training, iteration)
+    text = json.dumps(cfg, indent=2)
+    atomic_save_safetensors(folder / WEIGHTS_NAME, generator.state_dict(), {"config": text})
+    atomic_write_text(folder / CONFIG_NAME, text + "\n")
+    return folder
+
+
+def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
+    """`config.json` of a checkpoint folder, validated for format."""
+    path = Path(str(folder).removeprefix(LOCAL_PREFIX)) / CONFIG_NAME
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(path.parent, f"no {CONFIG_NAME}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"invalid JSON: {e}") from e
+    if cfg.get("format") != FORMAT:
+        raise CheckpointError(path, f"format {cfg.get('format')!r} is not {FORMAT!r}")
+    if cfg.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(path, f"format_version {cfg['format_version']} is newer than ours")
+    return cfg
+
+
+def load_generator(folder: str | Path) -> tuple[Generator, dict[str, Any]]:
+    """Rebuild the generator from `config.json` and load its weights (strict)."""
+    folder = Path(str(folder).removeprefix(LOCAL_PREFIX))
+    cfg = read_checkpoint_config(folder)
+    scale = ScaleConfig.from_dict(cfg["model"])
+    generator = Generator(scale.generator)
+    try:
+        state = load_file(str(folder / WEIGHTS_NAME))
+    except FileNotFoundError as e:
+        raise CheckpointError(folder, f"no {WEIGHTS_NAME}") from e
+    except SafetensorError as e:
+        raise CheckpointError(folder / WEIGHTS_NAME, str(e)) from e
+    try:
+        generator.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(folder / WEIGHTS_NAME, f"weights do not match config: {e}") from e
+    generator.eval()
+    return generator, cfg
+
+
+def create_scale(name_or_config: str | ScaleConfig, **overrides: Any) -> ScaleConfig:
+    scale = get_scale(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    return scale.replace(**overrides) if overrides else scale
+
+
+def create_generator(name_or_dir: str | Path | ScaleConfig, **overrides: Any) -> Generator:
+    """A generator by scale name ("tiny", "paper": fresh weights from the current torch RNG),
+    a ScaleConfig, or a checkpoint folder ("runs/00042" or "local-dir:runs/00042": trained
+    weights, eval mode). `overrides` change config fields of a fresh model (e.g. image_size=64).
+    """
+    if isinstance(name_or_dir, ScaleConfig):
+        return Generator(create_scale(name_or_dir, **overrides).generator)
+    text = str(name_or_dir)
+    if text in list_scales() and not text.startswith(LOCAL_PREFIX):
+        return Generator(create_scale(text, **overrides).generator)
+    folder = Path(text.removeprefix(LOCAL_PREFIX))
+    if not folder.is_dir():
+        raise UnknownModel(text, list_scales())
+    if overrides:
+        raise ConfigError(f"cannot override {sorted(overrides)} of a trained checkpoint {folder}")
+    return load_generator(folder)[0]

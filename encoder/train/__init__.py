@@ -1,0 +1,18 @@
+"""Training of the Fundus2Video generator (imports the library; the library never imports this)."""
+
+from .loop import TrainingSummary, schedule, scheduled_sampling_prob, training_loop
+from .step import Batch, LossWeights, Nets, StepOptions, WindowSampler, make_optimizers, train_step
+
+__all__ = [
+    "Batch",
+    "LossWeights",
+    "Nets",
+    "StepOptions",
+    "TrainingSummary",
+    "WindowSampler",
+    "make_optimizers",
+    "schedule",
+    "scheduled_sampling_prob",
+    "train_step",
+    "training_loop",
+]

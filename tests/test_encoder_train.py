@@ -1,0 +1,172 @@
+"""Training: steps reduce the loss, the PatchNCE head trains, run folders, resume, ablations."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from encoder import create_generator, read_checkpoint_config, synthesize
+from encoder.testing import micro_scale, toy_paired_videos
+from encoder.train import (
+    Nets,
+    StepOptions,
+    WindowSampler,
+    make_optimizers,
+    schedule,
+    scheduled_sampling_prob,
+    train_step,
+    training_loop,
+)
+
+RUN = dict(scale=micro_scale(), batch_size=2, progress=False, stats_every=2, preview_every=0)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> Iterator[None]:
+    torch.manual_seed(0)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return toy_paired_videos(6, 32, 6)
+
+
+def _fixed_batch(data, knowledge: bool = True):
+    sampler = WindowSampler(data, 3, np.random.default_rng(0))
+    return sampler.batch(
+        np.array([0, 1, 2, 3]), np.array([0, 1, 2, 3]), np.array([0, 1, 0, 1], bool)
+    )
+
+
+def test_steps_reduce_the_generator_loss(data) -> None:
+    nets = Nets.build(micro_scale())
+    opt_g, opt_d = make_optimizers(nets, lr=1e-3)
+    batch = _fixed_batch(data)
+    hist = [train_step(nets, opt_g, opt_d, batch, StepOptions()) for _ in range(25)]
+    first = np.mean([h["Loss/G_l1"] for h in hist[:3]])
+    last = np.mean([h["Loss/G_l1"] for h in hist[-3:]])
+    assert last < 0.7 * first
+    assert np.mean([h["Loss/G_total"] for h in hist[-3:]]) < np.mean(
+        [h["Loss/G_total"] for h in hist[:3]]
+    )
+
+
+def test_patchnce_head_and_both_discriminators_train(data) -> None:
+    nets = Nets.build(micro_scale())
+    opt_g, opt_d = make_optimizers(nets)
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in nets.modules().items()}
+    for _ in range(2):  # the FiLM projections start at zero: the time MLP trains from step 2
+        stats = train_step(nets, opt_g, opt_d, _fixed_batch(data), StepOptions(), ss_prob=1.0)
+    for name, module in nets.modules().items():
+        changed = [
+            not torch.equal(a, b) for a, b in zip(before[name], module.parameters(), strict=True)
+        ]
+        assert all(changed), f"{name}: {sum(changed)}/{len(changed)} parameter tensors changed"
+    assert stats["Progress/ss_used"] == 1.0  # every window saw generated previous frames
+    assert stats["Loss/G_nce"] > 0
+
+
+def test_ablation_steps(data) -> None:
+    nets = Nets.build(micro_scale(), knowledge=False)
+    assert nets.D_knowledge is None
+    opt_g, opt_d = make_optimizers(nets)
+    stats = train_step(nets, opt_g, opt_d, _fixed_batch(data), StepOptions(False, False))
+    assert "Loss/D_knowledge_real" not in stats and stats["Loss/G_gan_knowledge"] == 0.0
+
+
+def test_schedules() -> None:
+    assert schedule(0.2) == 1.0 and schedule(0.75) == pytest.approx(0.5) and schedule(1.0) == 0.0
+    assert scheduled_sampling_prob(0.05, 0.5, 0.1, 0.6) == 0.0
+    assert scheduled_sampling_prob(0.35, 0.5, 0.1, 0.6) == pytest.approx(0.25)
+    assert scheduled_sampling_prob(0.9, 0.5, 0.1, 0.6) == 0.5
+
+
+def test_run_folder(tmp_path, data) -> None:
+    run = tmp_path / "run"
+    ticks = []
+    kw = dict(RUN, preview_every=2, preview_cases=2, progress_fn=ticks.append)
+    summary = training_loop(run_dir=run, data=data, iters=4, **kw)
+    assert summary.iterations == 4 and summary.stop_reason == "iters"
+    opts = json.loads((run / "training_options.json").read_text())
+    assert opts["knowledge_mask"] is True and opts["model"]["name"] == "micro"
+    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [r["Progress/iter"] for r in rows] == [2, 4] and len(ticks) == 2
+    for key in ("Loss/G_gan", "Loss/G_nce", "Loss/D_real", "Loss/G_gv", "Timing/sec_per_iter"):
+        assert key in rows[-1]
+    previews = sorted(p.name for p in (run / "previews").iterdir())
+    assert previews == ["preview-000000.png", "preview-000002.png", "preview-000004.png"]
+    assert Image.open(run / "previews" / "preview-000004.png").size[1] > 2 * 96
+    cfg = read_checkpoint_config(run)
+    assert cfg["iteration"] == 4 and cfg["training"]["autoregressive"] is True
+    g = create_generator(run)
+    state = load_file(str(run / "training-state.safetensors"))
+    assert all(torch.equal(v, state[f"G.{k}"]) for k, v in g.state_dict().items())
+    with pytest.raises(FileExistsError, match="resume=True"):
+        training_loop(run_dir=run, data=data, iters=6, **RUN)
+
+
+def test_resume_continues_exactly(tmp_path, data) -> None:
+    """3 iterations + resume to 6 == 6 in one go (constant lr, no scheduled sampling ramp)."""
+    kw = dict(RUN, lr_decay_start=1.0, ss_start=0.0, ss_end=0.0, ss_max=0.5)
+    training_loop(run_dir=tmp_path / "a", data=data, iters=6, **kw)
+    training_loop(run_dir=tmp_path / "b", data=data, iters=3, **kw)
+    summary = training_loop(run_dir=tmp_path / "b", data=data, iters=6, resume=True, **kw)
+    assert summary.iterations == 6
+    rows = [json.loads(line) for line in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
+    assert [r["Progress/iter"] for r in rows] == [2, 3, 4, 6]
+    a = load_file(str(tmp_path / "a" / "training-state.safetensors"))
+    b = load_file(str(tmp_path / "b" / "training-state.safetensors"))
+    assert a.keys() == b.keys()
+    assert float(b["opt_G.state.0.step"]) == 6.0  # Adam state carried over
+    for key in a:
+        if not key.startswith("rng."):
+            assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_budget_and_abort(tmp_path, data) -> None:
+    s = training_loop(run_dir=tmp_path / "m", data=data, minutes=0.01, **RUN)
+    assert s.stop_reason == "minutes" and s.iterations >= 1
+    calls = iter(range(100))
+    s = training_loop(
+        run_dir=tmp_path / "x", data=data, iters=50, abort_fn=lambda: next(calls) >= 2, **RUN
+    )
+    assert s.stop_reason == "abort" and s.iterations == 2
+    assert read_checkpoint_config(tmp_path / "x")["iteration"] == 2
+
+
+@pytest.mark.parametrize("flag", ["knowledge_mask", "autoregressive"])
+def test_ablation_runs_train_and_record_the_flag(tmp_path, data, flag) -> None:
+    s = training_loop(run_dir=tmp_path / flag, data=data, iters=3, **{flag: False}, **RUN)
+    assert s.iterations == 3 and np.isfinite(s.last_stats["Loss/G_total"])
+    cfg = read_checkpoint_config(tmp_path / flag)
+    assert cfg["training"][flag] is False
+    g = create_generator(tmp_path / flag)
+    assert g.config.autoregressive is (flag != "autoregressive")
+    assert synthesize(g, data.cf[0], data.times_s[0]).shape == (6, 32, 32)
+
+
+def test_window_sampler_frames() -> None:
+    data = toy_paired_videos(2, 16, 8)
+    sampler = WindowSampler(data, 3, np.random.default_rng(0), flip=False)
+    b = sampler.batch(np.array([1, 1]), np.array([0, 4]))
+    ffa = torch.from_numpy(data.ffa[1]).float() / 127.5 - 1  # (T, S, S)
+    assert torch.equal(b.prev[0], torch.full((3, 16, 16), -1.0))  # before frame 0: black
+    assert torch.equal(b.target[0], ffa[0:3]) and torch.equal(b.target[1], ffa[4:7])
+    assert torch.equal(b.prev[1], ffa[1:4])
+    assert torch.equal(b.prev2[1][2], ffa[0]) and torch.equal(
+        b.prev2[1][:2], -torch.ones(2, 16, 16)
+    )
+    assert b.prev_valid[0].tolist() == [False] * 3 and b.prev_valid[1].tolist() == [True] * 3
+    assert torch.allclose(b.times[1], torch.from_numpy(data.times_s[1, 4:7]))
+    assert torch.allclose(b.prev_times[1], torch.from_numpy(data.times_s[1, 1:4]))
+    assert b.mask.shape == (2, 1, 16, 16) and b.cf.shape == (2, 3, 16, 16)
