@@ -4,5 +4,63 @@ Knows nothing about images or models: numpy vectors in, `(D, I)` out.
 """
 
 from .atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from .errors import (
+    DimensionMismatch,
+    DuplicateIds,
+    EncoderMismatch,
+    FilterError,
+    IndexFormatError,
+    IndexStoreError,
+    MemoryBudgetError,
+    UnsupportedIndexKey,
+)
+from .folder import (
+    FORMAT_VERSION,
+    ROW_ID,
+    IndexFolder,
+    catalog_allowed_ids,
+    load_index_folder,
+    read_manifest,
+    save_index_folder,
+    with_row_ids,
+)
+from .gpu import gpu_count
+from .keys import (
+    IndexSpec,
+    choose_index_key,
+    choose_nlist,
+    default_memory_budget,
+    estimate_index_bytes,
+    parse_index_key,
+)
+from .vector_index import VectorIndex
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ROW_ID",
+    "DimensionMismatch",
+    "DuplicateIds",
+    "EncoderMismatch",
+    "FilterError",
+    "IndexFolder",
+    "IndexFormatError",
+    "IndexSpec",
+    "IndexStoreError",
+    "MemoryBudgetError",
+    "UnsupportedIndexKey",
+    "VectorIndex",
+    "atomic_dir",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "catalog_allowed_ids",
+    "choose_index_key",
+    "choose_nlist",
+    "default_memory_budget",
+    "estimate_index_bytes",
+    "gpu_count",
+    "load_index_folder",
+    "parse_index_key",
+    "read_manifest",
+    "save_index_folder",
+    "with_row_ids",
+]

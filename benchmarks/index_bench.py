@@ -1,0 +1,245 @@
+"""Index benchmark: every index type `choose_index_key` can pick, next to raw `IndexFlatIP`.
+
+For each size n (d=256 by default) on the same synthetic vectors:
+build time (train + add), tuning time, QPS at k=10 with 1 and 64 queries per
+batch, recall@10 against exact search, and memory per vector.
+
+Vectors: embedding-like — a Gaussian mixture (`--clusters` overlapping centres) on
+a random `--rank`-dimensional subspace, plus isotropic noise, L2-normalised
+(defaults give a mean top-1 cosine of ~0.72, and IVF needs ~16 probes of 1024
+lists: neighbours straddle lists); queries are fresh draws from the same mixture
+(not indexed). Ground truth: `IndexFlatIP`.
+Memory per vector: `len(faiss.serialize_index(index)) / n` — the on-disk size,
+which for `IndexIDMap2` omits its in-memory reverse map (`est_bytes_per_vector`,
+from `index.keys.estimate_index_bytes`, includes it). QPS goes through
+`VectorIndex.search` (locking, parameters, id handling included); the baseline row
+is a bare FAISS `IndexFlatIP`.
+
+    .venv/bin/python benchmarks/index_bench.py --sizes 100000 --threads 2
+"""
+
+# ruff: noqa: E741  (D, I are FAISS's names for scores and ids)
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from index import (  # noqa: E402
+    VectorIndex,
+    choose_index_key,
+    choose_nlist,
+    default_memory_budget,
+    estimate_index_bytes,
+    gpu_count,
+)
+from index.keys import HNSW_M, PQ_NBITS, pq_m_choices  # noqa: E402
+
+K = 10
+BASELINE = "IndexFlatIP"
+
+
+def clustered_vectors(
+    n: int,
+    d: int,
+    *,
+    rank: int,
+    clusters: int,
+    spread: float,
+    noise: float,
+    seed: int,
+    mixture_seed: int = 0,
+) -> np.ndarray:
+    """n embedding-like unit vectors (a mixture on a rank-`rank` subspace, plus noise)."""
+    mix = np.random.default_rng(mixture_seed)
+    centers = mix.standard_normal((clusters, rank)).astype(np.float32)
+    proj = (mix.standard_normal((rank, d)) / np.sqrt(rank)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, d), np.float32)
+    for start in range(0, n, 65536):
+        m = min(65536, n - start)
+        z = centers[rng.integers(0, clusters, m)] + spread * rng.standard_normal((m, rank))
+        x = z.astype(np.float32) @ proj
+        x += noise * rng.standard_normal((m, d)).astype(np.float32)
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def candidate_keys(n: int, d: int) -> list[str]:
+    """One key per family `choose_index_key` can return, at this n and d."""
+    nlist = choose_nlist(n)
+    m = pq_m_choices(d)[0]  # the least lossy PQ choose_index_key emits
+    return [
+        "Flat",
+        f"HNSW{HNSW_M}",
+        f"IVF{nlist},Flat",
+        f"IVF{nlist},SQ8",
+        f"IVF{nlist},PQ{m}x{PQ_NBITS}",
+    ]
+
+
+def qps(search: Callable[[np.ndarray], object], q: np.ndarray, batch: int, budget_s: float):
+    """Queries per second, batches of `batch`, stopping after `budget_s` (>= 2 batches)."""
+    search(q[:batch])  # warm-up
+    done, t0 = 0, time.perf_counter()
+    for start in range(0, len(q) - batch + 1, batch):
+        search(q[start : start + batch])
+        done += batch
+        if done >= 2 * batch and time.perf_counter() - t0 > budget_s:
+            break
+    return done / (time.perf_counter() - t0)
+
+
+def recall_at_k(I: np.ndarray, truth: np.ndarray) -> float:
+    hits = sum(len(set(a).intersection(b)) for a, b in zip(I, truth, strict=True))
+    return hits / truth.size
+
+
+def bench_baseline(x, q, truth, budget_s, use_gpu) -> dict:
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    build = time.perf_counter() - t0
+    size = len(faiss.serialize_index(flat))
+    if use_gpu:
+        flat = faiss.index_cpu_to_all_gpus(flat)
+    _, I = flat.search(q, K)
+    return {
+        "key": BASELINE,
+        "build_s": build,
+        "tune_s": 0.0,
+        "qps_b1": qps(lambda b: flat.search(b, K), q, 1, budget_s),
+        "qps_b64": qps(lambda b: flat.search(b, K), q, 64, budget_s),
+        "recall@10": recall_at_k(I, truth),
+        "bytes_per_vector": size / len(x),
+        "est_bytes_per_vector": 4 * x.shape[1],
+        "search_params": {},
+        "device": "gpu" if use_gpu else "cpu",
+    }
+
+
+def bench_key(key, x, q, truth, budget_s, use_gpu, target_recall) -> dict:
+    t0 = time.perf_counter()
+    vi = VectorIndex.build(x, key=key, target_recall=target_recall, use_gpu=use_gpu)
+    total = time.perf_counter() - t0
+    tune = vi.build_timings["tune_s"]
+    build = total - tune
+    _, I = vi.search(q, K)
+    row = {
+        "key": vi.key,
+        "build_s": build,
+        "tune_s": tune,
+        "qps_b1": qps(lambda b: vi.search(b, K), q, 1, budget_s),
+        "qps_b64": qps(lambda b: vi.search(b, K), q, 64, budget_s),
+        "recall@10": recall_at_k(I, truth),
+        "bytes_per_vector": len(vi.serialize()) / len(x),
+        "est_bytes_per_vector": estimate_index_bytes(vi.key, len(x), x.shape[1]) / len(x),
+        "search_params": vi.search_params,
+        "device": vi.device,
+    }
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [
+        ("n", "{:>9,}"), ("key", "{:<16}"), ("build_s", "{:>8.1f}"), ("tune_s", "{:>7.1f}"),
+        ("qps_b1", "{:>9,.0f}"), ("qps_b64", "{:>9,.0f}"), ("recall@10", "{:>9.3f}"),
+        ("bytes_per_vector", "{:>8,.0f}"), ("search_params", "{!s:<18}"), ("device", "{:<4}"),
+    ]  # fmt: skip
+    names = {"bytes_per_vector": "B/vec", "search_params": "params", "recall@10": "recall@10"}
+    header = " | ".join(
+        f"{names.get(c, c):{'<' if '<' in f else '>'}{len(f.format(*_blank(c)))}}" for c, f in cols
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        params = ",".join(f"{k}={v}" for k, v in r["search_params"].items()) or "-"
+        print(" | ".join(f.format(params if c == "search_params" else r[c]) for c, f in cols))
+
+
+def _blank(column: str) -> tuple:
+    return ("",) if column in ("key", "search_params", "device") else (0,)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated n")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--queries", type=int, default=1024, help="held-out queries")
+    parser.add_argument("--rank", type=int, default=64, help="intrinsic dimension")
+    parser.add_argument("--clusters", type=int, default=100, help="mixture components")
+    parser.add_argument("--spread", type=float, default=1.0, help="within-cluster std")
+    parser.add_argument("--noise", type=float, default=0.1, help="isotropic noise std")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--time-per-qps", type=float, default=3.0, help="seconds per QPS figure")
+    parser.add_argument("--keys", default=None, help="comma-separated subset of families")
+    parser.add_argument("--cpu", action="store_true", help="stay on CPU even with GPUs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/index_bench.json"))
+    args = parser.parse_args(argv)
+
+    faiss.omp_set_num_threads(args.threads)
+    use_gpu = gpu_count() > 0 and not args.cpu
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    rows: list[dict] = []
+    for n in sizes:
+        mixture = dict(rank=args.rank, clusters=args.clusters, spread=args.spread, noise=args.noise)
+        x = clustered_vectors(n, args.dim, seed=args.seed, **mixture)
+        q = clustered_vectors(args.queries, args.dim, seed=args.seed + 1, **mixture)
+        flat = faiss.IndexFlatIP(args.dim)
+        flat.add(x)
+        truth = flat.search(q, K)[1]
+        del flat
+        keys = candidate_keys(n, args.dim)
+        if args.keys:
+            wanted = args.keys.split(",")
+            keys = [k for k in keys if any(k.startswith(w) or w in k for w in wanted)]
+        auto = choose_index_key(n, args.dim, default_memory_budget(), use_gpu=use_gpu)
+        jobs = [BASELINE, *keys]
+        for key in tqdm(jobs, desc=f"n={n:,}", unit="index"):
+            if key == BASELINE:
+                row = bench_baseline(x, q, truth, args.time_per_qps, use_gpu)
+            else:
+                row = bench_key(key, x, q, truth, args.time_per_qps, use_gpu, args.target_recall)
+            rows.append({"n": n, "d": args.dim, "auto": row["key"] == auto, **row})
+            gc.collect()
+            tqdm.write(f"  {row['key']}: recall@10 {row['recall@10']:.3f}")
+        del x
+        gc.collect()
+
+    print_table(rows)
+    report = {
+        "benchmark": "index",
+        "config": {**vars(args), "out": str(args.out), "k": K},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "faiss": faiss.__version__,
+            "gpus": gpu_count(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "memory_note": "bytes_per_vector = len(faiss.serialize_index(index)) / n",
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
