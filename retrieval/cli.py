@@ -121,7 +121,7 @@ def demo(
     cases: Annotated[int, typer.Option(min=8, help="Phantom cases.")] = 128,
     seed: Annotated[int, typer.Option(help="Phantom seed.")] = 0,
 ):
-    """Build (once; later runs reuse it) a phantom cohort, then summarise it and write its preview."""
+    """Build a phantom cohort (once; later runs reuse it), summarise it, write its preview."""
     from .cohort import Cohort
     from .info import cohort_summary, format_summary
     from .phantom import write_phantom_cohort, write_preview
@@ -135,3 +135,113 @@ def demo(
         write_preview(preview, seed=seed, size=128, frames=16)
     typer.echo(format_summary(cohort_summary(Cohort.open(cohort_dir), progress=False)))
     typer.echo(f"preview  {preview}")
+
+
+def _parse_times(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise typer.BadParameter(f"--times must be comma-separated seconds, got {text!r}") from e
+
+
+@app.command()
+def train(
+    cohort: Annotated[Path, typer.Argument(help="Cohort folder (its train split is used).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    scale: Annotated[str, typer.Option(help="Model scale: tiny or paper.")] = "tiny",
+    minutes: Annotated[float | None, typer.Option(min=0.01, help="Wall-clock budget.")] = None,
+    iters: Annotated[int | None, typer.Option(min=0, help="Iteration budget.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    variant: Annotated[
+        str, typer.Option(help="full, or an ablation: no-knowledge-mask, per-frame.")
+    ] = "full",
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+    vgg_weights: Annotated[
+        Path | None, typer.Option(help="Local VGG19 state dict: enables the perceptual loss.")
+    ] = None,
+):
+    """Train the Fundus2Video generator (a progress bar shows the losses)."""
+    from encoder import EncoderError, list_scales
+
+    from .generation import VARIANTS, train_run
+
+    if scale not in list_scales():
+        raise typer.BadParameter(f"--scale must be one of {list_scales()}, got {scale!r}")
+    if variant not in VARIANTS:
+        raise typer.BadParameter(f"--variant must be one of {list(VARIANTS)}, got {variant!r}")
+    if minutes is None and iters is None:
+        raise typer.BadParameter("give --minutes or --iters")
+    try:
+        summary = train_run(
+            cohort, out, scale=scale, minutes=minutes, iters=iters, resume=resume,
+            variant=variant, batch_size=batch_size, seed=seed, vgg_weights=vgg_weights,
+        )  # fmt: skip
+    except (Fundus2VideoError, EncoderError, FileExistsError, ValueError) as e:
+        raise _fail(e) from e
+    typer.echo(
+        f"{summary.run_dir}: {summary.iterations} iterations in {summary.elapsed_s / 60:.1f} min "
+        f"(stopped by {summary.stop_reason})"
+    )
+
+
+@app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    cf_image: Annotated[Path, typer.Argument(help="Colour fundus photo.")],
+    out: Annotated[Path, typer.Option("--out", help="MP4 to write.")],
+    times: Annotated[
+        str | None,
+        typer.Option(help="Frame times in seconds, e.g. 0,15,30,60 (default: the run's)."),
+    ] = None,
+):
+    """Synthesize an FFA video from a CF photo (every frame is marked SYNTHETIC)."""
+    from encoder import EncoderError
+
+    from .generation import generate_video
+    from .media_write import write_mp4
+
+    try:
+        frames, used = generate_video(run, cf_image, times_s=_parse_times(times))
+    except (Fundus2VideoError, EncoderError, ValueError) as e:
+        raise _fail(e) from e
+    write_mp4(out, frames)
+    typer.echo(
+        f"wrote {len(frames)} synthetic frames at {', '.join(f'{t:g}' for t in used)} s to {out}"
+    )
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder of the model to evaluate.")],
+    cohort: Annotated[Path, typer.Argument(help="Cohort folder.")],
+    out: Annotated[Path, typer.Option("--out", help="JSON report to write.")],
+    split: Annotated[str, typer.Option(help="Held-out split.")] = "test",
+    compare: Annotated[
+        list[str] | None, typer.Option(help="NAME=RUN of another run (e.g. an ablation); repeat.")
+    ] = None,
+    i3d: Annotated[
+        Path | None,
+        typer.Option(help="Local I3D TorchScript file: report FVD instead of fvd_proxy."),
+    ] = None,
+):
+    """Generation metrics on held-out patients, with baselines and any compared runs."""
+    from encoder import EncoderError
+
+    from .generation import evaluate_runs, generation_table, write_report
+
+    runs: dict[str, Path] = {"model": run}
+    for item in compare or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--compare must be NAME=RUN, got {item!r}")
+        runs[name] = Path(path)
+    try:
+        report = evaluate_runs(runs, cohort, split=split, i3d_path=i3d)
+    except (Fundus2VideoError, EncoderError, ValueError) as e:
+        raise _fail(e) from e
+    write_report(report, out)
+    typer.echo(generation_table(report))
+    typer.echo(f"report: {out}")

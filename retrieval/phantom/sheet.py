@@ -15,21 +15,35 @@ from .case import PhantomCase, check_params, phantom_case
 from .meta import case_meta, check_seed
 
 log = logging.getLogger(__name__)
-PHASES_S = (18.0, 25.0, 45.0, 600.0)  # arterial, arteriovenous, venous, late
+PHASES_S = (18.0, 25.0, 45.0, 600.0)  # arterial, arteriovenous, venous, late (typical eye)
 PHASE_NAMES = ("arterial", "AV", "venous", "late")
+CASE_PHASES = ("arterial", "laminar", "venous")  # keys of PhantomCase.phases_s, then 600 s
 LABEL_H = 14  # pixels of the caption band above each row
 GAP = 2
 
 
-def contact_sheet(cases: list[PhantomCase], phases_s: Sequence[float] = PHASES_S) -> np.ndarray:
-    """(H, W, 3) uint8: per case a row of CF | FFA nearest each of `phases_s`, captioned."""
+def _case_phases(case: PhantomCase) -> list[float]:
+    """The case's own phase onsets (its dye arrives 8-15 s after injection), else typical times."""
+    if not all(k in case.phases_s for k in CASE_PHASES):
+        return list(PHASES_S)
+    return [case.phases_s["arterial"] + 0.5, case.phases_s["laminar"] + 0.5,
+            case.phases_s["venous"] + 10.0, 600.0]  # fmt: skip
+
+
+def contact_sheet(cases: list[PhantomCase], phases_s: Sequence[float] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8: per case a row of CF | FFA nearest each phase, captioned.
+
+    `phases_s` fixes the times for every row; by default each row uses its case's own
+    arterial, arteriovenous (laminar), venous and late times.
+    """
     if not cases:
         raise ValueError("cases must not be empty")
     size = cases[0].cf.shape[0]
     if any(c.cf.shape[0] != size for c in cases):
         raise ValueError("all cases of a contact sheet must have the same size")
-    names = PHASE_NAMES if len(phases_s) == len(PHASE_NAMES) else [""] * len(phases_s)
-    cols = 1 + len(phases_s)
+    n_cols = len(PHASE_NAMES) if phases_s is None else len(phases_s)
+    names = PHASE_NAMES if n_cols == len(PHASE_NAMES) else [""] * n_cols
+    cols = 1 + n_cols
     width = cols * size + (cols - 1) * GAP
     row_h = LABEL_H + size
     sheet = Image.new("RGB", (width, len(cases) * (row_h + GAP) - GAP), (16, 16, 16))
@@ -40,7 +54,7 @@ def contact_sheet(cases: list[PhantomCase], phases_s: Sequence[float] = PHASES_S
         caption = f"{case.diagnosis}  {case.eye} {case.age}{case.sex}  {case.case_id}"
         draw.text((2, y + 1), caption, fill=(235, 235, 235), font=font)
         sheet.paste(Image.fromarray(case.cf), (0, y + LABEL_H))
-        for k, t in enumerate(phases_s):
+        for k, t in enumerate(_case_phases(case) if phases_s is None else phases_s):
             i = int(np.argmin(np.abs(case.times_s - t)))
             x = (k + 1) * (size + GAP)
             sheet.paste(Image.fromarray(case.ffa[i]).convert("RGB"), (x, y + LABEL_H))
