@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -55,40 +56,37 @@ def code_version() -> str:
     return f"{version}+g{commit}"
 
 
-def _atomic_path(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+@contextlib.contextmanager
+def _atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of `path` that replaces it on success (removed on failure).
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write through a temporary sibling and os.replace, so readers never see half a file."""
+    `encoder` does not import `index`, which has the project's general atomic writers.
+    """
     path = Path(path)
-    fd, tmp = _atomic_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write through a temporary sibling and os.replace, so readers never see half a file."""
+    with _atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_save_safetensors(
     path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None
 ) -> None:
-    path = Path(path)
-    fd, tmp = _atomic_path(path)
-    os.close(fd)
-    try:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta
-        )
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _atomic_path(path) as tmp:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, tmp, metadata=meta)
 
 
 def checkpoint_config(

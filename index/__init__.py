@@ -3,7 +3,7 @@
 Knows nothing about images or models: numpy vectors in, `(D, I)` out.
 """
 
-from .atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from .atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text
 from .errors import (
     DimensionMismatch,
     DuplicateIds,
@@ -50,6 +50,7 @@ __all__ = [
     "UnsupportedIndexKey",
     "VectorIndex",
     "atomic_dir",
+    "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
     "catalog_allowed_ids",

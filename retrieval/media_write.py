@@ -6,9 +6,7 @@ MP4 muxer is told not to write creation times or encoder strings.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -17,7 +15,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from index.atomic import atomic_write_bytes
+from index.atomic import atomic_path, atomic_write_bytes
 
 FFA_FPS = 4  # playback rate of written FFA videos; acquisition times live in the catalog
 
@@ -70,17 +68,8 @@ def _encode_mp4(path: Path, frames: np.ndarray, *, fps: int, crf: int) -> None:
 
 def write_mp4(path: str | Path, frames: np.ndarray, *, fps: int = FFA_FPS, crf: int = 12) -> None:
     """Write an MP4 through a temporary file in the same folder, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        _encode_mp4(Path(tmp), frames, fps=fps, crf=crf)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        _encode_mp4(tmp, frames, fps=fps, crf=crf)
 
 
 def mp4_bytes(frames: np.ndarray, *, fps: int = FFA_FPS, crf: int = 12) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -36,14 +35,7 @@ from encoder import (
 from encoder.discriminator import MultiscaleDiscriminator
 from encoder.testing import micro_scale, toy_paired_videos
 
-
-@pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
-    torch.manual_seed(0)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(was)
+pytestmark = pytest.mark.usefixtures("deterministic_torch")
 
 
 def _inputs(b: int, k: int, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,13 +26,7 @@ from encoder.train import (
 RUN = dict(scale=micro_scale(), batch_size=2, progress=False, stats_every=2, preview_every=0)
 
 
-@pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
-    torch.manual_seed(0)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(was)
+pytestmark = pytest.mark.usefixtures("deterministic_torch")
 
 
 @pytest.fixture(scope="module")
