@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from encoder import create_generator, evaluate_generation, get_scale, read_checkpoint_config
+from encoder import (
+    create_generator,
+    evaluate_generation,
+    get_scale,
+    read_checkpoint_config,
+    synthesize,
+)
 from encoder.train import training_loop
 from index.atomic import atomic_write_text
 
@@ -107,8 +113,6 @@ def generate_video(
     Default times are the median frame times of the run's training videos.
     Returns frames uint8 (T, S, S) and times (T,).
     """
-    from encoder import synthesize
-
     cf = read_cf(cf_path)  # (H, W, 3); a named error for unreadable input
     generator = create_generator(run)
     times = np.asarray(times_s or training_data_info(run)["median_times_s"], dtype=np.float32)
