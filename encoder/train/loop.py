@@ -91,7 +91,7 @@ def training_loop(
     lr: float = 2e-4,
     betas: tuple[float, float] = (0.5, 0.999),
     lr_decay_start: float = 0.5,  # fraction of the run after which lr decays linearly to 0
-    ss_max: float = 0.5,  # final probability of generated previous frames
+    ss_max: float = 1.0,  # final probability of generated previous frames
     ss_start: float = 0.1,  # fraction of the run where scheduled sampling starts ramping
     ss_end: float = 0.6,  # ... and reaches ss_max
     loss_weights: LossWeights | None = None,
