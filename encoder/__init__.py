@@ -4,6 +4,8 @@ The only package that imports torch.nn layers. Tensor-level: arrays in, arrays o
 it never imports `index` or `retrieval`. Training lives in `encoder.train`.
 """
 
+from .augment import AugmentConfig, augment_cf, augment_video
+from .backbones import BackboneSpec
 from .checkpoint import (
     create_generator,
     create_scale,
@@ -21,6 +23,19 @@ from .configs import (
 )
 from .data import PairedVideos, estimate_fov, fit_square
 from .discriminator import MultiscaleDiscriminator
+from .embedder import (
+    Embedder,
+    EmbedderConfig,
+    create_embedder,
+    embed_cf_array,
+    embed_ffa_array,
+    embedder_id,
+    fit_pixels,
+    load_embedder,
+    read_embedder_config,
+    recall_at_k,
+    save_embedder,
+)
 from .errors import CheckpointError, ConfigError, DataError, EncoderError, UnknownModel
 from .evaluate import cf_green_videos, evaluate_generation, train_mean_videos
 from .losses import (
@@ -50,10 +65,14 @@ from .networks import Generator, count_parameters, gem_pool
 from .synthesis import synthesize, synthesize_batch, synthesize_tensor
 
 __all__ = [
+    "AugmentConfig",
+    "BackboneSpec",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "DiscriminatorConfig",
+    "Embedder",
+    "EmbedderConfig",
     "EncoderError",
     "Generator",
     "GeneratorConfig",
@@ -64,13 +83,20 @@ __all__ = [
     "ScaleConfig",
     "UnknownModel",
     "VGGLoss",
+    "augment_cf",
+    "augment_video",
     "cf_green_videos",
     "count_parameters",
+    "create_embedder",
     "create_generator",
     "create_scale",
+    "embed_cf_array",
+    "embed_ffa_array",
+    "embedder_id",
     "estimate_fov",
     "evaluate_generation",
     "feature_matching_loss",
+    "fit_pixels",
     "fit_square",
     "frechet_distance",
     "fvd",
@@ -82,6 +108,7 @@ __all__ = [
     "knowledge_mask",
     "lesion_psnr",
     "list_scales",
+    "load_embedder",
     "load_generator",
     "load_i3d",
     "load_vgg19_features",
@@ -91,6 +118,9 @@ __all__ = [
     "proxy_features",
     "psnr",
     "read_checkpoint_config",
+    "read_embedder_config",
+    "recall_at_k",
+    "save_embedder",
     "save_generator",
     "ssim",
     "synthesize",

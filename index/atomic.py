@@ -1,13 +1,80 @@
-"""Atomic writes: build in a temporary sibling, then rename into place."""
+"""Atomic writes: build in a temporary sibling, then rename into place.
+
+Replacing a folder: on Linux the new folder and the old one trade places in one
+`renameat2(RENAME_EXCHANGE)` call, so `final` never disappears, even for an
+instant, and a concurrent reader (e.g. a server streaming a file from it) always
+finds a complete folder. Elsewhere (or on a file system without the call) the old
+folder is renamed aside (`.NAME.old-PID`) and the new one renamed in: a crash
+between the two renames leaves only the backup, which `recover_dir` (called by
+`index.load_index_folder`) renames back.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no symbol: glibc < 2.28, musl
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def exchange_paths(a: str | Path, b: str | Path) -> bool:
+    """Swap two existing paths atomically; False where the OS or file system cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _backups(final: Path) -> list[Path]:
+    return sorted(final.parent.glob(f".{final.name}.old-*"))
+
+
+def recover_dir(final: str | Path) -> bool:
+    """Put back a folder that an interrupted replacement left only as its backup.
+
+    Returns True when `final` was missing and its backup was renamed back.
+    """
+    final = Path(final)
+    if final.exists():
+        return False
+    backups = [p for p in _backups(final) if p.is_dir()]
+    if not backups:
+        return False
+    newest = max(backups, key=lambda p: p.stat().st_mtime)
+    newest.rename(final)
+    log.warning("%s was missing after an interrupted update; restored it from %s", final, newest)
+    return True
 
 
 @contextlib.contextmanager
@@ -16,7 +83,8 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 
     On any exception the temporary folder is removed and `final` is untouched.
     With `overwrite`, an existing `final` is replaced only after the new one is
-    complete (the old one is moved aside, then deleted).
+    complete: exchanged atomically with it where the OS can, else moved aside; the
+    old one is then deleted.
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -28,11 +96,18 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    tmp.rename(final)
+    try:
+        if final.exists() and exchange_paths(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+            return
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -10,17 +10,21 @@ INDEX/
 
 A folder is always written whole into a temporary sibling and renamed into place
 (`index.atomic.atomic_dir`), so an interrupted write leaves the previous folder
-loadable. Updating in place is the same operation: mutate the loaded indexes,
-then `IndexFolder.save()`. Loading checks the manifest, the format version, the
-encoder, file sizes, dimensions and counts before anything is searched.
+loadable. Entries the caller keeps inside the folder besides these (`keep=`, e.g. a
+`media/` subfolder) are carried into each rewrite by hard links. Updating in place is
+the same operation: mutate the loaded indexes, then `IndexFolder.save()`. Loading
+checks the manifest, the format version, the encoder, file sizes, dimensions and
+counts before anything is searched.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +34,7 @@ import faiss
 import numpy as np
 import polars as pl
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, recover_dir
 from .errors import EncoderMismatch, FilterError, IndexFormatError, IndexStoreError
 from .vector_index import VectorIndex
 
@@ -108,11 +112,11 @@ class IndexFolder:
             raise KeyError(f"no {modality!r} index; this folder has {sorted(self.indexes)}")
         return self.indexes[modality].search(queries, k, allowed=self.allowed_ids(filters))
 
-    def save(self, path: str | Path | None = None) -> Path:
-        """Write the folder (in place by default), atomically."""
+    def save(self, path: str | Path | None = None, *, keep: Sequence[str] = ()) -> Path:
+        """Write the folder (in place by default), atomically; `keep` as for save_index_folder."""
         target = Path(path) if path is not None else self.path
         self.manifest = save_index_folder(
-            target, self.indexes, self.catalog, self.encoder_id, self.extra
+            target, self.indexes, self.catalog, self.encoder_id, self.extra, keep=keep
         )
         self.path = target
         return target
@@ -131,8 +135,15 @@ def save_index_folder(
     catalog: pl.DataFrame,
     encoder_id: str,
     extra: Mapping[str, Any] | None = None,
+    *,
+    keep: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Write `path` (replacing any previous folder only once complete); returns the manifest."""
+    """Write `path` (replacing any previous folder only once complete); returns the manifest.
+
+    `keep` names entries (files or subfolders) of the folder now at `path` that the
+    new one carries over unchanged: hard-linked (copied where links fail), so they
+    stay the same files and a rewrite costs nothing for them.
+    """
     if not isinstance(encoder_id, str) or not encoder_id:
         raise ValueError(f"encoder_id must be a non-empty string, got {encoder_id!r}")
     if not indexes:
@@ -145,7 +156,18 @@ def save_index_folder(
         raise ValueError(f"all modalities must share one dimension, got {dims}")
     catalog = with_row_ids(catalog)
     row_ids = _row_ids(catalog, path)
+    reserved = {CATALOG_NAME, MANIFEST_NAME}
+    for name in keep:
+        if (
+            not name
+            or Path(name).name != name
+            or name in reserved
+            or name.endswith((".faiss", ".npy"))
+        ):
+            raise ValueError(f"keep names entries of the folder itself, got {name!r}")
     with atomic_dir(path, overwrite=True) as tmp:
+        for name in keep:
+            _carry(Path(path) / name, tmp / name)
         modalities: dict[str, Any] = {}
         for modality, vi in indexes.items():
             modalities[modality] = _write_modality(tmp, modality, vi, row_ids)
@@ -165,6 +187,23 @@ def save_index_folder(
         _write_manifest(tmp / MANIFEST_NAME, manifest)
     log.info("wrote index folder %s (%s)", path, manifest["counts"])
     return manifest
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Hard-link `src` (a file, or a folder recursively) to `dst`; copy where links fail."""
+    if not src.exists():
+        return
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _write_modality(tmp: Path, modality: str, vi: VectorIndex, row_ids: np.ndarray) -> dict:
@@ -224,6 +263,7 @@ def load_index_folder(
 ) -> IndexFolder:
     """Load and verify an index folder; refuse one built by another encoder."""
     path = Path(path)
+    recover_dir(path)
     if not path.is_dir():
         raise IndexFormatError(path, "no such folder")
     manifest = read_manifest(path)

@@ -21,22 +21,28 @@ class RWLock:
         self._writer: int | None = None  # thread id of the writer
         self._depth = 0  # re-entries of the writer
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
+    def read(self, blocking: bool = True) -> _ReadGuard:
+        """Shared access, as a context manager that gives True. With `blocking=False` it
+        gives False at once (holding nothing) when a writer holds or awaits the lock."""
+        return _ReadGuard(self, blocking)
+
+    def _acquire_read(self, blocking: bool) -> bool | None:
+        """True: acquired; None: the calling thread is the writer (nothing to release)."""
         if self._writer == threading.get_ident():
-            yield  # the writer already excludes everyone else
-            return
+            return None  # the writer already excludes everyone else
         with self._cond:
+            if not blocking and (self._writer is not None or self._waiting_writers):
+                return False
             while self._writer is not None or self._waiting_writers:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+            return True
+
+    def _release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -60,3 +66,22 @@ class RWLock:
                 if self._depth == 0:
                     self._writer = None
                     self._cond.notify_all()
+
+
+class _ReadGuard:
+    """`with lock.read():` (a class, not a generator: this runs on every search)."""
+
+    __slots__ = ("_lock", "_blocking", "_held")
+
+    def __init__(self, lock: RWLock, blocking: bool):
+        self._lock, self._blocking, self._held = lock, blocking, False
+
+    def __enter__(self) -> bool:
+        acquired = self._lock._acquire_read(self._blocking)
+        self._held = acquired is True
+        return acquired is not False
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held:
+            self._held = False
+            self._lock._release_read()

@@ -169,6 +169,14 @@ def _first_k(D: np.ndarray, I: np.ndarray, keep: np.ndarray, k: int):
     return np.ascontiguousarray(Dk), np.ascontiguousarray(Ik), keep.sum(1)
 
 
+def _plain_matrix(x: Any, d: int) -> bool:
+    """Already what FAISS takes: a C-contiguous float32 (n, d) array."""
+    return (
+        type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2
+        and x.shape[1] == d and x.flags.c_contiguous
+    )  # fmt: skip
+
+
 def _is_member(I: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     if sorted_ids.size == 0:
         return np.zeros(I.shape, bool)
@@ -203,12 +211,14 @@ class VectorIndex:
         if self._ids.size + self._tombstones.size != stored.size:
             raise ValueError("tombstones name ids that the index does not hold")
         self.search_params = dict(search_params or self._default_params())
+        self._plain_params: tuple[dict, Any] | None = None  # (for which search_params, object)
         self.recall_estimate = recall_estimate
         self.overfetch = overfetch  # force the GPU-style filter path on CPU (tests)
         self.compact_fraction = compact_fraction
         self.build_timings: dict[str, float] = {}
         self._lock = RWLock()
         self._gpu_mutex = threading.Lock()
+        self._map_mutex = threading.Lock()
         self._gpu_index: faiss.Index | None = None
         want_gpu = gpu_count() > 0 if use_gpu is None else use_gpu
         self.device_note = gpu_unsupported_reason(self.spec) if want_gpu else None
@@ -358,7 +368,11 @@ class VectorIndex:
             if self.spec.kind == "hnsw":
                 self._tombstones = np.union1d(self._tombstones, present)
             else:
-                removed = self._index.remove_ids(faiss.IDSelectorBatch(present))
+                hashed = (
+                    self.spec.is_ivf and self._index.direct_map.type == faiss.DirectMap.Hashtable
+                )
+                selector = faiss.IDSelectorArray if hashed else faiss.IDSelectorBatch
+                removed = self._index.remove_ids(selector(present))  # (an id map needs Array)
                 if removed != present.size:
                     raise RuntimeError(f"FAISS removed {removed} of {present.size} ids")
             self._ids = np.setdiff1d(self._ids, present, assume_unique=True)
@@ -387,6 +401,13 @@ class VectorIndex:
     # ------------------------------------------------------------------- search
     def search(self, queries: Any, k: int, *, allowed: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` ids and scores per query row, only among `allowed` ids when given."""
+        if allowed is None and type(k) is int and _plain_matrix(queries, self.dim):
+            with self._lock.read():  # the common case, without the general path's checks
+                if 0 < k <= self._ids.size and not (self._tombstones.size or self._use_gpu):
+                    if not self.overfetch:
+                        D, I = self._index.search(queries, k, params=self._params(None))
+                        if I[:, k - 1].min() >= 0:
+                            return D, I
         q = as_matrix(queries, self.dim, "queries")
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -394,9 +415,8 @@ class VectorIndex:
         with self._lock.read():
             subset = None if allowed is None else self._live_subset(as_ids(allowed))
             n_avail = self._ids.size if subset is None else subset.size
-            D, I = _padded(len(q), k)
             if n_avail == 0 or len(q) == 0:
-                return D, I
+                return _padded(len(q), k)
             on_gpu = False
             if self._use_gpu and k <= GPU_MAX_K:
                 with self._gpu_mutex:
@@ -406,6 +426,8 @@ class VectorIndex:
                         on_gpu = True
             if not on_gpu:
                 D, I = self._search_cpu(q, k, subset)
+            if I[:, min(k, n_avail) - 1].min() >= 0:
+                return D, I  # every row full (results are packed to the left)
             short = (I >= 0).sum(1) < min(k, n_avail)
             if short.any():
                 D[short], I[short] = self._search_exhaustive(q[short], k, subset)
@@ -422,11 +444,45 @@ class VectorIndex:
             return self._search_exact_subset(q, k, subset)
         return self._search_selector(q, k, subset)
 
+    def vector(self, id: int) -> np.ndarray:
+        """The stored vector of one live id, as a (1, d) query (cheaper than `reconstruct`)."""
+        id = int(id)
+        with self._lock.read():
+            pos = int(self._ids.searchsorted(id))
+            if pos == self._ids.size or self._ids[pos] != id:
+                raise KeyError(f"id not in the index: {id}")
+            if self.spec.is_ivf:
+                return self.reconstruct([id])
+            return self._index.reconstruct(id)[None]
+
+    def reconstruct(self, ids: Any) -> np.ndarray:
+        """The stored vectors (n, d) of live `ids` (IVF-PQ: their decoded approximations)."""
+        ids = as_ids(ids)
+        with self._lock.read():
+            missing = ids[~_is_member(ids, self._ids)]
+            if missing.size:
+                raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
+            if not ids.size:
+                return np.zeros((0, self.dim), np.float32)
+            if self.spec.is_ivf and self._index.direct_map.type == faiss.DirectMap.NoMap:
+                with self._map_mutex:  # one thread builds the id -> entry map (kept)
+                    if self._index.direct_map.type == faiss.DirectMap.NoMap:
+                        self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
+            return self._index.reconstruct_batch(ids)
+
     def _live_subset(self, allowed: np.ndarray) -> np.ndarray:
         allowed = np.unique(allowed)
         return allowed[_is_member(allowed, self._ids)]
 
     def _params(self, sel: Any, overrides: dict[str, int] | None = None):
+        if sel is None and not overrides:  # the common case: one object per setting, reused
+            cached = self._plain_params
+            if cached is None or cached[0] != self.search_params:
+                cached = self._plain_params = (dict(self.search_params), self._new_params(None))
+            return cached[1]
+        return self._new_params(sel, overrides)
+
+    def _new_params(self, sel: Any, overrides: dict[str, int] | None = None):
         p = {**self.search_params, **(overrides or {})}
         extra = {} if sel is None else {"sel": sel}
         if self.spec.kind == "hnsw":

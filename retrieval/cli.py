@@ -119,22 +119,50 @@ def demo(
         ".demo"
     ),
     cases: Annotated[int, typer.Option(min=8, help="Phantom cases.")] = 128,
-    seed: Annotated[int, typer.Option(help="Phantom seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Phantom and training seed.")] = 0,
+    minutes: Annotated[
+        float, typer.Option(min=0.05, help="Generator training budget (first run only).")
+    ] = 3.0,
+    embed_minutes: Annotated[
+        float, typer.Option(min=0.05, help="Embedding-head training budget (first run only).")
+    ] = 1.5,
+    host: Annotated[str, typer.Option(help="Interface both servers listen on.")] = "127.0.0.1",
+    api_port: Annotated[int, typer.Option(help="API port (another if taken).")] = 8000,
+    ui_port: Annotated[int, typer.Option(help="Dashboard port (another if taken).")] = 8501,
+    serve: Annotated[
+        bool, typer.Option(help="Start the API and dashboard (--no-serve: build and evaluate).")
+    ] = True,
 ):
-    """Build a phantom cohort (once; later runs reuse it), summarise it, write its preview."""
-    from .cohort import Cohort
-    from .info import cohort_summary, format_summary
-    from .phantom import write_phantom_cohort, write_preview
+    """Phantom cohort → train the tiny model → index → API + dashboard (cached between runs)."""
+    from encoder import EncoderError
+    from index import IndexStoreError
 
-    cohort_dir, preview = workdir / "cohort", workdir / "preview.png"
-    if cohort_dir.exists():
-        typer.echo(f"reusing {cohort_dir}")
-    else:
-        write_phantom_cohort(cohort_dir, cases=cases, size=128, frames=16, seed=seed, workers=2)
-    if not preview.exists():
-        write_preview(preview, seed=seed, size=128, frames=16)
-    typer.echo(format_summary(cohort_summary(Cohort.open(cohort_dir), progress=False)))
-    typer.echo(f"preview  {preview}")
+    from .demo import ensure_report, prepare_demo, serve_demo
+
+    try:
+        paths = prepare_demo(
+            workdir, cases=cases, seed=seed, generator_minutes=minutes,
+            embed_minutes=embed_minutes, say=typer.echo,
+        )  # fmt: skip
+        if serve:
+            serve_demo(paths, host=host, api_port=api_port, ui_port=ui_port, say=typer.echo)
+        else:
+            ensure_report(paths, say=typer.echo)
+    except (Fundus2VideoError, EncoderError, IndexStoreError, OSError, RuntimeError) as e:
+        raise _fail(e) from e
+
+
+@app.command("ui")
+def ui_command(
+    api: Annotated[str, typer.Option(help="Base URL of a running API.")] = "http://127.0.0.1:8000",
+    port: Annotated[int, typer.Option(help="Dashboard port.")] = 8501,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+):
+    """The Streamlit dashboard, talking to the API at --api (`streamlit run ui/app.py`)."""
+    from ui import run_dashboard
+
+    typer.echo(f"dashboard: http://{host}:{port}  (API: {api}; Ctrl-C stops it)")
+    raise typer.Exit(code=run_dashboard(api, port, host=host))
 
 
 def _parse_times(text: str | None) -> list[float] | None:
@@ -162,29 +190,63 @@ def train(
     vgg_weights: Annotated[
         Path | None, typer.Option(help="Local VGG19 state dict: enables the perceptual loss.")
     ] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(help="generator or embed (default: both; --minutes is split between them)."),
+    ] = None,
+    backbone: Annotated[
+        str, typer.Option(help="Embedder backbone: generator, scratch, openclip:<model>, pixels.")
+    ] = "generator",
+    embedder_out: Annotated[
+        Path | None, typer.Option(help="Embedder folder (default: RUN/embedder).")
+    ] = None,
+    embed_iters: Annotated[
+        int | None,
+        typer.Option(min=1, help="Embedder iterations when both stages run (default: --iters)."),
+    ] = None,
 ):
-    """Train the Fundus2Video generator (a progress bar shows the losses)."""
+    """Train the generator, then the embedding heads (progress bars show the losses).
+
+    With both stages and --minutes M, the generator gets M x (1 - EMBED_SHARE) and the
+    embedder the rest. With --stage embed, --minutes / --iters are the embedder's.
+    """
     from encoder import EncoderError, list_scales
 
+    from .embedding import EMBED_SHARE, train_embedder
     from .generation import VARIANTS, train_run
 
     if scale not in list_scales():
         raise typer.BadParameter(f"--scale must be one of {list_scales()}, got {scale!r}")
     if variant not in VARIANTS:
         raise typer.BadParameter(f"--variant must be one of {list(VARIANTS)}, got {variant!r}")
+    if stage not in (None, "generator", "embed"):
+        raise typer.BadParameter(f"--stage must be generator or embed, got {stage!r}")
     if minutes is None and iters is None:
         raise typer.BadParameter("give --minutes or --iters")
+    both = stage is None
     try:
-        summary = train_run(
-            cohort, out, scale=scale, minutes=minutes, iters=iters, resume=resume,
-            variant=variant, batch_size=batch_size, seed=seed, vgg_weights=vgg_weights,
-        )  # fmt: skip
+        if stage in (None, "generator"):
+            summary = train_run(
+                cohort, out, scale=scale, iters=iters, resume=resume, variant=variant,
+                minutes=minutes * (1 - EMBED_SHARE) if both and minutes else minutes,
+                batch_size=batch_size, seed=seed, vgg_weights=vgg_weights,
+            )  # fmt: skip
+            typer.echo(
+                f"{summary.run_dir}: generator {summary.iterations} iterations in "
+                f"{summary.elapsed_s / 60:.1f} min (stopped by {summary.stop_reason})"
+            )
+        if stage in (None, "embed"):
+            embed = train_embedder(
+                out, cohort, backbone=backbone, out=embedder_out, seed=seed,
+                minutes=minutes * EMBED_SHARE if both and minutes else minutes,
+                iters=(embed_iters or iters) if both else iters,
+            )  # fmt: skip
+            typer.echo(
+                f"{embed.run_dir}: embedder ({backbone}) {embed.iterations} iterations in "
+                f"{embed.elapsed_s / 60:.1f} min (stopped by {embed.stop_reason})"
+            )
     except (Fundus2VideoError, EncoderError, FileExistsError, ValueError) as e:
         raise _fail(e) from e
-    typer.echo(
-        f"{summary.run_dir}: {summary.iterations} iterations in {summary.elapsed_s / 60:.1f} min "
-        f"(stopped by {summary.stop_reason})"
-    )
 
 
 @app.command()
@@ -226,22 +288,183 @@ def evaluate(
         Path | None,
         typer.Option(help="Local I3D TorchScript file: report FVD instead of fvd_proxy."),
     ] = None,
+    embedder: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=FOLDER of another embedder of RUN (e.g. a backbone); repeat."),
+    ] = None,
+    metrics: Annotated[
+        str, typer.Option(help="all, generation or retrieval (retrieval needs RUN/embedder).")
+    ] = "all",
 ):
-    """Generation metrics on held-out patients, with baselines and any compared runs."""
+    """Generation and retrieval metrics on held-out patients, with baselines."""
     from encoder import EncoderError
 
+    from .embedding import default_embedder_dir
     from .generation import evaluate_runs, generation_table, write_report
+    from .retrieval_eval import evaluate_retrieval, retrieval_table
 
-    runs: dict[str, Path] = {"model": run}
-    for item in compare or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise typer.BadParameter(f"--compare must be NAME=RUN, got {item!r}")
-        runs[name] = Path(path)
+    if metrics not in ("all", "generation", "retrieval"):
+        raise typer.BadParameter(f"--metrics must be all, generation or retrieval, got {metrics!r}")
+    runs = {"model": run, **_named_paths(compare, "--compare", "RUN")}
+    embedders: dict[str, tuple[Path, Path | None]] = {}
+    if (default_embedder_dir(run) / "config.json").is_file():
+        embedders["model"] = (run, None)
+    for name, folder in _named_paths(embedder, "--embedder", "FOLDER").items():
+        embedders[name] = (run, folder)
+    if metrics == "retrieval" and not embedders:
+        raise typer.BadParameter(f"{run} has no embedder; train it with --stage embed")
+    report: dict = {}
     try:
-        report = evaluate_runs(runs, cohort, split=split, i3d_path=i3d)
+        if metrics in ("all", "generation"):
+            report = evaluate_runs(runs, cohort, split=split, i3d_path=i3d)
+            typer.echo(generation_table(report))
+        if metrics in ("all", "retrieval") and embedders:
+            synthesis_for = "model" if "model" in embedders else None
+            report["retrieval"] = evaluate_retrieval(
+                embedders, cohort, split=split, synthesis_for=synthesis_for
+            )
+            typer.echo(retrieval_table(report["retrieval"]))
     except (Fundus2VideoError, EncoderError, ValueError) as e:
         raise _fail(e) from e
     write_report(report, out)
-    typer.echo(generation_table(report))
     typer.echo(f"report: {out}")
+
+
+def _named_paths(items: list[str] | None, option: str, what: str) -> dict[str, Path]:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"{option} must be NAME={what}, got {item!r}")
+        out[name] = Path(path)
+    return out
+
+
+@app.command()
+def index(
+    run: Annotated[Path, typer.Argument(help="Run folder with a trained embedder.")],
+    cohort: Annotated[Path, typer.Argument(help="Cohort folder to embed (every split).")],
+    out: Annotated[Path, typer.Option("--out", help="Index folder to write (atomically).")],
+    embedder: Annotated[
+        Path | None, typer.Option(help="Embedder folder (default: RUN/embedder).")
+    ] = None,
+):
+    """Embed every case of a cohort and write an index folder (FAISS per modality + catalog)."""
+    from encoder import EncoderError
+    from index import IndexStoreError
+
+    from .embedding import build_index
+
+    try:
+        manifest = build_index(run, cohort, out, embedder_dir=embedder)
+    except (Fundus2VideoError, EncoderError, IndexStoreError, ValueError) as e:
+        raise _fail(e) from e
+    counts = ", ".join(f"{m} {n}" for m, n in manifest["counts"].items())
+    keys = ", ".join(f"{m} {k}" for m, k in manifest["index_keys"].items())
+    typer.echo(f"{out}: {counts} vectors of dimension {manifest['dim']} ({keys})")
+
+
+@app.command()
+def search(
+    index: Annotated[Path, typer.Argument(help="Index folder (from `fundus2video index`).")],
+    file: Annotated[Path, typer.Argument(help="Query: a CF photo, or an FFA video / frames.")],
+    target: Annotated[str, typer.Option(help="Modality to search: cf, ffa or both.")] = "ffa",
+    k: Annotated[int, typer.Option(min=1, max=1000, help="Results to return.")] = 10,
+    via: Annotated[str, typer.Option(help="direct, synthesis or fused (CF→FFA).")] = "direct",
+    times: Annotated[
+        str | None, typer.Option(help="FFA query frame times in seconds, comma-separated.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
+):
+    """Ranked cases for a query file (a CF photo or an FFA video)."""
+    import json
+
+    from encoder import EncoderError
+    from index import IndexStoreError
+
+    from .engine import CFQuery, Engine, FFAQuery
+    from .media import CF_SUFFIXES, read_cf, read_ffa
+
+    try:
+        if file.is_file() and file.suffix.lower() in CF_SUFFIXES and times is None:
+            query = CFQuery(read_cf(file))
+        else:
+            query = FFAQuery(read_ffa(file), _parse_times(times))
+        engine = Engine.open(index)
+        result = engine.search(query, target=target, k=k, via=via)
+    except (Fundus2VideoError, EncoderError, IndexStoreError, ValueError) as e:
+        raise _fail(e) from e
+    rows = [
+        {
+            "rank": h.rank,
+            "case_id": h.case.case_id,
+            "score": round(h.score, 6),
+            "modality": h.modality,
+            "diagnosis": h.case.diagnosis,
+            "eye": h.case.eye,
+            "lesions": list(h.case.lesions),
+            "split": h.case.split,
+        }  # fmt: skip
+        for h in result.hits
+    ]
+    if as_json:
+        out = {"query": result.query, "target": target, "via": via, "results": rows}
+        if result.synthetic is not None:
+            out["synthetic_query"] = {
+                "synthetic": True, "times_s": result.synthetic.times_s.tolist()
+            }  # fmt: skip
+        typer.echo(json.dumps(out, indent=2))
+        return
+    if result.synthetic is not None:
+        typer.echo("query searched through its synthesized (SYNTHETIC) FFA video")
+    typer.echo(f"{'rank':>4}  {'case':<14}{'score':>9}  {'modality':<8} {'diagnosis':<9} lesions")
+    for r in rows:
+        typer.echo(
+            f"{r['rank']:>4}  {r['case_id']:<14}{r['score']:>9.4f}  {r['modality']:<8} "
+            f"{r['diagnosis'] or '-':<9} {', '.join(r['lesions']) or '-'}"
+        )
+
+
+@app.command()
+def serve(
+    index: Annotated[Path, typer.Argument(help="Index folder (from `fundus2video index`).")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+):
+    """Serve the HTTP API over an index folder (OpenAPI docs at /docs).
+
+    Limits and the optional API key come from FUNDUS2VIDEO_* environment variables
+    (e.g. FUNDUS2VIDEO_API_KEY, FUNDUS2VIDEO_MAX_UPLOAD_BYTES); see retrieval/api/settings.py.
+    """
+    import os
+
+    # One OpenMP thread per FAISS search (read once, when FAISS loads): a single query
+    # gains nothing from a team, and idle teams spinning in every worker thread starve
+    # the CPU under concurrent requests. torch keeps its own thread count (set below).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import uvicorn
+    from pydantic import ValidationError
+
+    from encoder import EncoderError
+    from index import IndexStoreError
+
+    from .api import Settings, create_app
+    from .engine import Engine
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        settings = Settings(index=index)
+        engine = Engine.open(index, use_gpu=settings.use_gpu)
+    except ValidationError as e:
+        raise _fail(f"bad FUNDUS2VIDEO_* setting: {e}") from e
+    except (Fundus2VideoError, EncoderError, IndexStoreError) as e:
+        raise _fail(e) from e
+    typer.echo(
+        f"serving {engine.case_count} cases from {index} at http://{host}:{port} "
+        f"(docs: /docs{'; API key required' if settings.api_key else ''})"
+    )
+    uvicorn.run(
+        create_app(settings, engine=engine), host=host, port=port, access_log=False,
+        log_config=None, timeout_graceful_shutdown=5,
+    )  # fmt: skip

@@ -65,3 +65,31 @@ class ManifestError(Fundus2VideoError):
         self.problems = problems
         lines = "\n".join(f"  {p}" for p in problems)
         super().__init__(f"{self.manifest}: {len(problems)} problem(s)\n{lines}")
+
+
+class QueryError(Fundus2VideoError, ValueError):
+    """A search or generation request that cannot be answered as asked (names the parameter)."""
+
+
+class UnknownCase(Fundus2VideoError):
+    """A case id that the index does not hold."""
+
+    def __init__(self, case_id: str):
+        self.case_id = case_id
+        super().__init__(f"unknown case_id {case_id!r}: no such case in the index")
+
+
+class DuplicateCase(Fundus2VideoError):
+    """Adding a case whose id the index already holds."""
+
+    def __init__(self, case_id: str):
+        self.case_id = case_id
+        super().__init__(f"case_id {case_id!r} is already in the index (delete it first)")
+
+
+class IndexChanged(Fundus2VideoError):
+    """The index folder on disk was rewritten by another process since it was loaded."""
+
+
+class PersistError(Fundus2VideoError):
+    """An update could not be written to disk; the index is back to its last saved state."""

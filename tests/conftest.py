@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,3 +19,97 @@ def deterministic_torch() -> Iterator[None]:
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(was)
+
+
+@pytest.fixture(scope="session")
+def pixel_index(tmp_path_factory):
+    """A 24-case phantom index embedded by `retrieval.testing.PixelEncoder` (no model).
+
+    Read-only: tests that update an index copy it first.
+    """
+    from retrieval.phantom import write_phantom_cohort
+    from retrieval.testing import build_pixel_index
+
+    root = tmp_path_factory.mktemp("pixel")
+    write_phantom_cohort(root / "cohort", cases=24, size=64, frames=6, seed=5, progress=False)
+    build_pixel_index(root / "cohort", root / "index")
+    return root / "index"
+
+
+@dataclass(frozen=True)
+class LiveApi:
+    url: str  # base URL of the running API
+    cohort: Path  # the cohort its index holds (for query files)
+
+
+@pytest.fixture(scope="session")
+def live_api(pixel_index, tmp_path_factory) -> Iterator[LiveApi]:
+    """The real API (uvicorn in a thread, real HTTP) over `pixel_index`, with a run folder
+    holding a `stats.jsonl` and a `report.json` so /model has curves and tables."""
+    from retrieval.api import Settings, create_app
+    from retrieval.demo import ApiThread
+    from retrieval.engine import Engine
+    from retrieval.testing import PixelEncoder
+
+    run = tmp_path_factory.mktemp("live-run")
+    rows = [{"Progress/iter": i, "Loss/G_total": 10 / i, "Loss/D_total": 1 / i} for i in (1, 2, 3)]
+    (run / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = {"split": "test", "models": {"model": {"psnr": 19.2, "ssim": 0.33}}, "baselines": {}}
+    (run / "report.json").write_text(json.dumps(report))
+    encoder = PixelEncoder()
+    encoder.run_dir = run
+    engine = Engine.open(pixel_index, encoder=encoder)
+    api = ApiThread(create_app(Settings(report=run / "report.json"), engine=engine)).start()
+    yield LiveApi(api.url, Path(pixel_index).parent / "cohort")
+    api.stop()
+    engine.close()
+
+
+@dataclass(frozen=True)
+class TinyIndex:
+    cohort: Path  # a 24-case phantom cohort (64 px, 6 frames)
+    run: Path  # a micro generator (32 px) and its embedder (run / "embedder", dim 32)
+    index: Path  # the index folder `build_index(run, cohort, index)` wrote
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory) -> TinyIndex:
+    """A real (if barely trained) model and its index: phantom cohort → micro generator
+    (3 iterations) → embedder (6 iterations) → index folder. Read-only: copy to update.
+    """
+    from encoder.testing import micro_scale
+    from encoder.train import embed_training_loop, training_loop
+    from retrieval.cohort import Cohort
+    from retrieval.embedding import build_index
+    from retrieval.phantom import write_phantom_cohort
+    from retrieval.training_data import load_paired
+
+    root = tmp_path_factory.mktemp("tiny")
+    cohort, run, index = root / "cohort", root / "run", root / "index"
+    write_phantom_cohort(cohort, cases=24, size=64, frames=6, seed=7, progress=False)
+    opened = Cohort.open(cohort)
+    train = load_paired(opened, size=32, split="train", progress=False)
+    val = load_paired(opened, size=32, split="val", frames=train.frames, progress=False)
+    torch.manual_seed(0)
+    training_loop(
+        run_dir=run, data=train, val_data=val, scale=micro_scale(32), iters=3, batch_size=2,
+        progress=False, preview_every=0, stats_every=1,
+    )  # fmt: skip
+    embed_training_loop(
+        run_dir=run, data=train, val_data=val, iters=6, dim=32, batch_size=8, progress=False,
+        stats_every=2, val_every=3,
+    )  # fmt: skip
+    build_index(run, cohort, index, progress=False)
+    return TinyIndex(cohort, run, index)
+
+
+@pytest.fixture(scope="session")
+def model_api(tiny_index) -> Iterator[LiveApi]:
+    """The real API (uvicorn in a thread) opening `tiny_index` as `serve` does: the
+    trained micro model embeds queries and synthesizes angiograms."""
+    from retrieval.api import Settings, create_app
+    from retrieval.demo import ApiThread
+
+    api = ApiThread(create_app(Settings(index=tiny_index.index))).start()
+    yield LiveApi(api.url, tiny_index.cohort)
+    api.stop()

@@ -27,7 +27,9 @@ def cohort(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(cohort):
     path = cohort.parent / "run"
-    result = runner.invoke(app, ["train", str(cohort), "--out", str(path), "--iters", "2"])
+    result = runner.invoke(
+        app, ["train", str(cohort), "--out", str(path), "--iters", "2", "--stage", "generator"]
+    )
     assert result.exit_code == 0, result.output
     return path
 
@@ -37,11 +39,24 @@ def test_train_records_training_patients_and_resumes(cohort, run):
     assert info["frames"] == 5 and len(info["median_times_s"]) == 5
     assert info["patient_ids"] and (run / "generator.safetensors").is_file()
     again = runner.invoke(
-        app, ["train", str(cohort), "--out", str(run), "--iters", "3", "--resume"]
+        app,
+        [
+            "train",
+            str(cohort),
+            "--out",
+            str(run),
+            "--iters",
+            "3",
+            "--resume",
+            "--stage",
+            "generator",
+        ],
     )
     assert again.exit_code == 0, again.output
     assert "3 iterations" in again.output
-    refused = runner.invoke(app, ["train", str(cohort), "--out", str(run), "--iters", "3"])
+    refused = runner.invoke(
+        app, ["train", str(cohort), "--out", str(run), "--iters", "3", "--stage", "generator"]
+    )
     assert refused.exit_code == 2 and "already holds files" in refused.output
 
 

@@ -459,3 +459,47 @@ def test_gpu_search_matches_cpu_and_filters(data, key):
     assert np.isin(I, allowed).all() and (I >= 0).all()
     gpu.remove(ids[:100])
     assert not np.isin(gpu.search(q, 10)[1], ids[:100]).any()
+
+
+@pytest.mark.parametrize("key", ALL_KEYS)
+def test_stored_vectors_by_id_after_updates(data, key):
+    """`reconstruct` / `vector` give what was added, before and after removals and adds
+    (IVF builds its id map on first use; removing from it then needs IDSelectorArray)."""
+    x, ids, _ = data
+    vi = fresh(data, key, target_recall=None)
+    lossy = "PQ" in key or "SQ" in key
+    tol = 0.2 if "PQ" in key else 0.01 if lossy else 0
+    assert np.abs(vi.reconstruct(ids[[3, 40]]) - x[[3, 40]]).max() <= tol
+    vi.remove(ids[:5])
+    vi.add(x[:2], [10**9, 10**9 + 1])
+    assert np.abs(vi.vector(10**9 + 1) - x[1]).max() <= tol
+    assert vi.vector(ids[40]).shape == (1, x.shape[1])
+    for gone in (ids[0], 12345678):
+        with pytest.raises(KeyError):
+            vi.vector(gone)
+        with pytest.raises(KeyError):
+            vi.reconstruct([ids[40], gone])
+    assert vi.search(x[1:2], 1)[1][0, 0] == 10**9 + 1
+
+
+def test_read_lock_can_refuse_instead_of_waiting():
+    from index.sync import RWLock
+
+    lock = RWLock()
+    with lock.read(blocking=False) as ok:
+        assert ok
+    refused = threading.Event()
+
+    def try_read():
+        with lock.read(blocking=False) as ok:
+            if not ok:
+                refused.set()
+
+    with lock.write():
+        with lock.read(blocking=False) as ok:  # the writer itself may read
+            assert ok
+        t = threading.Thread(target=try_read)
+        t.start()
+        t.join()
+    assert refused.is_set()  # another thread was refused at once, not blocked
+    assert lock._readers == 0

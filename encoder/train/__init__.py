@@ -1,5 +1,6 @@
 """Training of the Fundus2Video generator (imports the library; the library never imports this)."""
 
+from .embed import embed_training_loop
 from .loop import TrainingSummary, schedule, scheduled_sampling_prob, training_loop
 from .step import Batch, LossWeights, Nets, StepOptions, WindowSampler, make_optimizers, train_step
 
@@ -10,6 +11,7 @@ __all__ = [
     "StepOptions",
     "TrainingSummary",
     "WindowSampler",
+    "embed_training_loop",
     "make_optimizers",
     "schedule",
     "scheduled_sampling_prob",

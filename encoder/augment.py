@@ -1,0 +1,123 @@
+"""Augmentations for contrastive training, on model-space tensors in [-1, 1] (black = -1).
+
+Pure torch with an explicit `torch.Generator`, so a seeded run is reproducible on CPU.
+The two sides of a CF / FFA pair are augmented independently; all frames of one FFA
+video share one geometric transform and one photometric jitter (one acquisition),
+frames get an extra small exposure wobble of their own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotate_deg: float = 8.0  # uniform ± rotation about the image centre
+    shift: float = 0.04  # uniform ± translation, fraction of the image side
+    scale: float = 0.05  # uniform 1 ± zoom
+    brightness: float = 0.15  # additive, in [0, 1] intensity units
+    contrast: float = 0.2  # multiplicative 1 ± around the image mean
+    gamma: float = 0.25  # exposure curve x ** exp(± gamma)
+    colour: float = 0.08  # per-channel gain 1 ± (CF only)
+    blur_prob: float = 0.3  # probability of a Gaussian blur
+    blur_sigma: float = 1.2  # its sigma is uniform in [0.3, blur_sigma] pixels
+    frame_jitter: float = 0.05  # per-frame multiplicative exposure wobble (FFA only)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 0:
+                raise ConfigError(f"augment {name} must be >= 0, got {value}")
+        if self.blur_prob > 1:
+            raise ConfigError(f"augment blur_prob must be <= 1, got {self.blur_prob}")
+
+
+def _uniform(n: int, half: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return (torch.rand(n, generator=g).to(device) * 2 - 1) * half  # (n,)
+
+
+def _affine(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """One random rotation + shift + zoom per item of (B, C, S, S); black fill."""
+    b, dev = x.shape[0], x.device
+    angle = _uniform(b, math.radians(cfg.rotate_deg), g, dev)
+    zoom = 1 + _uniform(b, cfg.scale, g, dev)
+    tx, ty = _uniform(b, 2 * cfg.shift, g, dev), _uniform(b, 2 * cfg.shift, g, dev)
+    cos, sin = angle.cos() / zoom, angle.sin() / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, S, S, 2)
+    # sample x + 1 (black = 0) with zero padding, so the outside stays black
+    y = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return y - 1
+
+
+def _blur(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur of a random subset of items of (B, C, S, S), separable, per-item sigma."""
+    b, c = x.shape[:2]
+    apply = torch.rand(b, generator=g) < cfg.blur_prob  # (B,)
+    sigma = 0.3 + torch.rand(b, generator=g) * max(cfg.blur_sigma - 0.3, 0.0)  # (B,)
+    if not apply.any() or cfg.blur_sigma <= 0:
+        return x
+    radius = max(1, math.ceil(2 * cfg.blur_sigma))
+    r = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).to(x.device)  # (B, 2r + 1)
+    idx = apply.nonzero()[:, 0].to(x.device)
+    y = x[idx] + 1  # (b', C, S, S), black = 0
+    kk = k[idx].repeat_interleave(c, 0)  # (b' * C, 2r + 1)
+    n = y.shape[0]
+    y = y.reshape(1, n * c, *y.shape[2:])
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0)), kk[:, None, None, :], groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius)), kk[:, None, :, None], groups=n * c)
+    out = x.clone()
+    out[idx] = y.reshape(n, c, *x.shape[2:]) - 1
+    return out
+
+
+def _photometric(
+    x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator, colour: bool
+) -> torch.Tensor:
+    """Exposure jitter of (B, C, S, S) in [0, 1] units: gamma, contrast, brightness, gains."""
+    b, dev = x.shape[0], x.device
+    u = ((x + 1) / 2).clamp(0, 1)  # (B, C, S, S) in [0, 1]
+    gamma = torch.exp(_uniform(b, cfg.gamma, g, dev))[:, None, None, None]
+    u = u.clamp_min(1e-6).pow(gamma)
+    mean = u.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = (1 + _uniform(b, cfg.contrast, g, dev))[:, None, None, None]
+    u = (u - mean) * contrast + mean + _uniform(b, cfg.brightness, g, dev)[:, None, None, None]
+    if colour:
+        gains = 1 + (torch.rand(b, x.shape[1], generator=g).to(dev) * 2 - 1) * cfg.colour
+        u = u * gains[..., None, None]
+    return (u.clamp(0, 1) * 2 - 1).where(x > -1, x)  # black surround stays black
+
+
+def augment_cf(
+    cf: torch.Tensor, g: torch.Generator, cfg: AugmentConfig | None = None
+) -> torch.Tensor:
+    """CF (B, 3, S, S) in [-1, 1] → augmented (B, 3, S, S): affine, exposure, colour, blur."""
+    cfg = cfg or AugmentConfig()
+    x = _photometric(_affine(cf, cfg, g), cfg, g, colour=True)
+    return _blur(x, cfg, g)
+
+
+def augment_video(
+    frames: torch.Tensor, g: torch.Generator, cfg: AugmentConfig | None = None
+) -> torch.Tensor:
+    """FFA (B, T, S, S) in [-1, 1] → augmented (B, T, S, S).
+
+    One affine, exposure curve and blur per video (frames as channels), then a small
+    per-frame exposure wobble.
+    """
+    cfg = cfg or AugmentConfig()
+    b, t = frames.shape[:2]
+    x = _photometric(_affine(frames, cfg, g), cfg, g, colour=False)
+    x = _blur(x, cfg, g)
+    if cfg.frame_jitter > 0:
+        wobble = 1 + (torch.rand(b, t, generator=g).to(x.device) * 2 - 1) * cfg.frame_jitter
+        x = (((x + 1) / 2 * wobble[..., None, None]).clamp(0, 1) * 2 - 1).where(x > -1, x)
+    return x

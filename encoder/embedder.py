@@ -1,0 +1,471 @@
+"""The cross-modal embedder: CF photos and FFA videos in one L2-normalised space.
+
+    CF (B, 3, S, S)  → backbone → regional grid (C, g, g) → CF head  ─┐
+                                                                    ├→ (B, dim), cosine space
+    FFA (B, T, S, S) → backbone per frame → FFA head per frame (B, T, dim)
+                     → time-aware attention over frames (masked) ──┘
+
+Backbones (generator / scratch / openclip / pixels) are described in `backbones.py`.
+A projection head is a shared per-region LayerNorm + Linear (C → head_channels), GELU,
+then one Linear of the flattened grid (head_channels · g²) → dim (an MLP when
+head_hidden > 0): the layout of vessels, disc and lesions survives into the embedding.
+Attention logits over frames come from each frame's embedding and sinusoidal features
+of log1p(t), like `networks.TimeEmbedding`.
+
+An embedder folder holds `embedder.safetensors` (every weight, the backbone's included,
+so it loads without the generator's run folder) and `config.json`:
+{"format", "format_version", "embedder": EmbedderConfig, "backbone": {"spec",
+"generator": GeneratorConfig or null, "source"}, "preprocessing", "training",
+"code_version", "iteration"}. `embedder_id` hashes the weights file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .backbones import Backbone, BackboneSpec, GeneratorBackbone, PixelBackbone, build_backbone
+from .checkpoint import (
+    LOCAL_PREFIX,
+    atomic_save_safetensors,
+    atomic_write_text,
+    code_version,
+    load_generator,
+)
+from .configs import GeneratorConfig
+from .data import cf_tensor, to_model
+from .errors import CheckpointError, ConfigError, DataError
+from .networks import Generator
+
+FORMAT = "fundus2video-embedder"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "embedder.safetensors"
+DEFAULT_SUBDIR = "embedder"  # RUN/embedder/
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """The embedder's architecture as data (the backbone's own config is stored beside it)."""
+
+    backbone: str = "generator"  # generator | scratch | pixels | openclip:<model>[@/file.pt]
+    dim: int = 256  # shared embedding width
+    image_size: int = 128  # S of CF and FFA frames
+    train_backbone: bool = False  # False: frozen backbone, only heads + attention train
+    pool: str = "avg"  # "avg" (signed mean) or "gem" (clamped at 1e-6, then power mean)
+    gem_p: float = 3.0
+    grid: int = 8  # regions per side of the pooled feature map (1 = global pooling)
+    layers: tuple[int, ...] = (-1, -2, -3)  # generator levels [stem, down_1.., bottleneck]
+    head_channels: int = 16  # per-region width after the shared LayerNorm + Linear
+    head_hidden: int = 0  # 0: flattened grid → Linear(dim); > 0: → Linear-GELU-Linear
+    time_freqs: int = 8  # sinusoidal frequencies of log1p(t) for the attention
+    attn_hidden: int = 64
+    pixel_size: int = 16  # pixels backbone: downsampled side
+    pixel_components: int = 128  # pixels backbone: PCA components per modality
+
+    def __post_init__(self) -> None:
+        BackboneSpec.parse(self.backbone)
+        for name in ("dim", "image_size", "grid", "head_channels", "time_freqs", "attn_hidden",
+                     "pixel_size", "pixel_components"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"embedder {name} must be >= 1, got {getattr(self, name)}")
+        if self.head_hidden < 0:
+            raise ConfigError(f"embedder head_hidden must be >= 0, got {self.head_hidden}")
+        if self.pool not in ("avg", "gem"):
+            raise ConfigError(f"embedder pool must be 'avg' or 'gem', got {self.pool!r}")
+        if self.gem_p <= 0:
+            raise ConfigError(f"embedder gem_p must be > 0, got {self.gem_p}")
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return BackboneSpec.parse(self.backbone)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EmbedderConfig:
+        try:
+            d = dict(d)
+            if "layers" in d:
+                d["layers"] = tuple(d["layers"])
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"malformed embedder config {d!r}: {e}") from e
+
+
+class ProjectionHead(nn.Module):
+    """Regional features (..., C, g, g) → (..., dim), not normalised."""
+
+    def __init__(self, feature_shape: tuple[int, int, int], cfg: EmbedderConfig):
+        super().__init__()
+        c, g, _ = feature_shape
+        self.norm = nn.LayerNorm(c)
+        self.cell = nn.Linear(c, cfg.head_channels)
+        flat = cfg.head_channels * g * g
+        self.out = (
+            nn.Sequential(
+                nn.GELU(),
+                nn.Linear(flat, cfg.head_hidden),
+                nn.GELU(),
+                nn.Linear(cfg.head_hidden, cfg.dim),
+            )  # fmt: skip
+            if cfg.head_hidden
+            else nn.Sequential(nn.GELU(), nn.Linear(flat, cfg.dim))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cells = x.flatten(-2).transpose(-1, -2)  # (..., g², C)
+        h = self.cell(self.norm(cells))  # (..., g², head_channels)
+        return self.out(h.flatten(-2))  # (..., dim)
+
+
+class TimeFeatures(nn.Module):
+    """Times (...) seconds → sinusoidal features of log1p(t) (..., 2 * freqs), no weights."""
+
+    def __init__(self, freqs: int):
+        super().__init__()
+        self.register_buffer(
+            "freqs", torch.exp(torch.linspace(math.log(0.5), math.log(64.0), freqs)),
+            persistent=False,
+        )  # fmt: skip
+
+    def forward(self, times_s: torch.Tensor) -> torch.Tensor:
+        angles = torch.log1p(times_s.float().clamp(min=0.0))[..., None] * self.freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Embedder(nn.Module):
+    """Backbone + one projection head per modality + time-aware attention over FFA frames."""
+
+    def __init__(self, config: EmbedderConfig, backbone: Backbone):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        fs = backbone.feature_shape
+        self.cf_head = ProjectionHead(fs, config)
+        self.ffa_head = ProjectionHead(fs, config)
+        self.time = TimeFeatures(config.time_freqs)
+        self.attn = nn.Sequential(
+            nn.LayerNorm(config.dim + 2 * config.time_freqs),
+            nn.Linear(config.dim + 2 * config.time_freqs, config.attn_hidden),
+            nn.GELU(),
+            nn.Linear(config.attn_hidden, 1),
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init
+        if not config.train_backbone:
+            self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Embedder:
+        super().train(mode)
+        if not self.config.train_backbone:
+            self.backbone.eval()  # a frozen backbone is never in training mode
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    # ------------------------------------------------------------------ features
+
+    def _backbone_grad(self) -> contextlib.AbstractContextManager:
+        return torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_backbone)
+
+    def cf_features(self, cf: torch.Tensor) -> torch.Tensor:
+        """CF (B, 3, S, S) in [-1, 1] → backbone grid (B, C, g, g)."""
+        s = self.config.image_size
+        if cf.ndim != 4 or cf.shape[1:] != (3, s, s):
+            raise DataError(f"cf must be (B, 3, {s}, {s}), got {tuple(cf.shape)}")
+        with self._backbone_grad():
+            return self.backbone.cf_features(cf.float())
+
+    def ffa_features(
+        self,
+        frames: torch.Tensor,  # (B, T, S, S) in [-1, 1]
+        times_s: torch.Tensor,  # (B, T) seconds after injection
+        mask: torch.Tensor | None = None,  # (B, T) bool, True = valid frame
+        select: torch.Tensor | None = None,  # (B, T') frame indices to compute (all if None)
+    ) -> torch.Tensor:
+        """→ backbone grids (B, T', C, g, g). Masked frames are black with time 0 first,
+        so nothing of them reaches any valid frame's window."""
+        s = self.config.image_size
+        if frames.ndim != 4 or frames.shape[2:] != (s, s):
+            raise DataError(f"frames must be (B, T, {s}, {s}), got {tuple(frames.shape)}")
+        if times_s.shape != frames.shape[:2]:
+            raise DataError(f"times_s must be (B, T) = {tuple(frames.shape[:2])}, "
+                            f"got {tuple(times_s.shape)}")  # fmt: skip
+        frames, times_s = frames.float(), times_s.float()
+        if mask is not None:
+            if mask.shape != frames.shape[:2] or mask.dtype != torch.bool:
+                raise DataError(f"mask must be bool (B, T) = {tuple(frames.shape[:2])}, "
+                                f"got {mask.dtype} {tuple(mask.shape)}")  # fmt: skip
+            frames = frames.where(mask[..., None, None], -1.0)
+            times_s = times_s.where(mask, 0.0)
+        with self._backbone_grad():
+            return self.backbone.ffa_features(frames, times_s, select)
+
+    # ------------------------------------------------------------------ heads
+
+    def cf_head_embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """Backbone grids (B, C, g, g) → (B, dim) L2-normalised."""
+        return F.normalize(self.cf_head(feats), dim=-1)
+
+    def ffa_head_embed(
+        self, feats: torch.Tensor, times_s: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-frame grids (B, T, C, g, g) + their times (B, T) → (B, dim) L2-normalised."""
+        z = self.ffa_head(feats)  # (B, T, dim)
+        logits = self.attn(torch.cat([z, self.time(times_s)], -1))[..., 0]  # (B, T)
+        if mask is not None:
+            if not mask.any(1).all():
+                raise DataError("every video needs at least one valid (unmasked) frame")
+            logits = logits.masked_fill(~mask, float("-inf"))
+        weights = logits.softmax(-1)  # (B, T)
+        return F.normalize((weights[..., None] * z).sum(1), dim=-1)
+
+    # ------------------------------------------------------------------ public
+
+    def embed_cf(self, cf: torch.Tensor) -> torch.Tensor:
+        """CF (B, 3, S, S) in [-1, 1] → (B, dim) float32, unit norm."""
+        return self.cf_head_embed(self.cf_features(cf)).float()
+
+    def embed_ffa(
+        self, frames: torch.Tensor, times_s: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """FFA (B, T, S, S) in [-1, 1], times (B, T) s, mask (B, T) bool → (B, dim), unit norm."""
+        feats = self.ffa_features(frames, times_s, mask)
+        return self.ffa_head_embed(feats, times_s.float(), mask).float()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+# ---------------------------------------------------------------------- create
+
+
+def create_embedder(
+    config: EmbedderConfig | None = None,
+    *,
+    run_dir: str | Path | None = None,  # generator run folder: weights ("generator"), config
+    generator: Generator | None = None,  # ... or the generator itself
+    **overrides: Any,
+) -> Embedder:
+    """A new embedder: heads from the current torch RNG; the backbone by `config.backbone`:
+    "generator" copies the run's trained weights, "scratch" builds the run's architecture
+    with fresh weights, "openclip:..." builds the tower (local weights or none), "pixels"
+    needs `fit_pixels(embedder, cf, frames)` on the training split."""
+    config = dataclasses.replace(config or EmbedderConfig(), **overrides)
+    spec = config.spec
+    gen_cfg = None
+    if spec.needs_generator:
+        if generator is None:
+            if run_dir is None:
+                raise ConfigError(f"backbone {spec.kind!r} needs run_dir or generator")
+            generator = load_generator(run_dir)[0]
+        gen_cfg = generator.config
+    backbone = build_backbone(
+        spec,
+        image_size=config.image_size,
+        grid=config.grid,
+        pool=config.pool,
+        gem_p=config.gem_p,
+        pixel_size=config.pixel_size,
+        pixel_components=config.pixel_components,
+        layers=config.layers,
+        generator_config=gen_cfg,
+    )
+    if spec.kind == "generator":
+        backbone.generator.load_state_dict(generator.state_dict())
+    embedder = Embedder(config, backbone)
+    return embedder.eval()
+
+
+def fit_pixels(embedder: Embedder, cf: np.ndarray, ffa: np.ndarray) -> None:
+    """Fit the pixels backbone's PCA on training arrays: cf uint8 (N, S, S, 3), ffa (N, T, S, S).
+    A no-op for other backbones."""
+    if isinstance(embedder.backbone, PixelBackbone):
+        dev = embedder.device
+        embedder.backbone.fit(cf_tensor(cf).to(dev), to_model(ffa).to(dev))
+
+
+# ---------------------------------------------------------------------- save / load
+
+
+def embedder_config(
+    embedder: Embedder,
+    training: dict[str, Any] | None = None,
+    iteration: int | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    bb = embedder.backbone
+    gen = dataclasses.asdict(bb.generator.config) if isinstance(bb, GeneratorBackbone) else None
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "embedder": embedder.config.to_dict(),
+        "backbone": {"spec": embedder.config.backbone, "generator": gen, "source": source},
+        "preprocessing": {
+            "size": embedder.config.image_size,
+            "geometry": "centre-pad to square with black, then antialiased bilinear resize",
+            "cf": "RGB uint8 (N, S, S, 3) -> x / 127.5 - 1",
+            "ffa": "grey uint8 (N, T, S, S) -> x / 127.5 - 1, times in s after injection",
+        },
+        "training": training or {},
+        "code_version": code_version(),
+        "iteration": iteration,
+    }
+
+
+def save_embedder(
+    folder: str | Path,
+    embedder: Embedder,
+    training: dict[str, Any] | None = None,
+    iteration: int | None = None,
+    source: str | None = None,  # where the backbone came from (e.g. the run folder)
+) -> Path:
+    """Write `embedder.safetensors` then `config.json` into `folder`, each atomically."""
+    folder = Path(folder)
+    cfg = embedder_config(embedder, training, iteration, source)
+    text = json.dumps(cfg, indent=2)
+    atomic_save_safetensors(folder / WEIGHTS_NAME, embedder.state_dict(), {"config": text})
+    atomic_write_text(folder / CONFIG_NAME, text + "\n")
+    return folder
+
+
+def read_embedder_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(str(folder).removeprefix(LOCAL_PREFIX)) / CONFIG_NAME
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(path.parent, f"no {CONFIG_NAME}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"invalid JSON: {e}") from e
+    if cfg.get("format") != FORMAT:
+        raise CheckpointError(path, f"format {cfg.get('format')!r} is not {FORMAT!r}")
+    if cfg.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(path, f"format_version {cfg['format_version']} is newer than ours")
+    return cfg
+
+
+def load_embedder(folder: str | Path) -> tuple[Embedder, dict[str, Any]]:
+    """Rebuild from `config.json` (no run folder, no download) and load weights strictly."""
+    folder = Path(str(folder).removeprefix(LOCAL_PREFIX))
+    cfg = read_embedder_config(folder)
+    config = EmbedderConfig.from_dict(cfg["embedder"])
+    gen = cfg["backbone"].get("generator")
+    try:
+        gen_cfg = GeneratorConfig(**gen) if gen else None
+    except TypeError as e:
+        raise CheckpointError(folder / CONFIG_NAME, f"malformed generator config: {e}") from e
+    spec = config.spec
+    if spec.kind == "openclip":  # the tower's weights are in our file: build it empty
+        config_built = dataclasses.replace(config, backbone=f"openclip:{spec.model}")
+    else:
+        config_built = config
+    backbone = build_backbone(
+        config_built.spec,
+        image_size=config.image_size,
+        grid=config.grid,
+        pool=config.pool,
+        gem_p=config.gem_p,
+        pixel_size=config.pixel_size,
+        pixel_components=config.pixel_components,
+        layers=config.layers,
+        generator_config=gen_cfg,
+    )
+    embedder = Embedder(config, backbone)
+    try:
+        state = load_file(str(folder / WEIGHTS_NAME))
+    except FileNotFoundError as e:
+        raise CheckpointError(folder, f"no {WEIGHTS_NAME}") from e
+    except SafetensorError as e:
+        raise CheckpointError(folder / WEIGHTS_NAME, str(e)) from e
+    try:
+        embedder.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(folder / WEIGHTS_NAME, f"weights do not match config: {e}") from e
+    return embedder.eval(), cfg
+
+
+def embedder_id(folder: str | Path) -> str:
+    """Stable identity of an embedder folder: sha256 of its weights file, first 16 hex digits."""
+    path = Path(str(folder).removeprefix(LOCAL_PREFIX)) / WEIGHTS_NAME
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError as e:
+        raise CheckpointError(path.parent, f"no {WEIGHTS_NAME}") from e
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- numpy
+
+
+@torch.no_grad()
+def embed_cf_array(embedder: Embedder, cf: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """CF photos uint8 (N, S, S, 3) → float32 (N, dim), unit norm (eval mode, no grad)."""
+    s = embedder.config.image_size
+    if cf.dtype != np.uint8 or cf.ndim != 4 or cf.shape[1:] != (s, s, 3):
+        raise DataError(f"cf must be uint8 (N, {s}, {s}, 3), got {cf.dtype} {cf.shape}")
+    was = embedder.training
+    embedder.eval()
+    out = [np.zeros((0, embedder.config.dim), np.float32)]
+    for i in range(0, len(cf), batch_size):
+        x = cf_tensor(cf[i : i + batch_size]).to(embedder.device)  # (b, 3, S, S)
+        out.append(embedder.embed_cf(x).cpu().numpy())
+    embedder.train(was)
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def embed_ffa_array(
+    embedder: Embedder,
+    ffa: np.ndarray,
+    times_s: np.ndarray,
+    batch_size: int = 16,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """FFA videos uint8 (N, T, S, S) + times (N, T) s [+ bool mask (N, T)] → float32 (N, dim)."""
+    s = embedder.config.image_size
+    if ffa.dtype != np.uint8 or ffa.ndim != 4 or ffa.shape[2:] != (s, s):
+        raise DataError(f"ffa must be uint8 (N, T, {s}, {s}), got {ffa.dtype} {ffa.shape}")
+    times_s = np.asarray(times_s, dtype=np.float32)
+    if times_s.shape != ffa.shape[:2]:
+        raise DataError(f"times_s must be (N, T) = {ffa.shape[:2]}, got {times_s.shape}")
+    was = embedder.training
+    embedder.eval()
+    dev = embedder.device
+    out = [np.zeros((0, embedder.config.dim), np.float32)]
+    for i in range(0, len(ffa), batch_size):
+        x = to_model(ffa[i : i + batch_size]).to(dev)  # (b, T, S, S)
+        t = torch.from_numpy(times_s[i : i + batch_size]).to(dev)  # (b, T)
+        m = None if mask is None else torch.from_numpy(mask[i : i + batch_size]).to(dev)
+        out.append(embedder.embed_ffa(x, t, m).cpu().numpy())
+    embedder.train(was)
+    return np.concatenate(out)
+
+
+def recall_at_k(
+    queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, ks=(1, 5, 10)
+) -> dict[int, float]:
+    """Paired retrieval: query i's true hit is gallery i; cosine on unit vectors; ties count
+    against the query. → {k: fraction of queries whose hit is in the top k}."""
+    q, g = torch.as_tensor(queries).float(), torch.as_tensor(gallery).float()
+    sim = q @ g.T  # (N, N)
+    rank = (sim > sim.diagonal()[:, None]).sum(1) + (sim == sim.diagonal()[:, None]).sum(1) - 1
+    return {k: float((rank < k).float().mean()) for k in ks}

@@ -1,0 +1,106 @@
+"""The catalog: GET /cases (paged, filtered), GET/DELETE /cases/{case_id}, POST /cases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+
+from ...engine import NewCase
+from ..convert import case_record
+from ..deps import EngineDep, SettingsDep
+from ..schemas import CasePage, CaseRecord, DeletedCase, ErrorResponse
+from ..settings import HARD_MAX_PAGE
+from ..uploads import parse_times, read_upload, split_values
+from .search import CASE_ERRORS, FILTER_HELP, UPLOAD_ERRORS, CaseId
+
+router = APIRouter(tags=["cases"])
+
+
+@router.get("/cases", response_model=CasePage, summary="One page of the catalog, filtered")
+def list_cases(
+    engine: EngineDep,
+    settings: SettingsDep,
+    offset: Annotated[int, Query(ge=0, le=2**31, description="Cases to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=HARD_MAX_PAGE, description="Page size.")] = 50,
+    diagnosis: Annotated[list[str] | None, Query(description=FILTER_HELP)] = None,
+    eye: Annotated[list[str] | None, Query(description="OD and/or OS.")] = None,
+    split: Annotated[list[str] | None, Query(description="train, val and/or test.")] = None,
+    lesion: Annotated[list[str] | None, Query(description="Any of these lesions.")] = None,
+) -> dict:
+    if limit > settings.max_page:
+        raise HTTPException(422, f"limit: at most {settings.max_page} cases per page (got {limit})")
+    filters = {
+        "diagnosis": split_values(diagnosis), "eye": split_values(eye),
+        "split": split_values(split), "lesion": split_values(lesion),
+    }  # fmt: skip
+    total, page = engine.cases(offset, limit, filters)
+    return {
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "items": [case_record(c) for c in page],
+    }
+
+
+@router.get(
+    "/cases/{case_id}", response_model=CaseRecord, summary="One case", responses=CASE_ERRORS
+)
+def get_case(case_id: CaseId, engine: EngineDep) -> dict:
+    return case_record(engine.case(case_id))
+
+
+@router.post(
+    "/cases",
+    response_model=CaseRecord,
+    status_code=201,
+    summary="Add a case (CF photo + FFA video + metadata) without rebuilding",
+    responses={
+        **UPLOAD_ERRORS,
+        409: {"model": ErrorResponse, "description": "The case id is already in the index."},
+    },
+)
+def add_case(
+    response: Response,
+    engine: EngineDep,
+    settings: SettingsDep,
+    case_id: Annotated[str, Form(min_length=1, max_length=200, examples=["new-0001"])],
+    cf: Annotated[UploadFile, File(description="The CF photo (PNG, JPEG, TIFF).")],
+    ffa: Annotated[UploadFile, File(description="The FFA video (MP4, MOV, AVI, MKV, TIFF).")],
+    patient_id: Annotated[
+        str | None, Form(max_length=200, description="Default: the case id.")
+    ] = None,
+    eye: Annotated[str | None, Form(description="OD or OS.")] = None,
+    age: Annotated[int | None, Form(ge=0, le=130)] = None,
+    sex: Annotated[str | None, Form(max_length=20)] = None,
+    diagnosis: Annotated[str | None, Form(max_length=100, examples=["PDR"])] = None,
+    lesions: Annotated[list[str] | None, Form(description=FILTER_HELP)] = None,
+    split: Annotated[str, Form(description="train, val or test.")] = "train",
+    source: Annotated[str, Form(max_length=100)] = "api",
+    ffa_times_s: Annotated[
+        str | None, Form(description="Comma-separated seconds, one per frame.")
+    ] = None,
+) -> dict:
+    image = read_upload(cf, settings, field="cf", expect="cf")
+    video = read_upload(ffa, settings, field="ffa", expect="ffa")
+    times = parse_times(ffa_times_s, "ffa_times_s")
+    new = NewCase(
+        case_id=case_id, patient_id=patient_id or None, eye=eye or None, age=age,
+        sex=sex or None, diagnosis=diagnosis or None,
+        lesions=tuple(split_values(lesions) or ()), split=split, source=source,
+        ffa_times_s=tuple(times) if times is not None else None,
+    )  # fmt: skip
+    record = case_record(engine.add_case(new, image.array, video.array))
+    response.headers["Location"] = record["cf_url"].removesuffix("/cf")
+    return record
+
+
+@router.delete(
+    "/cases/{case_id}",
+    response_model=DeletedCase,
+    summary="Remove a case from the index (and its stored media, if it was added)",
+    responses=CASE_ERRORS,
+)
+def delete_case(case_id: CaseId, engine: EngineDep) -> dict:
+    case = engine.remove_case(case_id)
+    return {"case_id": case.case_id, "deleted": True, "catalog_rows": engine.case_count}

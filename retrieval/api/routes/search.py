@@ -1,0 +1,137 @@
+"""POST /search (an uploaded CF photo or FFA video) and GET /cases/{case_id}/similar."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from ...engine import CaseQuery, CFQuery, FFAQuery, WouldBlock
+from ..deps import EngineDep, SearchJSONDep, SettingsDep, SyntheticDep
+from ..schemas import ErrorResponse, Modality, SearchResponse, Target, Via
+from ..settings import HARD_MAX_K, Settings
+from ..uploads import parse_times, read_upload, split_values
+
+router = APIRouter(tags=["search"])
+
+UPLOAD_ERRORS = {
+    413: {"model": ErrorResponse, "description": "The upload (or an image in it) is too large."},
+    415: {"model": ErrorResponse, "description": "Not an accepted image or video type."},
+}
+CASE_ERRORS = {404: {"model": ErrorResponse, "description": "Unknown case id."}}
+FILTER_HELP = "Repeat the field, or separate values by commas, for any of several values."
+TARGET_HELP = "The index to search: cf, ffa, or both (merged by score)."
+VIA_HELP = (
+    "direct: the query's own embedding; synthesis: CF → synthesized FFA video → FFA index; "
+    "fused: reciprocal-rank fusion of both (synthesis and fused: CF query, target ffa)."
+)
+JSON = "application/json"  # bodies are written by convert.SearchJSON (= SearchResponse)
+CaseId = Annotated[str, Path(description="A case id of the catalog.", examples=["ph0-00017"])]
+
+
+def _check_k(k: int, settings: Settings) -> None:
+    if k > settings.max_k:
+        raise HTTPException(
+            422, f"k: at most {settings.max_k} results per search (got {k}; FUNDUS2VIDEO_MAX_K)"
+        )
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    summary="Ranked cases for an uploaded CF photo or FFA video",
+    responses=UPLOAD_ERRORS,
+)
+def search_upload(
+    engine: EngineDep,
+    settings: SettingsDep,
+    store: SyntheticDep,
+    writer: SearchJSONDep,
+    file: Annotated[
+        UploadFile,
+        File(
+            description="A CF photo (PNG, JPEG, TIFF) or an FFA video (MP4, MOV, AVI, MKV, "
+            "multi-frame TIFF); processed in memory, never stored."
+        ),
+    ],  # fmt: skip
+    target: Annotated[Target, Form(description=TARGET_HELP)] = "cf",
+    k: Annotated[int, Form(ge=1, le=HARD_MAX_K, description="Number of results.")] = 10,
+    via: Annotated[Via, Form(description=VIA_HELP)] = "direct",
+    modality: Annotated[
+        Modality | None, Form(description="What `file` is (default: decided by its content).")
+    ] = None,
+    times: Annotated[
+        str | None,
+        Form(
+            description="An FFA upload's frame times, comma-separated seconds.",
+            examples=["0,15,30"],
+        ),
+    ] = None,  # fmt: skip
+    diagnosis: Annotated[list[str] | None, Form(description=FILTER_HELP)] = None,
+    eye: Annotated[list[str] | None, Form(description="OD and/or OS.")] = None,
+    split: Annotated[list[str] | None, Form(description="train, val and/or test.")] = None,
+    lesion: Annotated[list[str] | None, Form(description="Any of these lesions.")] = None,
+) -> Response:
+    _check_k(k, settings)
+    upload = read_upload(file, settings, field="file", expect=modality)
+    if upload.modality == "cf":
+        query = CFQuery(upload.array)
+    else:
+        query = FFAQuery(upload.array, parse_times(times))
+    filters = _filters(diagnosis, eye, split, lesion)
+    result = engine.search(query, target, k, via, filters)
+    extra = {"width": upload.width, "height": upload.height, "bytes": upload.bytes}
+    if upload.modality == "ffa":
+        extra["frames"] = int(upload.array.shape[0])
+    return Response(writer.dumps(result, engine.encoder_id, store, extra), media_type=JSON)
+
+
+@router.get(
+    "/cases/{case_id}/similar",
+    response_model=SearchResponse,
+    summary="Ranked cases for a case already in the index",
+    responses=CASE_ERRORS,
+)
+async def similar(
+    case_id: CaseId,
+    engine: EngineDep,
+    settings: SettingsDep,
+    store: SyntheticDep,
+    writer: SearchJSONDep,
+    target: Annotated[Target, Query(description=TARGET_HELP)] = "cf",
+    k: Annotated[int, Query(ge=1, le=HARD_MAX_K, description="Number of results.")] = 10,
+    via: Annotated[Via, Query(description=VIA_HELP)] = "direct",
+    modality: Annotated[
+        Modality, Query(description="Which of the case's embeddings queries: cf or ffa.")
+    ] = "cf",
+    exclude_self: Annotated[bool, Query(description="Leave the case itself out.")] = True,
+    diagnosis: Annotated[list[str] | None, Query(description=FILTER_HELP)] = None,
+    eye: Annotated[list[str] | None, Query(description="OD and/or OS.")] = None,
+    split: Annotated[list[str] | None, Query(description="train, val and/or test.")] = None,
+    lesion: Annotated[list[str] | None, Query(description="Any of these lesions.")] = None,
+) -> Response:
+    _check_k(k, settings)
+    filters = _filters(diagnosis, eye, split, lesion)
+    query = CaseQuery(case_id, modality)
+    search = partial(engine.search, query, target, k, via, filters, exclude_self=exclude_self)
+    result = None
+    if via == "direct" and not any(filters.values()):
+        # index work only (sub-millisecond): inline, unless an update holds the index
+        with contextlib.suppress(WouldBlock):
+            result = search(blocking=False)
+    if result is None:  # model work, filters, or waiting: off the event loop
+        result = await run_in_threadpool(search)
+    return Response(writer.dumps(result, engine.encoder_id, store), media_type=JSON)
+
+
+def _filters(diagnosis, eye, split, lesion) -> dict[str, list[str] | None]:
+    return {
+        "diagnosis": split_values(diagnosis),
+        "eye": split_values(eye),
+        "split": split_values(split),
+        "lesion": split_values(lesion),
+    }

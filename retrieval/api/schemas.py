@@ -1,0 +1,390 @@
+"""Request and response models of the HTTP API (the contract the dashboard codes against).
+
+Every JSON body the API returns is one of these models; every error is `ErrorResponse`
+(`detail` is always a readable string naming the bad value). Field names follow
+DESIGN.md: a result row is `{rank, case_id, score, modality, diagnosis, eye, lesions,
+cf_url, ffa_url}` plus `synthetic`. URLs are relative to the API's base URL.
+
+Multipart forms (declared on the routes, listed here for clients):
+
+- `POST /search`: `file` (CF image or FFA video), `target` (cf | ffa | both, default
+  cf), `k` (default 10), `via` (direct | synthesis | fused), `modality` (cf | ffa:
+  overrides the detected kind of `file`), `times` (an FFA upload's frame times,
+  comma-separated seconds), filters `diagnosis`, `eye`, `split`, `lesion` (repeat a
+  field, or separate values by commas, for "any of").
+- `POST /generate`: `file` (CF image), `times` (optional comma-separated seconds).
+  Answers an MP4 with `X-Synthetic: true` and `X-Frame-Times`.
+- `POST /cases`: `case_id`, `cf` (image), `ffa` (video) and optional `patient_id`,
+  `eye`, `age`, `sex`, `diagnosis`, `lesions`, `split` (default train), `source`
+  (default api), `ffa_times_s` (comma-separated seconds).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Modality = Literal["cf", "ffa"]
+Target = Literal["cf", "ffa", "both"]
+Via = Literal["direct", "synthesis", "fused"]
+Eye = Literal["OD", "OS"]
+Split = Literal["train", "val", "test"]
+
+SYNTHETIC_LABEL = "SYNTHETIC"
+
+_CASE_EXAMPLE = {
+    "case_id": "ph0-00017",
+    "patient_id": "ph0-p0012",
+    "eye": "OD",
+    "age": 63,
+    "sex": "F",
+    "diagnosis": "PDR",
+    "lesions": ["microaneurysm", "neovascularisation", "leakage"],
+    "split": "test",
+    "source": "phantom",
+    "ffa_times_s": [0.0, 12.1, 15.3, 30.2, 61.0, 300.5, 600.0],
+    "modalities": ["cf", "ffa"],
+    "added": False,
+    "cf_url": "/cases/ph0-00017/cf",
+    "ffa_url": "/cases/ph0-00017/ffa",
+    "synthetic": False,
+}
+_ROW_EXAMPLE = {
+    "rank": 1,
+    "case_id": "ph0-00017",
+    "score": 0.912,
+    "modality": "ffa",
+    "diagnosis": "PDR",
+    "eye": "OD",
+    "lesions": ["microaneurysm", "neovascularisation", "leakage"],
+    "cf_url": "/cases/ph0-00017/cf",
+    "ffa_url": "/cases/ph0-00017/ffa",
+    "synthetic": False,
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldError(_Model):
+    loc: list[str | int] = Field(description="Where the bad value is: e.g. ['query', 'k'].")
+    msg: str
+    type: str
+
+
+class ErrorResponse(_Model):
+    """Every 4xx/5xx answer."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "detail": "k: Input should be less than or equal to 100 (got 1000)",
+                "errors": None,
+                "request_id": "5f0c2a9e1b7d4c3a",
+            }
+        }
+    )
+    detail: str = Field(description="What was wrong, naming the parameter, file or case.")
+    errors: list[FieldError] | None = Field(
+        default=None, description="Validation errors one by one (422 only)."
+    )
+    request_id: str | None = Field(default=None, description="Also in the X-Request-ID header.")
+
+
+# --------------------------------------------------------------------------- health, stats
+
+
+class Health(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "status": "ok",
+                "version": "0.1.0",
+                "loaded": True,
+                "encoder_id": "embedder-3f2a9c1d",
+                "cases": 128,
+                "modalities": ["cf", "ffa"],
+            }
+        }
+    )
+    status: Literal["ok"] = "ok"
+    version: str
+    loaded: bool = Field(description="Whether an index (and its encoder) is loaded.")
+    encoder_id: str | None = None
+    cases: int | None = None
+    modalities: list[str] = Field(default_factory=list)
+
+
+class IndexStats(_Model):
+    count: int = Field(description="Live vectors.")
+    key: str = Field(description="FAISS factory string, e.g. Flat or HNSW32.")
+    dim: int
+    device: str = Field(description="cpu or gpu.")
+    tombstones: int
+    recall_estimate: float | None = None
+    search_params: dict[str, int] = Field(default_factory=dict)
+
+
+class Limits(_Model):
+    max_k: int
+    max_page: int
+    max_upload_bytes: int = Field(description="Largest request body (all files together).")
+    max_pixels: int = Field(description="Largest image or video frame, in pixels.")
+    max_frames: int
+    max_video_pixels: int = Field(description="Largest video: frames x width x height.")
+    accepted_types: dict[str, list[str]] = Field(
+        description="Content types accepted per kind of upload (cf, ffa)."
+    )
+
+
+class Stats(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "encoder_id": "embedder-3f2a9c1d",
+                "catalog_rows": 128,
+                "added_cases": 1,
+                "modalities": {
+                    "cf": {"count": 128, "key": "Flat", "dim": 256, "device": "cpu",
+                           "tombstones": 0, "recall_estimate": 1.0, "search_params": {}},
+                },
+                "device": "cpu",
+                "dim": 256,
+                "image_size": 128,
+                "diagnoses": {"normal": 40, "PDR": 12},
+                "splits": {"train": 90, "val": 19, "test": 19},
+                "index_created_at": "2025-01-01T12:00:00+00:00",
+                "limits": {"max_k": 100, "max_page": 500, "max_upload_bytes": 67108864,
+                           "max_pixels": 40000000, "max_frames": 512,
+                           "max_video_pixels": 268435456,
+                           "accepted_types": {"cf": ["image/png"], "ffa": ["video/mp4"]}},
+            }
+        }
+    )  # fmt: skip
+    encoder_id: str
+    catalog_rows: int
+    added_cases: int = Field(description="Cases added through POST /cases (still present).")
+    modalities: dict[str, IndexStats]
+    device: str
+    dim: int
+    image_size: int
+    diagnoses: dict[str, int]
+    splits: dict[str, int]
+    index_created_at: str | None = None
+    limits: Limits
+
+
+# --------------------------------------------------------------------------- search
+
+
+class SearchFilters(_Model):
+    """Metadata filters applied inside the search (a case must match every given field)."""
+
+    diagnosis: list[str] | None = None
+    eye: list[Eye] | None = None
+    split: list[Split] | None = None
+    lesion: list[str] | None = Field(default=None, description="Any of these lesions.")
+
+
+class ResultRow(_Model):
+    model_config = ConfigDict(json_schema_extra={"example": _ROW_EXAMPLE})
+    rank: int = Field(ge=1, description="1 = best.")
+    case_id: str
+    score: float = Field(description="Cosine similarity (direct, synthesis) or RRF score (fused).")
+    modality: Modality = Field(description="Which index the hit came from.")
+    diagnosis: str | None = None
+    eye: str | None = None
+    lesions: list[str] = Field(default_factory=list)
+    cf_url: str
+    ffa_url: str
+    synthetic: bool = Field(default=False, description="Always false: results are real cases.")
+
+
+class QueryInfo(_Model):
+    kind: Literal["upload", "case"]
+    modality: Modality
+    case_id: str | None = Field(default=None, description="For a case query.")
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = Field(default=None, description="For an FFA query.")
+    bytes: int | None = Field(default=None, description="Size of the upload.")
+
+
+class SyntheticVideo(_Model):
+    """An FFA video synthesized from the CF query (via synthesis or fused): not a real angiogram."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "synthetic": True,
+                "label": "SYNTHETIC",
+                "frames": 16,
+                "width": 128,
+                "height": 128,
+                "times_s": [0.0, 10.0, 14.0, 20.0, 30.0, 60.0, 300.0, 600.0],
+                "video_url": "/synthetic/Qm9ndXMtdG9rZW4",
+                "media_type": "video/mp4",
+                "expires_in_s": 600,
+            }
+        }
+    )
+    synthetic: Literal[True] = True
+    label: str = Field(default=SYNTHETIC_LABEL, description="Burned into every frame.")
+    frames: int
+    width: int
+    height: int
+    times_s: list[float]
+    video_url: str = Field(description="GET it (MP4, in-memory, expires) to show the video.")
+    media_type: str = "video/mp4"
+    expires_in_s: int
+
+
+class SearchResponse(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "query": {"kind": "case", "modality": "cf", "case_id": "ph0-00003"},
+                "target": "ffa",
+                "via": "direct",
+                "k": 1,
+                "filters": {"diagnosis": ["PDR"]},
+                "score_kind": "cosine",
+                "candidates": 12,
+                "results": [_ROW_EXAMPLE],
+                "synthetic_query": None,
+                "encoder_id": "embedder-3f2a9c1d",
+                "timings_ms": {"embed": 0.0, "search": 0.4, "total": 0.6},
+            }
+        }
+    )
+    query: QueryInfo
+    target: Target
+    via: Via
+    k: int
+    filters: SearchFilters
+    score_kind: Literal["cosine", "rrf"]
+    candidates: int = Field(description="Indexed items the filters allow in the target index.")
+    results: list[ResultRow]
+    synthetic_query: SyntheticVideo | None = Field(
+        default=None, description="The synthesized FFA video of the query (synthesis, fused)."
+    )
+    encoder_id: str
+    timings_ms: dict[str, float]
+
+
+# --------------------------------------------------------------------------- cases
+
+
+class CaseRecord(_Model):
+    model_config = ConfigDict(json_schema_extra={"example": _CASE_EXAMPLE})
+    case_id: str
+    patient_id: str | None = None
+    eye: str | None = None
+    age: int | None = None
+    sex: str | None = None
+    diagnosis: str | None = None
+    lesions: list[str] = Field(default_factory=list)
+    split: str | None = None
+    source: str | None = None
+    ffa_times_s: list[float] | None = None
+    modalities: list[Modality] = Field(description="Indexes that hold this case.")
+    added: bool = Field(description="Added through POST /cases (media stored with the index).")
+    cf_url: str
+    ffa_url: str
+    synthetic: bool = False
+
+
+class CasePage(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"total": 128, "offset": 0, "limit": 1, "items": [_CASE_EXAMPLE]}
+        }
+    )
+    total: int = Field(description="Cases matching the filters.")
+    offset: int
+    limit: int
+    items: list[CaseRecord]
+
+
+class DeletedCase(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"case_id": "new-001", "deleted": True, "catalog_rows": 127}}
+    )
+    case_id: str
+    deleted: Literal[True] = True
+    catalog_rows: int
+
+
+# --------------------------------------------------------------------------- map, model
+
+
+class MapPoint(_Model):
+    case_id: str
+    modality: Modality
+    diagnosis: str | None = None
+    x: float
+    y: float
+
+
+class MapResponse(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "method": "pca",
+                "total": 256,
+                "sampled": False,
+                "explained_variance": [0.31, 0.12],
+                "points": [
+                    {"case_id": "ph0-00001", "modality": "cf", "diagnosis": "normal",
+                     "x": 0.12, "y": -0.4},
+                ],
+            }
+        }
+    )  # fmt: skip
+    method: Literal["pca", "umap"]
+    total: int = Field(description="Indexed vectors in the chosen modalities.")
+    sampled: bool = Field(description="True when only `limit` of them are shown.")
+    explained_variance: list[float] | None = Field(
+        default=None, description="PCA: variance ratio of x and y."
+    )
+    points: list[MapPoint]
+
+
+class Curve(_Model):
+    """A training run's `stats.jsonl`, columnar: `iters[i]` goes with `series[name][i]`."""
+
+    source: str = Field(description="Which run: generator or embedder.")
+    iters: list[int]
+    series: dict[str, list[float | None]]
+
+
+class ModelInfo(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "encoder_id": "embedder-3f2a9c1d",
+                "dim": 256,
+                "image_size": 128,
+                "run": "full",
+                "embedder": {"backbone": "generator"},
+                "curves": {
+                    "generator": {"source": "generator", "iters": [10, 20],
+                                  "series": {"Loss/G_l1": [0.42, 0.31]}},
+                },
+                "report": None,
+                "report_name": None,
+            }
+        }
+    )  # fmt: skip
+    encoder_id: str
+    dim: int
+    image_size: int
+    run: str | None = Field(default=None, description="The run folder's name.")
+    embedder: dict[str, Any] | None = Field(default=None, description="The embedder's config.")
+    curves: dict[str, Curve]
+    report: dict[str, Any] | None = Field(
+        default=None, description="The latest evaluation report found, as written."
+    )
+    report_name: str | None = None

@@ -1,0 +1,61 @@
+"""API settings: environment variables `FUNDUS2VIDEO_*` (or a `.env` file), read on demand.
+
+`get_settings()` reads them once (cached); `create_app(settings)` takes explicit ones.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+HARD_MAX_K = 1000  # the largest k any configuration may allow
+HARD_MAX_PAGE = 1000
+
+CF_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/pjpeg", "image/tiff")
+FFA_TYPES = (
+    "video/mp4", "video/x-msvideo", "video/avi", "video/msvideo", "video/quicktime",
+    "video/x-matroska", "video/webm", "image/tiff",
+)  # fmt: skip
+ANY_TYPES = ("application/octet-stream",)  # clients that do not say: the content decides
+
+
+class Settings(BaseSettings):
+    """Everything configurable about the service (env prefix FUNDUS2VIDEO_)."""
+
+    model_config = SettingsConfigDict(env_prefix="FUNDUS2VIDEO_", env_file=".env", extra="ignore")
+
+    index: Path | None = Field(default=None, description="The index folder to serve.")
+    api_key: SecretStr | None = Field(
+        default=None, description="When set, every route but /health requires it (X-API-Key)."
+    )
+    max_upload_bytes: int = Field(default=64 * 2**20, ge=1024, description="Largest request body.")
+    max_pixels: int = Field(default=40_000_000, ge=256, description="Largest image or frame.")
+    max_frames: int = Field(default=512, ge=2, description="Most frames of an uploaded video.")
+    max_video_pixels: int = Field(
+        default=256 * 2**20, ge=256, description="Largest video: frames x width x height."
+    )
+    min_side: int = Field(default=16, ge=1, description="Smallest accepted image side.")
+    max_k: int = Field(default=100, ge=1, le=HARD_MAX_K)
+    max_page: int = Field(default=500, ge=1, le=HARD_MAX_PAGE)
+    max_synth_frames: int = Field(default=64, ge=1, le=1024)
+    map_max_points: int = Field(default=20_000, ge=10)
+    synthetic_ttl_s: int = Field(default=600, ge=1, description="How long /synthetic/* live.")
+    synthetic_cache_size: int = Field(default=64, ge=1)
+    report: Path | None = Field(default=None, description="Evaluation report for /model.")
+    cors_origins: list[str] = Field(default_factory=list)
+    use_gpu: bool | None = None
+    fast_path: bool = Field(
+        default=True, description="Answer plain GET /cases/{id}/similar without FastAPI's routing."
+    )
+
+    def accepted_types(self, kind: str) -> tuple[str, ...]:
+        types = {"cf": CF_TYPES, "ffa": FFA_TYPES}.get(kind, CF_TYPES + FFA_TYPES) + ANY_TYPES
+        return tuple(dict.fromkeys(types))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,228 @@
+"""Cohort-level embedding jobs: a run's query encoder, and cohort → index folder.
+
+`QueryEncoder` joins decoded media (any size, from `retrieval.media`) with the run's
+embedder (and generator, for synthesis). `build_index` embeds every case of a cohort
+and writes an index folder (`index.save_index_folder`) with one FAISS index per
+modality (`cf`, `ffa`) whose ids are catalog row ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from encoder import create_generator, synthesize
+from encoder.data import fit_square
+from encoder.embedder import embed_cf_array, embed_ffa_array, embedder_id, load_embedder
+from index import ROW_ID, VectorIndex, save_index_folder, with_row_ids
+
+from .cohort import Cohort
+from .errors import Fundus2VideoError
+from .generation import mark_synthetic, training_data_info
+from .media import read_cf, read_ffa
+from .training_data import DEFAULT_TIMES_S, load_paired
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("cf", "ffa")
+EMBEDDER_DIR = "embedder"  # inside a run folder
+EMBED_BATCH_SIZE = 32  # CLIP batch (fewer when the train split is smaller)
+EMBED_SHARE = 0.25  # of `train --minutes` given to the embedding stage when both run
+
+
+def default_embedder_dir(run: str | Path) -> Path:
+    return Path(run) / EMBEDDER_DIR
+
+
+def video_times(times_s: Sequence[float] | np.ndarray | None, frames: int) -> np.ndarray:
+    """A video's frame times, or evenly spaced over DEFAULT_TIMES_S when unknown."""
+    if times_s is not None and len(times_s) == frames:
+        return np.asarray(times_s, dtype=np.float32)
+    return np.linspace(*DEFAULT_TIMES_S, frames, dtype=np.float32)
+
+
+@dataclass
+class QueryEncoder:
+    """A run's embedder and generator, ready to embed decoded media and synthesize videos."""
+
+    run_dir: Path
+    embedder_dir: Path
+    embedder: Any
+    encoder_id: str
+    image_size: int
+    dim: int
+    _generator: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, run: str | Path, embedder_dir: str | Path | None = None) -> QueryEncoder:
+        run = Path(run)
+        folder = Path(embedder_dir) if embedder_dir is not None else default_embedder_dir(run)
+        if not (folder / "config.json").is_file():
+            raise Fundus2VideoError(
+                f"{folder}: no trained embedder (run `fundus2video train {run.name} --stage embed`)"
+            )
+        embedder, _ = load_embedder(folder)
+        embedder.eval()
+        return cls(
+            run_dir=run,
+            embedder_dir=folder,
+            embedder=embedder,
+            encoder_id=embedder_id(folder),
+            image_size=embedder.config.image_size,
+            dim=embedder.config.dim,
+        )
+
+    def embed_cf(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """CF photos uint8 (H, W, 3), any size → float32 (N, D), L2-normalised."""
+        if not len(images):
+            return np.zeros((0, self.dim), np.float32)
+        cf = np.stack([fit_square(im, self.image_size) for im in images])  # (N, S, S, 3)
+        return embed_cf_array(self.embedder, cf, batch_size=batch_size)
+
+    def embed_ffa(
+        self, videos: Sequence[np.ndarray], times: Sequence[np.ndarray | None] | None = None
+    ) -> np.ndarray:
+        """FFA videos uint8 (T, H, W) with their frame times → float32 (N, D).
+
+        Videos of different lengths are embedded one length-group at a time.
+        """
+        times = list(times) if times is not None else [None] * len(videos)
+        out = np.zeros((len(videos), self.dim), np.float32)
+        groups: dict[int, list[int]] = {}
+        for i, video in enumerate(videos):
+            groups.setdefault(len(video), []).append(i)
+        for _, members in sorted(groups.items()):
+            ffa = np.stack(
+                [np.stack([fit_square(f, self.image_size) for f in videos[i]]) for i in members]
+            )  # (n, T, S, S)
+            t = np.stack([video_times(times[i], len(videos[i])) for i in members])  # (n, T)
+            out[members] = embed_ffa_array(self.embedder, ffa, t)
+        return out
+
+    @property
+    def generator(self):
+        if self._generator is None:
+            self._generator = create_generator(self.run_dir)
+        return self._generator
+
+    def default_times(self) -> np.ndarray:
+        return np.asarray(training_data_info(self.run_dir)["median_times_s"], dtype=np.float32)
+
+    def synthesize(
+        self, image: np.ndarray, times_s: Sequence[float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """CF uint8 (H, W, 3) → a SYNTHETIC-marked video uint8 (T, S, S) and its times (T,).
+
+        The returned frames are for display; `embed_synthesized` embeds unmarked ones.
+        """
+        frames, times = self.synthesize_unmarked(image, times_s)
+        return mark_synthetic(frames), times
+
+    def synthesize_unmarked(
+        self, image: np.ndarray, times_s: Sequence[float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        times = np.asarray(times_s if times_s is not None else self.default_times(), np.float32)
+        if times.ndim != 1 or len(times) < 1 or np.any(np.diff(times) < 0) or np.any(times < 0):
+            raise ValueError(f"times must be non-negative and increasing, got {times.tolist()}")
+        return synthesize(self.generator, image, times), times
+
+
+def embed_cohort(
+    encoder: QueryEncoder,
+    cohort: Cohort,
+    *,
+    split: str | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """Catalog rows of `split` (all when None), their CF and FFA embeddings (N, D) each."""
+    cases = cohort.cases(split)
+    cf = np.zeros((len(cases), encoder.dim), np.float32)
+    ffa = np.zeros((len(cases), encoder.dim), np.float32)
+    with tqdm(total=len(cases), desc="embed", unit="case", disable=not progress) as bar:
+        for start in range(0, len(cases), batch_size):
+            part = cases[start : start + batch_size]
+            rows = slice(start, start + len(part))
+            cf[rows] = encoder.embed_cf([read_cf(c.cf_path) for c in part])
+            ffa[rows] = encoder.embed_ffa(
+                [read_ffa(c.ffa_path) for c in part], [c.ffa_times_s for c in part]
+            )
+            bar.update(len(part))
+    catalog = cohort.catalog
+    if split is not None:
+        catalog = catalog.filter(pl.col("split") == split)
+    return catalog, cf, ffa
+
+
+def build_index(
+    run: str | Path,
+    cohort: str | Path,
+    out: str | Path,
+    *,
+    embedder_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed every case of `cohort` with the run's embedder; write the index folder `out`."""
+    encoder = QueryEncoder.open(run, embedder_dir)
+    opened = Cohort.open(cohort)
+    catalog, cf, ffa = embed_cohort(encoder, opened, progress=progress)
+    catalog = with_row_ids(absolute_media_paths(catalog, opened.root))
+    ids = catalog[ROW_ID].to_numpy().astype(np.int64)
+    indexes = {}
+    for modality, vectors in zip(MODALITIES, (cf, ffa), strict=True):
+        indexes[modality] = VectorIndex.build(vectors, ids)
+    extra = {
+        "run_dir": str(Path(run).resolve()),
+        "embedder_dir": str(encoder.embedder_dir.resolve()),
+        "cohort_dir": str(opened.root.resolve()),
+        "image_size": encoder.image_size,
+    }
+    return save_index_folder(out, indexes, catalog, encoder.encoder_id, extra)
+
+
+def absolute_media_paths(catalog: pl.DataFrame, root: Path) -> pl.DataFrame:
+    """cf_path / ffa_path resolved against the cohort root, so the index folder stands alone."""
+    root = root.resolve()
+    return catalog.with_columns(
+        pl.col(c).map_elements(lambda p: str((root / p).resolve()), return_dtype=pl.String)
+        for c in ("cf_path", "ffa_path")
+    )
+
+
+def train_embedder(
+    run: str | Path,
+    cohort: str | Path,
+    *,
+    backbone: str = "generator",
+    out: str | Path | None = None,
+    minutes: float | None = None,
+    iters: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Train the embedding heads of `run` on the cohort's train split (val split for R@1).
+
+    The image size is the run's generator size, so every backbone sees the same pixels.
+    """
+    from encoder import read_checkpoint_config
+    from encoder.train import embed_training_loop
+
+    run = Path(run)
+    size = read_checkpoint_config(run)["model"]["generator"]["image_size"]
+    opened = Cohort.open(cohort)
+    train = load_paired(opened, size=size, split="train", progress=progress)
+    val = None
+    if opened.cases("val"):
+        val = load_paired(opened, size=size, split="val", frames=train.frames, progress=False)
+    return embed_training_loop(
+        run_dir=run, out_dir=Path(out) if out is not None else default_embedder_dir(run),
+        data=train, val_data=val, backbone=backbone, minutes=minutes, iters=iters,
+        batch_size=min(EMBED_BATCH_SIZE, len(train)), seed=seed, progress=progress,
+    )  # fmt: skip

@@ -1,0 +1,616 @@
+"""The search engine: one index folder opened once (encoder, indexes, catalog), answering
+searches by CF photo, FFA video or case id, and taking cases in and out.
+
+`Engine.search(query, target, k, via, filters)`:
+- `direct`: the query's embedding against the target index (`cf`, `ffa`, or `both`
+  merged by score);
+- `synthesis`: CF query → generated FFA video → its FFA embedding → the FFA index;
+- `fused`: `reciprocal_rank_fusion` of the two (CF → FFA only).
+
+Concurrency. Searches share a readers-writer lock (`index.sync.RWLock`); an update
+(`add_case`, `remove_case`) changes the indexes, the catalog and the lookups under
+its write lock, so a search sees the index wholly before or wholly after it. Model
+work (embedding, synthesis) is serialised by its own lock and runs outside the
+index lock. Updates are serialised among themselves and, across processes, by a
+lock file beside the folder.
+
+Persistence. Every update is saved at once (`index.save_index_folder`: a complete
+new folder swapped in atomically). Media of added cases live in the folder's
+`media/<row_id>/` (cf.png, ffa.mp4), carried into each rewrite by hard links, so
+they survive restarts; the catalog stores them relative to the folder. When a save
+fails, the engine reloads the last saved folder and raises `PersistError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import polars as pl
+
+from index import ROW_ID, IndexFolder, catalog_allowed_ids, load_index_folder, read_manifest
+from index.atomic import atomic_write_bytes
+from index.sync import RWLock
+
+from .cohort import EYES, SPLITS
+from .errors import (
+    DuplicateCase,
+    Fundus2VideoError,
+    IndexChanged,
+    PersistError,
+    QueryError,
+    UnknownCase,
+    UnreadableMedia,
+)
+from .media import read_cf
+from .media_write import mp4_bytes, png_bytes
+from .queries import (
+    FILTER_KEYS,
+    MODALITIES,
+    RRF_K,
+    TARGETS,
+    VIAS,
+    CaseInfo,
+    CaseQuery,
+    CFQuery,
+    FFAQuery,
+    Hit,
+    NewCase,
+    Query,
+    SearchResult,
+    SyntheticQuery,
+    as_query,
+    check_times,
+    normalize_filters,
+    reciprocal_rank_fusion,
+)
+
+__all__ = [
+    "FILTER_KEYS", "MODALITIES", "RRF_K", "TARGETS", "VIAS", "CFQuery", "CaseInfo",
+    "CaseQuery", "Engine", "FFAQuery", "Hit", "NewCase", "Query", "QueryEncoder",
+    "SearchResult", "SyntheticQuery", "WouldBlock", "as_query", "check_times",
+    "normalize_filters", "reciprocal_rank_fusion",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+FUSE_DEPTH = 50  # each ranking fused is at least this deep
+MEDIA_DIR = "media"  # inside the index folder: media of cases added through the engine
+MAX_K = 10_000
+MAX_SYNTH_FRAMES = 64
+_FILTER_CACHE = 128
+_CASE_ID = re.compile(r"[^/\\\x00-\x1f\x7f]{1,200}")
+
+
+class WouldBlock(Exception):
+    """A non-blocking search found an update in progress (retry it blocking)."""
+
+
+class QueryEncoder(Protocol):
+    """What the engine needs from `retrieval.embedding.QueryEncoder` (or a stand-in)."""
+
+    encoder_id: str
+    dim: int
+    image_size: int
+
+    def embed_cf(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+    def embed_ffa(self, videos: Sequence[np.ndarray], times: Any = None) -> np.ndarray: ...
+    def synthesize_unmarked(self, image: np.ndarray, times_s: Any = None) -> tuple: ...
+    def default_times(self) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """An opened index folder and its encoder. Thread-safe; see the module docstring."""
+
+    def __init__(self, folder: IndexFolder, encoder: QueryEncoder):
+        missing = [m for m in MODALITIES if m not in folder.indexes]
+        if missing:
+            raise Fundus2VideoError(f"{folder.path}: no {', '.join(missing)} index")
+        self.encoder = encoder
+        self.path = Path(folder.path).resolve()
+        self._lock = RWLock()  # searches read; the in-memory part of an update writes
+        self._update = threading.Lock()  # one update (and save) at a time
+        self._model = threading.Lock()  # one model call at a time
+        self._cache_lock = threading.Lock()
+        self._install(folder)
+        self.opened_at = time.time()
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, encoder: QueryEncoder | None = None, use_gpu: bool | None = None
+    ) -> Engine:
+        """Open an index folder and the run's encoder its manifest names (`extra.run_dir`)."""
+        if encoder is None:
+            extra = read_manifest(path).get("extra") or {}
+            if not extra.get("run_dir"):
+                raise Fundus2VideoError(
+                    f"{path}: the manifest names no run (extra.run_dir); "
+                    "build it with `fundus2video index RUN COHORT --out INDEX`"
+                )
+            from .embedding import QueryEncoder as RunEncoder  # imports torch
+
+            encoder = RunEncoder.open(extra["run_dir"], extra.get("embedder_dir"))
+        folder = load_index_folder(path, expected_encoder_id=encoder.encoder_id, use_gpu=use_gpu)
+        engine = cls(folder, encoder)
+        log.info("opened %s: %d cases, encoder %s", path, engine.case_count, encoder.encoder_id)
+        return engine
+
+    def _install(self, folder: IndexFolder) -> None:
+        """Take `folder` as the current state (caller holds the write lock, or is __init__)."""
+        self._folder = folder
+        rows = [self._case_info(r) for r in folder.catalog.iter_rows(named=True)]
+        self._rows: dict[int, CaseInfo] = {r.row_id: r for r in rows}
+        self._by_case: dict[str, int] = {r.case_id: r.row_id for r in rows}
+        self._order = np.asarray([r.row_id for r in rows], np.int64)  # catalog order
+        stored = [folder.extra.get("next_row_id", 0)]
+        stored += [int(self._order.max()) + 1] if self._order.size else []
+        for vi in folder.indexes.values():
+            stored += [int(t) + 1 for t in vi.tombstones[-1:]]
+        self._next_row_id = max(stored)
+        self._revision = folder.extra.get("revision")
+        self._generation = getattr(self, "_generation", 0) + 1
+        self._filters: dict[tuple, np.ndarray | None] = {}
+        self._derived: dict[str, Any] = {}
+
+    def _case_info(self, row: dict[str, Any]) -> CaseInfo:
+        def media(p: str | None) -> Path:
+            path = Path(p or "")
+            return path if path.is_absolute() else self.path / path
+
+        times = row.get("ffa_times_s")
+        cf = row.get("cf_path") or ""
+        return CaseInfo(
+            row_id=int(row[ROW_ID]),
+            case_id=str(row["case_id"]),
+            patient_id=row.get("patient_id"),
+            eye=row.get("eye"),
+            age=row.get("age"),
+            sex=row.get("sex"),
+            diagnosis=row.get("diagnosis"),
+            lesions=tuple(row.get("lesions") or ()),
+            split=row.get("split"),
+            source=row.get("source"),
+            ffa_times_s=tuple(times) if times is not None else None,
+            cf_path=media(cf),
+            ffa_path=media(row.get("ffa_path")),
+            added=not Path(cf).is_absolute() and Path(cf).parts[:1] == (MEDIA_DIR,),
+        )
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def encoder_id(self) -> str:
+        return self.encoder.encoder_id
+
+    @property
+    def case_count(self) -> int:
+        return len(self._rows)
+
+    @property
+    def generation(self) -> int:
+        """Increases with every change of the index (for caches)."""
+        return self._generation
+
+    def case(self, case_id: str) -> CaseInfo:
+        with self._lock.read():
+            return self._case_locked(case_id)
+
+    def _case_locked(self, case_id: str) -> CaseInfo:
+        row_id = self._by_case.get(case_id)
+        if row_id is None:
+            raise UnknownCase(case_id)
+        return self._rows[row_id]
+
+    def modalities_of(self, case: CaseInfo) -> list[str]:
+        return [m for m in MODALITIES if m in self._folder.indexes]
+
+    def cases(
+        self, offset: int = 0, limit: int = 50, filters: Mapping[str, Any] | None = None
+    ) -> tuple[int, list[CaseInfo]]:
+        """(total matching, one page of cases in catalog order)."""
+        if offset < 0 or limit < 0:
+            raise QueryError(f"offset and limit must be >= 0, got {offset}, {limit}")
+        flt = normalize_filters(filters)
+        with self._lock.read():
+            allowed = self._allowed(flt)
+            order = self._order
+            if allowed is not None:
+                order = order[np.isin(order, allowed)]
+            return int(order.size), [self._rows[int(i)] for i in order[offset : offset + limit]]
+
+    def _allowed(self, flt: dict[str, tuple[str, ...]]) -> np.ndarray | None:
+        """Row ids the filters allow (None: all); cached until the next update. Read lock held."""
+        if not flt:
+            return None
+        key = tuple(sorted(flt.items()))
+        with self._cache_lock:
+            if key in self._filters:
+                return self._filters[key]
+        columns = {FILTER_KEYS[k]: list(v) for k, v in flt.items()}
+        allowed = catalog_allowed_ids(self._folder.catalog, columns)
+        with self._cache_lock:
+            if len(self._filters) >= _FILTER_CACHE:
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[key] = allowed
+        return allowed
+
+    def vectors(self, modality: str, row_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Stored embeddings (n, D) of these rows in one modality's index."""
+        return self._folder.indexes[modality].reconstruct(row_ids)
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self,
+        query: Query | str | np.ndarray,
+        target: str = "cf",
+        k: int = 10,
+        via: str = "direct",
+        filters: Mapping[str, Any] | None = None,
+        *,
+        exclude_self: bool = True,
+        synthesis_times: Sequence[float] | None = None,
+        blocking: bool = True,
+    ) -> SearchResult:
+        """Ranked cases for a CF photo, an FFA video or a case id (see the module docstring).
+
+        A case query leaves the case itself out of its results unless `exclude_self`
+        is False. `blocking=False` (a direct case query only: no model work) raises
+        `WouldBlock` instead of waiting for an update to finish, so an event loop can
+        run it inline and fall back to a thread.
+        """
+        t0 = time.perf_counter()
+        query = as_query(query)
+        self._check_search(query, target, k, via)
+        if not blocking and (via != "direct" or not isinstance(query, CaseQuery)):
+            raise ValueError("blocking=False is for direct case queries only")
+        flt = normalize_filters(filters)
+        timings: dict[str, float] = {}
+        qmod = query.modality if isinstance(query, CaseQuery) else self._modality(query)
+        exclude, direct_vec, image = None, None, None
+        info: dict[str, Any] = {"kind": "case" if isinstance(query, CaseQuery) else "upload"}
+        info["modality"] = qmod
+        if isinstance(query, CaseQuery) and via == "direct":  # index work only: one lock
+            info["case_id"] = query.case_id
+            with self._lock.read(blocking) as acquired:
+                if not acquired:
+                    raise WouldBlock("an update holds the index")
+                case = self._case_locked(query.case_id)
+                exclude = case.row_id if exclude_self else None
+                vec = self._folder.indexes[qmod].vector(case.row_id)
+                allowed = self._allowed(flt)
+                ranked = self._rank(vec, target, k, allowed, exclude)
+                hits = [Hit(n, s, m, self._rows[i]) for n, (s, i, m) in enumerate(ranked, 1)]
+                candidates = self._candidates(target, allowed)
+            timings["search"] = timings["total"] = _ms(t0)
+            return SearchResult(
+                hits=hits, target=target, via=via, k=k, query=info, filters=flt,
+                score_kind="cosine", candidates=candidates, timings_ms=timings,
+            )  # fmt: skip
+        if isinstance(query, CaseQuery):
+            info["case_id"] = query.case_id
+            with self._reading(blocking):
+                case = self._case_locked(query.case_id)
+                exclude = case.row_id if exclude_self else None
+                if via != "synthesis":
+                    direct_vec = self.vectors(qmod, [case.row_id])
+            if via != "direct":
+                try:
+                    image = read_cf(case.cf_path)
+                except UnreadableMedia as err:  # the server's own file: not the client's fault
+                    raise Fundus2VideoError(
+                        f"stored CF photo of case {case.case_id!r}: {err}"
+                    ) from err
+        else:
+            image = query.image if isinstance(query, CFQuery) else None
+            if via != "synthesis":
+                with self._model:
+                    t = time.perf_counter()
+                    direct_vec = self._embed(query)
+                    timings["embed"] = _ms(t)
+        synthetic, synth_vec = None, None
+        if via != "direct":
+            synthetic, synth_vec = self._synthesize_and_embed(image, synthesis_times, timings)
+        t = time.perf_counter()
+        with self._reading(blocking):
+            allowed = self._allowed(flt)
+            if via == "direct":
+                ranked = self._rank(direct_vec, target, k, allowed, exclude)
+            elif via == "synthesis":
+                ranked = self._rank(synth_vec, "ffa", k, allowed, exclude)
+            else:
+                depth = max(k, FUSE_DEPTH)
+                a = self._rank(direct_vec, "ffa", depth, allowed, exclude)
+                b = self._rank(synth_vec, "ffa", depth, allowed, exclude)
+                fused = reciprocal_rank_fusion([[i for _, i, _ in a], [i for _, i, _ in b]])
+                ranked = [(s, i, "ffa") for i, s in fused[:k]]
+            hits = [
+                Hit(rank, score, m, self._rows[i])
+                for rank, (score, i, m) in enumerate(ranked, start=1)
+            ]
+            candidates = self._candidates(target, allowed)
+        timings["search"] = _ms(t)
+        timings["total"] = _ms(t0)
+        return SearchResult(
+            hits=hits, target=target, via=via, k=k, query=info, filters=flt,
+            score_kind="rrf" if via == "fused" else "cosine", candidates=candidates,
+            synthetic=synthetic, timings_ms=timings,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _reading(self, blocking: bool) -> Iterator[None]:
+        with self._lock.read(blocking) as acquired:
+            if not acquired:
+                raise WouldBlock("an update holds the index")
+            yield
+
+    def _check_search(self, query: Query, target: str, k: int, via: str) -> None:
+        if target not in TARGETS:
+            raise QueryError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if via not in VIAS:
+            raise QueryError(f"via must be one of {', '.join(VIAS)}, got {via!r}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
+            raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        if isinstance(query, CaseQuery) and query.modality not in MODALITIES:
+            raise QueryError(f"a case query's modality is cf or ffa, got {query.modality!r}")
+        if via == "direct":
+            return
+        qmod = query.modality if isinstance(query, CaseQuery) else self._modality(query)
+        if qmod != "cf":
+            raise QueryError(
+                f"via={via} synthesizes an FFA video from a CF photo; the query is an FFA video "
+                "(use via=direct)"
+            )
+        if target != "ffa":
+            raise QueryError(f"via={via} searches the FFA index: use target=ffa, not {target!r}")
+
+    @staticmethod
+    def _modality(query: Query) -> str:
+        return "cf" if isinstance(query, CFQuery) else "ffa"
+
+    def _embed(self, query: Query) -> np.ndarray:
+        if isinstance(query, CFQuery):
+            return self.encoder.embed_cf([query.image])
+        times = None if query.times_s is None else [np.asarray(query.times_s, np.float32)]
+        if times is not None and len(times[0]) != len(query.frames):
+            raise QueryError(f"times has {len(times[0])} values for {len(query.frames)} frames")
+        return self.encoder.embed_ffa([query.frames], times)
+
+    def _synthesize_and_embed(self, image, times, timings) -> tuple[SyntheticQuery, np.ndarray]:
+        from .generation import mark_synthetic  # imports the training code: only when needed
+
+        if times is not None:
+            times = check_times(times, "synthesis times")
+        with self._model:
+            t = time.perf_counter()
+            frames, used = self.encoder.synthesize_unmarked(image, times)  # (T, S, S)
+            timings["synthesize"] = _ms(t)
+            t = time.perf_counter()
+            vec = self.encoder.embed_ffa([frames], [np.asarray(used, np.float32)])
+            timings["embed"] = _ms(t)
+        marked = SyntheticQuery(mark_synthetic(frames), np.asarray(used, np.float32))
+        return marked, vec
+
+    def _rank(self, vec, target, k, allowed, exclude) -> list[tuple[float, int, str]]:
+        """(score, row id, modality) best first, the excluded row left out. Read lock held."""
+        hits: list[tuple[float, int, str]] = []
+        fetch = k + (exclude is not None)
+        for modality in MODALITIES if target == "both" else (target,):
+            D, I = self._folder.indexes[modality].search(vec, fetch, allowed=allowed)  # noqa: E741
+            hits += [
+                (d, i, modality)
+                for d, i in zip(D[0].tolist(), I[0].tolist(), strict=True)
+                if i >= 0 and i != exclude and i in self._rows
+            ][:k]
+        if target == "both":
+            hits.sort(key=lambda h: -h[0])
+        return hits[:k]
+
+    def _candidates(self, target: str, allowed: np.ndarray | None) -> int:
+        targets = MODALITIES if target == "both" else (target,)
+        if allowed is None:
+            return sum(self._folder.indexes[m].ntotal for m in targets)
+        return len(allowed) * len(targets)
+
+    def generate(
+        self, image: np.ndarray, times_s: Sequence[float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A CF photo's synthesized FFA video, SYNTHETIC burned into every frame, and its times."""
+        from .generation import mark_synthetic
+
+        times = None if times_s is None else check_times(times_s)
+        with self._model:
+            frames, used = self.encoder.synthesize_unmarked(image, times)
+        return mark_synthetic(frames), np.asarray(used, np.float32)
+
+    def default_times(self) -> np.ndarray:
+        return np.asarray(self.encoder.default_times(), np.float32)
+
+    # ------------------------------------------------------------------ updates
+    def add_case(self, case: NewCase, cf: np.ndarray, ffa: np.ndarray) -> CaseInfo:
+        """Embed and index a new case; its media are stored in the folder. Saved at once."""
+        meta = self._check_new_case(case, ffa)
+        if case.case_id in self._by_case:
+            raise DuplicateCase(case.case_id)
+        times = None if case.ffa_times_s is None else [np.asarray(case.ffa_times_s, np.float32)]
+        with self._model:
+            v_cf = self.encoder.embed_cf([cf])
+            v_ffa = self.encoder.embed_ffa([ffa], times)
+        png, mp4 = png_bytes(cf), mp4_bytes(ffa)
+        with self._update, self._disk_lock():
+            if case.case_id in self._by_case:
+                raise DuplicateCase(case.case_id)
+            row_id = self._next_row_id
+            media = self.path / MEDIA_DIR / str(row_id)
+            atomic_write_bytes(media / "cf.png", png)
+            atomic_write_bytes(media / "ffa.mp4", mp4)
+            row = {
+                **meta, ROW_ID: row_id,
+                "cf_path": f"{MEDIA_DIR}/{row_id}/cf.png",
+                "ffa_path": f"{MEDIA_DIR}/{row_id}/ffa.mp4",
+            }  # fmt: skip
+            catalog = self._folder.catalog
+            new = pl.DataFrame([{c: row.get(c) for c in catalog.columns}], schema=catalog.schema)
+            info = self._case_info(row)
+            with self._lock.write():
+                self._folder.indexes["cf"].add(v_cf, [row_id])
+                self._folder.indexes["ffa"].add(v_ffa, [row_id])
+                self._folder.catalog = pl.concat([catalog, new])
+                self._rows[row_id], self._by_case[info.case_id] = info, row_id
+                self._order = np.append(self._order, np.int64(row_id))
+                self._next_row_id = row_id + 1
+                self._changed()
+            self._save()
+            log.info("added a case as row %d", row_id)
+            return self._rows[row_id]
+
+    def remove_case(self, case_id: str) -> CaseInfo:
+        """Take a case out of both indexes and the catalog (its stored media too). Saved at once."""
+        with self._update, self._disk_lock():
+            case = self.case(case_id)
+            with self._lock.write():
+                for vi in self._folder.indexes.values():
+                    vi.remove([case.row_id])
+                catalog = self._folder.catalog
+                self._folder.catalog = catalog.filter(pl.col(ROW_ID) != case.row_id)
+                del self._rows[case.row_id], self._by_case[case.case_id]
+                self._order = self._order[self._order != case.row_id]
+                self._changed()
+            self._save()
+            if case.added:
+                shutil.rmtree(self.path / MEDIA_DIR / str(case.row_id), ignore_errors=True)
+            log.info("removed row %d", case.row_id)
+            return case
+
+    def _check_new_case(self, case: NewCase, ffa: np.ndarray) -> dict[str, Any]:
+        if not isinstance(case.case_id, str) or not _CASE_ID.fullmatch(case.case_id):
+            raise QueryError(
+                f"case_id must be 1-200 characters without '/', '\\' or control characters, "
+                f"got {case.case_id!r}"
+            )
+        if case.eye is not None and case.eye not in EYES:
+            raise QueryError(f"eye must be one of {', '.join(EYES)}, got {case.eye!r}")
+        if case.split not in SPLITS:
+            raise QueryError(f"split must be one of {', '.join(SPLITS)}, got {case.split!r}")
+        if case.age is not None and not 0 <= case.age <= 130:
+            raise QueryError(f"age must be from 0 to 130, got {case.age}")
+        if len(ffa) < 2:
+            raise QueryError(f"the FFA video needs at least 2 frames, got {len(ffa)}")
+        times = None
+        if case.ffa_times_s is not None:
+            times = check_times(case.ffa_times_s, "ffa_times_s").astype(float).tolist()
+            if len(times) != len(ffa):
+                raise QueryError(f"ffa_times_s has {len(times)} values for {len(ffa)} frames")
+        return {
+            "case_id": case.case_id, "patient_id": case.patient_id or case.case_id,
+            "eye": case.eye, "age": case.age, "sex": case.sex, "diagnosis": case.diagnosis,
+            "lesions": list(case.lesions), "split": case.split, "source": case.source,
+            "ffa_times_s": times,
+        }  # fmt: skip
+
+    def _changed(self) -> None:
+        """After an in-memory update (write lock held): drop what was derived from the old state."""
+        self._folder.extra = {**self._folder.extra, "next_row_id": self._next_row_id}
+        self._generation += 1
+        with self._cache_lock:
+            self._filters = {}
+        self._derived = {}
+
+    def _save(self) -> None:
+        """Write the folder (update lock held); on failure go back to the last saved one."""
+        revision = uuid.uuid4().hex
+        self._folder.extra = {**self._folder.extra, "revision": revision}
+        try:
+            self._folder.save(keep=(MEDIA_DIR,))
+        except Exception as err:
+            log.exception("saving %s failed; reloading the last saved index", self.path)
+            folder = load_index_folder(self.path, expected_encoder_id=self.encoder_id)
+            with self._lock.write():
+                self._install(folder)
+            raise PersistError(f"could not save the index ({err}); nothing was changed") from err
+        self._revision = revision
+
+    @contextlib.contextmanager
+    def _disk_lock(self) -> Iterator[None]:
+        """Exclusive across processes; refuses an update if another process changed the folder."""
+        lock_file = self.path.parent / f".{self.path.name}.lock"
+        with open(lock_file, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                on_disk = (read_manifest(self.path).get("extra") or {}).get("revision")
+                if on_disk != self._revision:
+                    raise IndexChanged(
+                        f"{self.path} was rewritten by another process since this one loaded "
+                        "it; restart to load it (updates are refused until then)"
+                    )
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ summaries
+    def stats(self) -> dict[str, Any]:
+        with self._lock.read():
+            modalities = {m: vi.stats() for m, vi in self._folder.indexes.items()}
+            counts = self._derived.get("counts")
+            if counts is None:
+                rows = self._rows.values()
+                counts = {
+                    "diagnoses": dict(Counter(r.diagnosis or "unknown" for r in rows)),
+                    "splits": dict(Counter(r.split or "unknown" for r in rows)),
+                    "added": sum(r.added for r in rows),
+                }
+                self._derived["counts"] = counts
+            return {
+                "encoder_id": self.encoder_id,
+                "catalog_rows": len(self._rows),
+                "added_cases": counts["added"],
+                "modalities": modalities,
+                "device": "gpu"
+                if any(s["device"] == "gpu" for s in modalities.values())
+                else "cpu",
+                "dim": self.encoder.dim,
+                "image_size": self.encoder.image_size,
+                "diagnoses": counts["diagnoses"],
+                "splits": counts["splits"],
+                "index_created_at": self._folder.manifest.get("created_at"),
+            }
+
+    def snapshot_vectors(
+        self, modalities: Sequence[str], limit: int, seed: int = 0
+    ) -> tuple[list[CaseInfo], list[str], np.ndarray, int]:
+        """Up to `limit` stored vectors over `modalities` (a seeded sample when more):
+        their cases, modalities, vectors (n, D), and how many there are in all."""
+        with self._lock.read():
+            parts = [(m, self._folder.indexes[m].ids()) for m in modalities]
+            total = sum(ids.size for _, ids in parts)
+            rng = np.random.default_rng(seed)
+            cases, mods, vecs = [], [], []
+            for m, ids in parts:
+                take = ids
+                if total > limit:
+                    share = max(1, round(limit * ids.size / total))
+                    take = np.sort(rng.choice(ids, min(share, ids.size), replace=False))
+                vecs.append(self.vectors(m, take))
+                cases += [self._rows[int(i)] for i in take]
+                mods += [m] * len(take)
+        dim = self.encoder.dim
+        return cases, mods, np.concatenate(vecs) if vecs else np.zeros((0, dim)), total
+
+    def close(self) -> None:
+        """Nothing to flush (every update is saved at once); kept for symmetry with open."""
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)

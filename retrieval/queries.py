@@ -1,0 +1,183 @@
+"""What a search takes and gives: queries, results, filters, and reciprocal-rank fusion.
+
+Plain data and pure functions (no index, no model), shared by `retrieval.engine`, the
+API and the evaluation. `retrieval.engine` re-exports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cohort import EYES, SPLITS
+from .errors import QueryError
+
+MODALITIES = ("cf", "ffa")
+TARGETS = ("cf", "ffa", "both")
+VIAS = ("direct", "synthesis", "fused")
+RRF_K = 60  # the constant of reciprocal-rank fusion (Cormack et al. 2009)
+FILTER_KEYS = {"diagnosis": "diagnosis", "eye": "eye", "split": "split", "lesion": "lesions"}
+
+
+# --------------------------------------------------------------------------- queries
+
+
+@dataclass(frozen=True)
+class CFQuery:
+    image: np.ndarray  # uint8 (H, W, 3)
+
+
+@dataclass(frozen=True)
+class FFAQuery:
+    frames: np.ndarray  # uint8 (T, H, W)
+    times_s: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class CaseQuery:
+    case_id: str
+    modality: str = "cf"  # which of the case's embeddings queries
+
+
+Query = CFQuery | FFAQuery | CaseQuery
+
+
+def as_query(query: Query | str | np.ndarray) -> Query:
+    """A query object. A bare string is a case id (queried by its CF embedding); a uint8
+    array (H, W, 3) is a CF photo, (T, H, W) an FFA video of unknown frame times."""
+    if isinstance(query, str):
+        return CaseQuery(query)
+    if isinstance(query, CFQuery | FFAQuery | CaseQuery):
+        return query
+    if isinstance(query, np.ndarray) and query.ndim == 3:
+        return CFQuery(query) if query.shape[2] == 3 else FFAQuery(query)
+    raise TypeError(
+        f"a query is CFQuery, FFAQuery, CaseQuery, a case id or a (H, W, 3) / (T, H, W) array, "
+        f"got {type(query).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class CaseInfo:
+    """One catalog row as the engine serves it (media paths resolved)."""
+
+    row_id: int
+    case_id: str
+    patient_id: str | None
+    eye: str | None
+    age: int | None
+    sex: str | None
+    diagnosis: str | None
+    lesions: tuple[str, ...]
+    split: str | None
+    source: str | None
+    ffa_times_s: tuple[float, ...] | None
+    cf_path: Path
+    ffa_path: Path
+    added: bool  # media stored in the index folder (added through the engine)
+
+
+@dataclass(slots=True)
+class Hit:
+    rank: int  # 1 = best
+    score: float  # cosine (direct, synthesis) or RRF score (fused)
+    modality: str  # the index the hit came from
+    case: CaseInfo
+
+
+@dataclass(frozen=True)
+class SyntheticQuery:
+    """The FFA video synthesized from a CF query: frames marked SYNTHETIC, never a real one."""
+
+    frames: np.ndarray  # uint8 (T, S, S), the label burned in
+    times_s: np.ndarray  # (T,)
+    synthetic: bool = True
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    target: str
+    via: str
+    k: int
+    query: dict[str, Any]  # kind, modality, case_id
+    filters: dict[str, tuple[str, ...]]
+    score_kind: str  # cosine | rrf
+    candidates: int  # items of the target index(es) the filters allow
+    synthetic: SyntheticQuery | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewCase:
+    """Metadata of a case to add (its media come as arrays)."""
+
+    case_id: str
+    patient_id: str | None = None  # default: the case id
+    eye: str | None = None
+    age: int | None = None
+    sex: str | None = None
+    diagnosis: str | None = None
+    lesions: tuple[str, ...] = ()
+    split: str = "train"
+    source: str = "api"
+    ffa_times_s: tuple[float, ...] | None = None
+
+
+def reciprocal_rank_fusion(
+    rankings: Sequence[Sequence[Any]], k: int = RRF_K
+) -> list[tuple[Any, float]]:
+    """Fuse rankings (each a sequence of ids, best first) by Σ 1 / (k + rank), rank from 1.
+
+    An id repeated within one ranking counts at its first place only. Returns every id
+    with its fused score, best first; ties keep the order in which ids first appear
+    (ranking by ranking).
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    scores: dict[Any, float] = {}
+    for ranking in rankings:
+        seen = set()
+        for rank, item in enumerate(ranking, start=1):
+            if item in seen:
+                continue
+            seen.add(item)
+            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+    order = {item: i for i, item in enumerate(scores)}
+    return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+
+
+def normalize_filters(filters: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]:
+    """`{"diagnosis": "PDR", "eye": ["OD"]}` → sorted value tuples; None/empty values dropped."""
+    out: dict[str, tuple[str, ...]] = {}
+    for key, value in (filters or {}).items():
+        if key not in FILTER_KEYS:
+            raise QueryError(f"unknown filter {key!r}; filters are {', '.join(FILTER_KEYS)}")
+        if value is None:
+            continue
+        values = [value] if isinstance(value, str) else list(value)
+        values = sorted({str(v) for v in values if v is not None and str(v) != ""})
+        if not values:
+            continue
+        allowed = {"eye": EYES, "split": SPLITS}.get(key)
+        bad = [v for v in values if allowed is not None and v not in allowed]
+        if bad:
+            raise QueryError(f"filter {key}={bad[0]!r} is not one of {', '.join(allowed)}")
+        out[key] = tuple(values)
+    return out
+
+
+def check_times(times: Sequence[float] | np.ndarray, what: str = "times") -> np.ndarray:
+    t = np.asarray(times, dtype=np.float32)
+    if t.ndim != 1 or len(t) < 1:
+        raise QueryError(f"{what} must be a list of seconds, got {np.asarray(times).tolist()}")
+    if not np.all(np.isfinite(t)) or np.any(t < 0) or np.any(np.diff(t) < 0):
+        raise QueryError(f"{what} must be finite, non-negative and increasing, got {t.tolist()}")
+    return t

@@ -1,0 +1,95 @@
+"""Stand-ins for tests and benchmarks that need no trained model (and no torch).
+
+`PixelEncoder` has the interface the engine uses (`retrieval.engine.QueryEncoder`):
+embeddings are fixed random projections of coarse pixels, synthesis repeats the CF
+green channel under a dye curve. `build_pixel_index` writes an index folder of a
+cohort with it, so `Engine.open(path, encoder=PixelEncoder())` serves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from index import VectorIndex, save_index_folder, with_row_ids
+
+from .cohort import Cohort
+from .media import read_cf, read_ffa
+
+GRID = 8  # embeddings project a GRID x GRID thumbnail
+DEFAULT_TIMES = (0.0, 10.0, 14.0, 20.0, 30.0, 60.0, 300.0, 600.0)
+
+
+def _thumb(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 3) → float32 (size, size[, 3]) in [0, 1]."""
+    resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, np.float32) / 255.0
+
+
+class PixelEncoder:
+    """Deterministic embeddings from pixels: CF by its green channel, FFA by its mean frame."""
+
+    def __init__(self, dim: int = 32, image_size: int = 32, seed: int = 0):
+        self.dim, self.image_size = dim, image_size
+        self.encoder_id = f"pixel-d{dim}-s{image_size}-seed{seed}"
+        self.run_dir: Path | None = None
+        self.embedder_dir: Path | None = None
+        rng = np.random.default_rng(seed)
+        self._proj = rng.standard_normal((GRID * GRID, dim)).astype(np.float32)
+
+    def _project(self, thumbs: np.ndarray) -> np.ndarray:
+        x = thumbs.reshape(len(thumbs), -1)  # (N, GRID*GRID)
+        x = x - x.mean(axis=1, keepdims=True)
+        v = x @ self._proj  # (N, D)
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-6)
+        return v.astype(np.float32)
+
+    def embed_cf(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if not len(images):
+            return np.zeros((0, self.dim), np.float32)
+        return self._project(np.stack([_thumb(im[..., 1], GRID) for im in images]))
+
+    def embed_ffa(
+        self, videos: Sequence[np.ndarray], times: Sequence[Any] | None = None
+    ) -> np.ndarray:
+        if not len(videos):
+            return np.zeros((0, self.dim), np.float32)
+        means = [np.mean(np.stack([_thumb(f, GRID) for f in v]), axis=0) for v in videos]
+        return self._project(np.stack(means))
+
+    def default_times(self) -> np.ndarray:
+        return np.asarray(DEFAULT_TIMES, np.float32)
+
+    def synthesize_unmarked(
+        self, image: np.ndarray, times_s: Sequence[float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """CF (H, W, 3) → (T, S, S) uint8: the green channel brightening, then fading."""
+        times = np.asarray(times_s if times_s is not None else DEFAULT_TIMES, np.float32)
+        green = _thumb(image[..., 1], self.image_size)  # (S, S)
+        dye = np.clip(times / 20.0, 0, 1) * np.exp(-times / 900.0)  # (T,)
+        frames = np.clip(green[None] * (0.3 + dye[:, None, None]), 0, 1)
+        return (frames * 255).round().astype(np.uint8), times
+
+
+def build_pixel_index(
+    cohort: str | Path, out: str | Path, encoder: PixelEncoder | None = None
+) -> dict[str, Any]:
+    """Embed every case of `cohort` with a PixelEncoder and write the index folder `out`."""
+    encoder = encoder or PixelEncoder()
+    opened = Cohort.open(cohort)
+    cases = opened.cases()
+    cf = encoder.embed_cf([read_cf(c.cf_path) for c in cases])
+    ffa = encoder.embed_ffa([read_ffa(c.ffa_path) for c in cases])
+    catalog = with_row_ids(opened.catalog)
+    catalog = catalog.with_columns(
+        cf_path=np.asarray([str(c.cf_path) for c in cases]),
+        ffa_path=np.asarray([str(c.ffa_path) for c in cases]),
+    )
+    ids = catalog["row_id"].to_numpy()
+    indexes = {"cf": VectorIndex.build(cf, ids), "ffa": VectorIndex.build(ffa, ids)}
+    extra = {"cohort_dir": str(opened.root), "image_size": encoder.image_size}
+    return save_index_folder(out, indexes, catalog, encoder.encoder_id, extra)

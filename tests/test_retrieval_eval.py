@@ -1,0 +1,54 @@
+"""Retrieval metrics: ranks of the true pair, recall/mAP, precision by diagnosis, RRF."""
+
+import numpy as np
+import pytest
+
+from retrieval.retrieval_eval import (
+    fuse_orders,
+    pair_metrics,
+    pair_ranks,
+    precision_by_diagnosis,
+    ranks_from_order,
+)
+
+
+def test_pair_ranks_by_hand():
+    sim = np.array(
+        [
+            [0.9, 0.1, 0.2],  # pair best → rank 1
+            [0.5, 0.4, 0.6],  # two items above the pair → rank 3
+            [0.3, 0.3, 0.3],  # ties count against the query → rank 3
+        ]
+    )
+    assert pair_ranks(sim).tolist() == [1, 3, 3]
+    m = pair_metrics(pair_ranks(sim))
+    assert m["R@1"] == pytest.approx(1 / 3)
+    assert m["R@5"] == 1.0
+    assert m["mAP"] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
+    assert m["median_rank"] == 3
+
+
+def test_ranks_from_order_agrees_with_pair_ranks():
+    rng = np.random.default_rng(0)
+    sim = rng.normal(size=(20, 20))
+    order = np.argsort(-sim, axis=1)
+    assert ranks_from_order(order).tolist() == pair_ranks(sim).tolist()
+
+
+def test_precision_by_diagnosis_excludes_the_query():
+    # two tight clusters of two; with k=1 each query's neighbour is its cluster mate
+    x = np.array([[1, 0], [0.99, 0.14], [0, 1], [0.14, 0.99]], dtype=np.float32)
+    labels = ["a", "a", "b", "c"]
+    out = precision_by_diagnosis(x, labels, k=1)
+    assert out["P@1"] == pytest.approx(0.5)
+    assert out["by_diagnosis"] == {"a": 1.0, "b": 0.0, "c": 0.0}
+
+
+def test_fuse_orders_row_by_row():
+    a = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
+    b = np.array([[1, 0, 2, 3], [3, 2, 1, 0]])
+    fused = fuse_orders([a, b])
+    # row 0: 0 and 1 tie (1/61 + 1/62 each); the first list's order breaks the tie
+    assert fused.tolist() == [[0, 1, 2, 3], [3, 2, 1, 0]]
+    c = np.array([[3, 2, 1, 0]])
+    assert fuse_orders([c, c, a[:1]])[0, 0] == 3  # two lists agree on 3 first
