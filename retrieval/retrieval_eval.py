@@ -61,8 +61,10 @@ def precision_by_diagnosis(
     sim = embeddings @ embeddings.T
     np.fill_diagonal(sim, -np.inf)
     k = min(k, len(diagnoses) - 1)
-    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]  # (N, k)
     labels = np.asarray(diagnoses)
+    if k < 1:  # a single case has no neighbours
+        return {f"P@{k}": float("nan"), "by_diagnosis": {d: float("nan") for d in set(labels)}}
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]  # (N, k)
     hits = (labels[top] == labels[:, None]).mean(axis=1)  # (N,)
     per = {d: float(hits[labels == d].mean()) for d in sorted(set(diagnoses))}
     return {f"P@{k}": float(hits.mean()), "by_diagnosis": per}

@@ -52,3 +52,8 @@ def test_fuse_orders_row_by_row():
     assert fused.tolist() == [[0, 1, 2, 3], [3, 2, 1, 0]]
     c = np.array([[3, 2, 1, 0]])
     assert fuse_orders([c, c, a[:1]])[0, 0] == 3  # two lists agree on 3 first
+
+
+def test_precision_of_a_single_case_is_nan():
+    out = precision_by_diagnosis(np.ones((1, 2), np.float32), ["a"])
+    assert np.isnan(out["P@0"]) and np.isnan(out["by_diagnosis"]["a"])
