@@ -19,9 +19,9 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    rotate_deg: float = 8.0  # uniform ± rotation about the image centre
-    shift: float = 0.04  # uniform ± translation, fraction of the image side
-    scale: float = 0.05  # uniform 1 ± zoom
+    rotate_deg: float = 4.0  # uniform ± rotation about the image centre
+    shift: float = 0.02  # uniform ± translation, fraction of the image side
+    scale: float = 0.03  # uniform 1 ± zoom
     brightness: float = 0.15  # additive, in [0, 1] intensity units
     contrast: float = 0.2  # multiplicative 1 ± around the image mean
     gamma: float = 0.25  # exposure curve x ** exp(± gamma)

@@ -9,8 +9,8 @@ Backbones (generator / scratch / openclip / pixels) are described in `backbones.
 A projection head is a shared per-region LayerNorm + Linear (C → head_channels), GELU,
 then one Linear of the flattened grid (head_channels · g²) → dim (an MLP when
 head_hidden > 0): the layout of vessels, disc and lesions survives into the embedding.
-Attention logits over frames come from each frame's embedding and sinusoidal features
-of log1p(t), like `networks.TimeEmbedding`.
+Attention logits over frames come from each frame's backbone features (averaged over
+regions, LayerNorm) and sinusoidal features of log1p(t), like `networks.TimeEmbedding`.
 
 An embedder folder holds `embedder.safetensors` (every weight, the backbone's included,
 so it loads without the generator's run folder) and `config.json`:
@@ -159,9 +159,9 @@ class Embedder(nn.Module):
         self.cf_head = ProjectionHead(fs, config)
         self.ffa_head = ProjectionHead(fs, config)
         self.time = TimeFeatures(config.time_freqs)
+        self.attn_norm = nn.LayerNorm(fs[0])  # a frame's features, averaged over regions
         self.attn = nn.Sequential(
-            nn.LayerNorm(config.dim + 2 * config.time_freqs),
-            nn.Linear(config.dim + 2 * config.time_freqs, config.attn_hidden),
+            nn.Linear(fs[0] + 2 * config.time_freqs, config.attn_hidden),
             nn.GELU(),
             nn.Linear(config.attn_hidden, 1),
         )
@@ -227,7 +227,8 @@ class Embedder(nn.Module):
     ) -> torch.Tensor:
         """Per-frame grids (B, T, C, g, g) + their times (B, T) → (B, dim) L2-normalised."""
         z = self.ffa_head(feats)  # (B, T, dim)
-        logits = self.attn(torch.cat([z, self.time(times_s)], -1))[..., 0]  # (B, T)
+        frame = self.attn_norm(feats.mean(dim=(-2, -1)))  # (B, T, C)
+        logits = self.attn(torch.cat([frame, self.time(times_s)], -1))[..., 0]  # (B, T)
         if mask is not None:
             if not mask.any(1).all():
                 raise DataError("every video needs at least one valid (unmasked) frame")

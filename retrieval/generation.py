@@ -122,8 +122,17 @@ def generate_video(
 
 
 def check_no_leak(run: str | Path, patient_ids: set[str], split: str) -> None:
-    """Refuse an evaluation split that shares patients with the run's training data."""
-    shared = patient_ids & set(training_data_info(run)["patient_ids"])
+    """Refuse an evaluation split that shares patients with the run's training data.
+
+    `run` is a generator run or an embedder folder: both record their training patients.
+    """
+    recorded = training_data_info(run).get("patient_ids")
+    if recorded is None:
+        raise Fundus2VideoError(
+            f"{run}: its training_options.json does not list the training patients, so "
+            f"split {split!r} cannot be checked for leaks; retrain it with this version"
+        )
+    shared = patient_ids & set(recorded)
     if shared:
         raise SplitLeak(
             f"split {split!r} shares {len(shared)} patient(s) with the training data of {run} "

@@ -96,8 +96,9 @@ def evaluate_retrieval(
     if len(sizes) != 1:
         raise ValueError(f"embedders disagree on the image size: {sizes}")
     test = load_paired(opened, size=sizes.pop(), split=split, progress=progress)
-    for run, _ in embedders.values():
-        check_no_leak(run, set(test.patient_ids), split)
+    for (run, _), enc in zip(embedders.values(), encoders.values(), strict=True):
+        check_no_leak(run, set(test.patient_ids), split)  # the generator (backbone)
+        check_no_leak(enc.embedder_dir, set(test.patient_ids), split)  # the heads
     diagnoses = [opened.case(c).diagnosis for c in test.case_ids]
     report: dict[str, Any] = {
         "split": split,

@@ -97,3 +97,22 @@ def test_embed_stage_and_retrieval_report(tiny_index, tmp_path):
     via = report["backbones"]["model"]["cf2ffa_via"]
     assert set(via) == {"direct", "synthesis", "fused", "best_by_mAP"}
     assert "pixels" in result.output and "CF→FFA" in result.output
+
+
+def test_retrieval_evaluate_refuses_an_embedder_trained_on_the_test_patients(tiny_index, tmp_path):
+    from encoder.train import embed_training_loop
+    from retrieval.training_data import load_paired
+
+    every = load_paired(Cohort.open(tiny_index.cohort), size=32, progress=False)  # all splits
+    leaky = tmp_path / "embedder-leaky"
+    embed_training_loop(run_dir=tiny_index.run, out_dir=leaky, data=every, backbone="pixels",
+                        iters=1, batch_size=2, dim=8, progress=False)  # fmt: skip
+    recorded = json.loads((leaky / "training_options.json").read_text())["data"]["patient_ids"]
+    assert recorded == sorted(set(every.patient_ids))
+    report_path = tmp_path / "leak.json"
+    result = invoke(
+        "evaluate", tiny_index.run, tiny_index.cohort, "--out", report_path,
+        "--metrics", "retrieval", "--embedder", f"leaky={leaky}",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "shares" in result.output and "embedder-leaky" in result.output
+    assert not report_path.exists()

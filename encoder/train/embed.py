@@ -8,7 +8,8 @@ symmetric CLIP loss (`open_clip.loss.ClipLoss`, learnable logit scale, CLIP's in
 
 With a frozen backbone (the default) its features are computed without gradients and
 kept in a feature bank (the last `bank_views` augmented views of every case seen); after
-each fresh step, `replay` more head steps are drawn from the bank, pairing a CF view
+each fresh step, `replay` more head steps (scaled by the fraction of cases the bank has
+seen, so the first batches are not over-fitted) are drawn from the bank, pairing a CF view
 with an independently chosen FFA view of the same case. The backbone is the expensive
 part on a CPU; the heads are cheap, so this multiplies the steps per backbone pass.
 
@@ -71,13 +72,13 @@ def embed_training_loop(
     iters: int | None = None,
     minutes: float | None = None,
     batch_size: int = 32,
-    lr: float = 1e-3,  # heads and attention
+    lr: float = 2e-3,  # heads and attention
     backbone_lr: float = 1e-4,  # backbone, when config.train_backbone
-    weight_decay: float = 0.05,
+    weight_decay: float = 0.1,
     warmup: int = 10,  # iterations of linear lr warm-up
     lr_decay_start: float = 0.5,  # fraction of the run after which lr decays linearly to 0
-    train_frames: int = 6,  # frames per video per step (all at evaluation)
-    replay: int = 8,  # extra head steps per iteration from the feature bank (frozen only)
+    train_frames: int = 4,  # frames per video per step (all at evaluation)
+    replay: int = 24,  # extra head steps per iteration from the feature bank (frozen only)
     bank_views: int = 4,  # augmented views kept per case in the bank
     augment: AugmentConfig | None = None,  # None: AugmentConfig(); see flip for mirroring
     flip: bool = True,  # mirror both sides of a pair together, p = 0.5
@@ -85,7 +86,7 @@ def embed_training_loop(
     seed: int = 0,
     device: str | None = None,  # default: cuda when available
     stats_every: int = 10,
-    val_every: int = 50,
+    val_every: int = 25,
     overwrite: bool = False,
     progress: bool = True,
     progress_fn: Callable[[dict[str, float]], None] | None = None,
@@ -149,7 +150,8 @@ def embed_training_loop(
             code_version=code_version(),
             embedder=config.to_dict(),
             data={"videos": len(data), "frames": data.frames, "size": data.size,
-                  "val_videos": len(val_data) if val_data is not None else 0},
+                  "val_videos": len(val_data) if val_data is not None else 0,
+                  "patient_ids": sorted(set(data.patient_ids))},
         )  # fmt: skip
         atomic_write_text(out_dir / "training_options.json", json.dumps(info, indent=2) + "\n")
         session = _EmbedSession(
@@ -182,11 +184,18 @@ class _EmbedSession:
         self.out_dir, self.embedder, self.options = out_dir, embedder, options
         self.data, self.val_data, self.augment, self.device = data, val_data, augment, device
         self.frozen = not embedder.config.train_backbone
-        groups = [{"params": embedder.head_parameters(), "lr": options["lr"], "base": "lr"}]
-        if not self.frozen:
-            groups.append({"params": list(embedder.backbone.parameters()),
-                           "lr": options["backbone_lr"], "base": "backbone_lr"})  # fmt: skip
-        self.opt = torch.optim.AdamW(groups, weight_decay=options["weight_decay"])
+        heads = embedder.head_parameters()
+        backbone = list(embedder.backbone.parameters()) if not self.frozen else []
+        wd = options["weight_decay"]
+        groups = [  # CLIP's rule: no weight decay on gains, biases and the logit scale
+            {"params": [p for p in ps if p.ndim >= 2], "weight_decay": wd, "base": base}
+            for ps, base in ((heads, "lr"), (backbone, "backbone_lr"))
+        ] + [
+            {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "base": base}
+            for ps, base in ((heads, "lr"), (backbone, "backbone_lr"))
+        ]
+        groups = [g | {"lr": options[g["base"]]} for g in groups if g["params"]]
+        self.opt = torch.optim.AdamW(groups)
         self.loss_fn = ClipLoss()
         self.np_rng = np.random.default_rng(options["seed"])
         self.torch_rng = torch.Generator().manual_seed(options["seed"])
@@ -328,7 +337,8 @@ class _EmbedSession:
                 acc["Loss/clip"].append(self._step(feats))
                 if self.frozen and o["replay"]:
                     self.bank.add(idx, *feats)
-                    for _ in range(o["replay"]):
+                    # replay grows with the bank's coverage: no over-fitting of the first cases
+                    for _ in range(o["replay"] * len(self.bank.filled) // len(self.data)):
                         replayed = self.bank.sample(o["batch_size"], self.torch_rng)
                         acc["Loss/clip_replay"].append(self._step(replayed))
                 self.iteration += 1
