@@ -96,9 +96,10 @@ def evaluate_retrieval(
     if len(sizes) != 1:
         raise ValueError(f"embedders disagree on the image size: {sizes}")
     test = load_paired(opened, size=sizes.pop(), split=split, progress=progress)
-    for (run, _), enc in zip(embedders.values(), encoders.values(), strict=True):
-        check_no_leak(run, set(test.patient_ids), split)  # the generator (backbone)
-        check_no_leak(enc.embedder_dir, set(test.patient_ids), split)  # the heads
+    held_out = set(test.patient_ids)
+    generators = {Path(run) for run, _ in embedders.values()}  # usually one run for all
+    for folder in sorted(generators) + [enc.embedder_dir for enc in encoders.values()]:
+        check_no_leak(folder, held_out, split)  # generator runs, then each embedder's heads
     diagnoses = [opened.case(c).diagnosis for c in test.case_ids]
     report: dict[str, Any] = {
         "split": split,

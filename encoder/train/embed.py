@@ -188,14 +188,12 @@ class _EmbedSession:
         backbone = list(embedder.backbone.parameters()) if not self.frozen else []
         wd = options["weight_decay"]
         groups = [  # CLIP's rule: no weight decay on gains, biases and the logit scale
-            {"params": [p for p in ps if p.ndim >= 2], "weight_decay": wd, "base": base}
+            {"params": [p for p in ps if (p.ndim >= 2) == decay], "lr": options[base],
+             "weight_decay": wd if decay else 0.0, "base": base}
             for ps, base in ((heads, "lr"), (backbone, "backbone_lr"))
-        ] + [
-            {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "base": base}
-            for ps, base in ((heads, "lr"), (backbone, "backbone_lr"))
-        ]
-        groups = [g | {"lr": options[g["base"]]} for g in groups if g["params"]]
-        self.opt = torch.optim.AdamW(groups)
+            for decay in (True, False)
+        ]  # fmt: skip
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]])
         self.loss_fn = ClipLoss()
         self.np_rng = np.random.default_rng(options["seed"])
         self.torch_rng = torch.Generator().manual_seed(options["seed"])
