@@ -77,6 +77,7 @@ def tiny_index(tmp_path_factory) -> TinyIndex:
     """A real (if barely trained) model and its index: phantom cohort → micro generator
     (3 iterations) → embedder (6 iterations) → index folder. Read-only: copy to update.
     """
+    from encoder import EmbedderConfig
     from encoder.testing import micro_scale
     from encoder.train import embed_training_loop, training_loop
     from retrieval.cohort import Cohort
@@ -97,7 +98,7 @@ def tiny_index(tmp_path_factory) -> TinyIndex:
     )  # fmt: skip
     embed_training_loop(
         run_dir=run, data=train, val_data=val, iters=6, dim=32, batch_size=8, progress=False,
-        stats_every=2, val_every=3,
+        stats_every=2, val_every=3, config=EmbedderConfig(grid=4),  # 16 regions of 2 entries
     )  # fmt: skip
     build_index(run, cohort, index, progress=False)
     return TinyIndex(cohort, run, index)

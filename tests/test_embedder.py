@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("deterministic_torch")
 
 S = 32  # image size of every test
 BACKBONES = ["generator", "scratch", "pixels", "openclip:ViT-S-32"]
-SMALL = EmbedderConfig(image_size=S, dim=16, head_channels=4, attn_hidden=8, pixel_size=8,
+SMALL = EmbedderConfig(image_size=S, dim=16, grid=2, attn_hidden=8, pixel_size=8,
                        pixel_components=8, time_freqs=4)  # fmt: skip
 
 
@@ -100,6 +100,22 @@ def test_spec_parsing_and_config_errors(run_dir) -> None:
         create_embedder(SMALL, run_dir=run_dir, image_size=64)
     with pytest.raises(ConfigError, match="layers"):
         create_embedder(SMALL, run_dir=run_dir, layers=(7,))
+    with pytest.raises(ConfigError, match="dim 10 is not divisible by the 2x2 regions"):
+        create_embedder(SMALL, run_dir=run_dir, dim=10)
+
+
+def test_each_region_fills_only_its_own_slice_of_the_embedding(run_dir, data) -> None:
+    e = _embedder("generator", run_dir, data)
+    c, g, _ = e.backbone.feature_shape
+    assert g == 2 and e.config.dim == 16  # 4 regions, 4 entries each
+    torch.manual_seed(0)
+    feats = torch.randn(3, c, g, g)
+    moved = feats.clone()
+    moved[:, :, 1, 0] += torch.randn(3, c)  # region 2 in row-major order
+    with torch.no_grad():
+        for head in (e.cf_head, e.ffa_head):
+            changed = (head(moved) != head(feats)).any(0)  # (dim,)
+            assert changed[8:12].all() and not changed[:8].any() and not changed[12:].any()
 
 
 def test_openclip_local_checkpoint_is_loaded(tmp_path) -> None:
@@ -304,6 +320,10 @@ def test_bad_checkpoints(tmp_path, run_dir, data) -> None:
         load_embedder(folder)
     with pytest.raises(CheckpointError, match="no embedder.safetensors"):
         embedder_id(tmp_path)
+    cfg["format_version"] = 1  # written before the region-aligned heads
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="format_version 1 .* retrain"):
+        load_embedder(folder)
 
 
 def test_recall_at_k() -> None:
@@ -312,3 +332,28 @@ def test_recall_at_k() -> None:
     r = recall_at_k(q, g, ks=(1, 2))
     assert r == {1: 0.5, 2: 0.5}  # the hits of 1 and 2 score 0: tied with the rest
     assert recall_at_k(q, q, ks=(1,)) == {1: 1.0}
+
+
+def test_feature_bank_keeps_the_newest_views_within_its_memory_cap() -> None:
+    from encoder.train.embed import _FeatureBank
+
+    view_bytes = 2 * (4 + 2 * 4) + 4 * 2  # fp16 cf (4,) + ffa (2, 4); float32 times (2,)
+    bank = _FeatureBank(cases=6, views=2, max_bytes=5 * view_bytes)
+    for step in range(4):  # cases 0..5, then 0..5 again, ...: 24 views offered
+        idx = np.arange(6)
+        feats = torch.full((6, 4), float(step)), torch.full((6, 2, 4), float(step))
+        bank.add(idx, *feats, torch.zeros(6, 2))
+        assert bank.bytes <= 5 * view_bytes
+        held = [v for views in bank.items for _, v in views]
+        assert len(held) == 5 and bank.bytes == 5 * view_bytes
+        assert all(len(views) <= 2 for views in bank.items)
+        assert sorted(bank.filled) == [i for i, views in enumerate(bank.items) if views]
+    # the five newest views: cases 1..5 of the last step (case 0's went first)
+    assert [float(v[0][0]) for v in held] == [3.0] * 5 and bank.filled == [1, 2, 3, 4, 5]
+    cf, ffa, t = bank.sample(8, torch.Generator().manual_seed(0))
+    assert cf.shape == (5, 4) and ffa.shape == (5, 2, 4) and t.shape == (5, 2)
+    roomy = _FeatureBank(cases=6, views=2, max_bytes=10**6)
+    for step in range(3):
+        roomy.add(np.arange(6), torch.full((6, 4), float(step)), torch.zeros(6, 2, 4),
+                  torch.zeros(6, 2))  # fmt: skip
+    assert [[float(v[0][0]) for _, v in views] for views in roomy.items] == [[1.0, 2.0]] * 6

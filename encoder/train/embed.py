@@ -7,7 +7,8 @@ of each video (with the frames before them as generator context), and minimises 
 symmetric CLIP loss (`open_clip.loss.ClipLoss`, learnable logit scale, CLIP's init).
 
 With a frozen backbone (the default) its features are computed without gradients and
-kept in a feature bank (the last `bank_views` augmented views of every case seen); after
+kept in a feature bank (the last `bank_views` augmented views of every case seen, at most
+`bank_gb` in all: past that the oldest views go first); after
 each fresh step, `replay` more head steps (scaled by the fraction of cases the bank has
 seen, so the first batches are not over-fitted) are drawn from the bank, pairing a CF view
 with an independently chosen FFA view of the same case. The backbone is the expensive
@@ -29,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def embed_training_loop(
     train_frames: int = 4,  # frames per video per step (all at evaluation)
     replay: int = 24,  # extra head steps per iteration from the feature bank (frozen only)
     bank_views: int = 4,  # augmented views kept per case in the bank
+    bank_gb: float = 4.0,  # the bank's memory cap (fp16 features; oldest views evicted)
     augment: AugmentConfig | None = None,  # None: AugmentConfig(); see flip for mirroring
     flip: bool = True,  # mirror both sides of a pair together, p = 0.5
     keep_best: bool = True,  # with val_data: save the best Val/cf2ffa_R@1 iteration
@@ -100,9 +102,9 @@ def embed_training_loop(
         raise ConfigError(f"iters must be >= 0 and minutes > 0, got {iters}, {minutes}")
     if batch_size < 2:
         raise ConfigError(f"batch_size must be >= 2 for a contrastive loss, got {batch_size}")
-    if train_frames < 1 or replay < 0 or bank_views < 1:
-        raise ConfigError(f"need train_frames >= 1, replay >= 0, bank_views >= 1, got "
-                          f"{train_frames}, {replay}, {bank_views}")  # fmt: skip
+    if train_frames < 1 or replay < 0 or bank_views < 1 or bank_gb <= 0:
+        raise ConfigError(f"need train_frames >= 1, replay >= 0, bank_views >= 1, bank_gb > 0, "
+                          f"got {train_frames}, {replay}, {bank_views}, {bank_gb}")  # fmt: skip
     if len(data) < batch_size:
         raise DataError(f"{len(data)} training pairs, fewer than batch_size={batch_size}")
     run_dir = Path(run_dir)
@@ -130,6 +132,7 @@ def embed_training_loop(
         "train_frames": train_frames,
         "replay": replay,
         "bank_views": bank_views,
+        "bank_gb": bank_gb,
         "augment": dataclasses.asdict(aug),
         "flip": flip,
         "keep_best": keep_best,
@@ -198,7 +201,7 @@ class _EmbedSession:
         self.np_rng = np.random.default_rng(options["seed"])
         self.torch_rng = torch.Generator().manual_seed(options["seed"])
         self.order: list[int] = []
-        self.bank = _FeatureBank(len(data), options["bank_views"])
+        self.bank = _FeatureBank(len(data), options["bank_views"], int(options["bank_gb"] * 2**30))
         self.iteration = 0
         self.started = started
         self.best: tuple[float, float] | None = None  # (R@1, R@5) of the saved checkpoint
@@ -393,21 +396,41 @@ class _EmbedSession:
 
 
 class _FeatureBank:
-    """Backbone features of the last `views` augmented views of each training case (fp16)."""
+    """Backbone features of the last `views` augmented views of each training case (fp16),
+    at most `max_bytes` in all: past that, the oldest views in the bank are evicted."""
 
-    def __init__(self, cases: int, views: int):
-        self.views = views
-        self.items: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(cases)]
+    def __init__(self, cases: int, views: int, max_bytes: int):
+        self.views, self.max_bytes = views, max_bytes
+        self.items: list[list[tuple[int, tuple[torch.Tensor, ...]]]] = [[] for _ in range(cases)]
         self.filled: list[int] = []  # cases with at least one view, in order of arrival
+        self.arrivals: deque[tuple[int, int]] = deque()  # (case, serial) of every view added
+        self.serial = 0
+        self.bytes = 0
+
+    @staticmethod
+    def _size(view: tuple[torch.Tensor, ...]) -> int:
+        return sum(t.numel() * t.element_size() for t in view)
+
+    def _drop_oldest(self, case: int) -> None:
+        self.bytes -= self._size(self.items[case].pop(0)[1])
+        if not self.items[case]:
+            self.filled.remove(case)
 
     def add(self, idx: np.ndarray, f_cf: torch.Tensor, f_ffa: torch.Tensor, t: torch.Tensor):
         for j, i in enumerate(idx.tolist()):
-            views = self.items[i]
-            if not views:
+            if not self.items[i]:
                 self.filled.append(i)
-            if len(views) >= self.views:
-                views.pop(0)
-            views.append((f_cf[j].detach().half(), f_ffa[j].detach().half(), t[j].detach()))
+            elif len(self.items[i]) >= self.views:
+                self._drop_oldest(i)
+            view = (f_cf[j].detach().half(), f_ffa[j].detach().half(), t[j].detach())
+            self.items[i].append((self.serial, view))
+            self.arrivals.append((i, self.serial))
+            self.serial += 1
+            self.bytes += self._size(view)
+        while self.bytes > self.max_bytes and len(self.filled) > 1:
+            case, serial = self.arrivals.popleft()
+            if self.items[case] and self.items[case][0][0] == serial:  # not replaced since
+                self._drop_oldest(case)
 
     def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         """n distinct cases (fewer if the bank holds fewer); per case a random CF view and an
@@ -415,7 +438,7 @@ class _FeatureBank:
         pick = torch.randperm(len(self.filled), generator=g)[:n].tolist()
         cf, ffa, t = [], [], []
         for p in pick:
-            views = self.items[self.filled[p]]
+            views = [v for _, v in self.items[self.filled[p]]]
             a, b = torch.randint(len(views), (2,), generator=g).tolist()
             cf.append(views[a][0])
             ffa.append(views[b][1])
