@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -403,8 +403,7 @@ class _FeatureBank:
         self.views, self.max_bytes = views, max_bytes
         self.items: list[list[tuple[int, tuple[torch.Tensor, ...]]]] = [[] for _ in range(cases)]
         self.filled: list[int] = []  # cases with at least one view, in order of arrival
-        self.arrivals: deque[tuple[int, int]] = deque()  # (case, serial) of every view added
-        self.serial = 0
+        self.serial = 0  # views are numbered as they arrive: the smallest is the oldest
         self.bytes = 0
 
     @staticmethod
@@ -424,13 +423,10 @@ class _FeatureBank:
                 self._drop_oldest(i)
             view = (f_cf[j].detach().half(), f_ffa[j].detach().half(), t[j].detach())
             self.items[i].append((self.serial, view))
-            self.arrivals.append((i, self.serial))
             self.serial += 1
             self.bytes += self._size(view)
-        while self.bytes > self.max_bytes and len(self.filled) > 1:
-            case, serial = self.arrivals.popleft()
-            if self.items[case] and self.items[case][0][0] == serial:  # not replaced since
-                self._drop_oldest(case)
+        while self.bytes > self.max_bytes and len(self.filled) > 1:  # the oldest view goes
+            self._drop_oldest(min(self.filled, key=lambda case: self.items[case][0][0]))
 
     def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         """n distinct cases (fewer if the bank holds fewer); per case a random CF view and an
