@@ -1,4 +1,6 @@
-"""Augmentations for contrastive training, on model-space tensors in [-1, 1] (black = -1).
+"""Augmentations for contrastive training, on model-space tensors in [-1, 1] (black = -1):
+geometry, what other cameras do (resolution, a narrower field of view), exposure, colour
+balance and focus.
 
 Pure torch with an explicit `torch.Generator`, so a seeded run is reproducible on CPU.
 The two sides of a CF / FFA pair are augmented independently; all frames of one FFA
@@ -29,13 +31,19 @@ class AugmentConfig:
     blur_prob: float = 0.3  # probability of a Gaussian blur
     blur_sigma: float = 1.2  # its sigma is uniform in [0.3, blur_sigma] pixels
     frame_jitter: float = 0.05  # per-frame multiplicative exposure wobble (FFA only)
+    downscale_prob: float = 0.25  # probability of a lower-resolution camera: down, then up
+    downscale_min: float = 0.35  # its scale factor is uniform in [downscale_min, 1]
+    aperture_prob: float = 0.2  # probability of a narrower field of view (circular stop)
+    aperture_min: float = 0.75  # its radius, a fraction of the half side, in [min, 1]
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if value < 0:
                 raise ConfigError(f"augment {name} must be >= 0, got {value}")
-        if self.blur_prob > 1:
-            raise ConfigError(f"augment blur_prob must be <= 1, got {self.blur_prob}")
+        for name in ("blur_prob", "downscale_prob", "aperture_prob", "downscale_min",
+                     "aperture_min"):  # fmt: skip
+            if getattr(self, name) > 1:
+                raise ConfigError(f"augment {name} must be <= 1, got {getattr(self, name)}")
 
 
 def _uniform(n: int, half: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -79,6 +87,30 @@ def _blur(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tens
     return out
 
 
+def _camera(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """What other cameras do to (B, C, S, S): a lower resolution (resampled down and back
+    up) for a random subset, a narrower circular field of view for another."""
+    b, _, s, _ = x.shape
+    down = torch.rand(b, generator=g) < cfg.downscale_prob  # (B,)
+    factor = cfg.downscale_min + torch.rand(b, generator=g) * (1 - cfg.downscale_min)
+    stop = torch.rand(b, generator=g) < cfg.aperture_prob
+    radius = cfg.aperture_min + torch.rand(b, generator=g) * (1 - cfg.aperture_min)
+    if not (down.any() or stop.any()):
+        return x
+    out = x.clone()
+    for i in down.nonzero()[:, 0].tolist():
+        side = max(8, round(s * float(factor[i])))
+        small = F.interpolate(x[i : i + 1], size=(side, side), mode="bilinear", antialias=True)
+        out[i] = F.interpolate(small, size=(s, s), mode="bilinear")[0]
+    if stop.any():
+        r = (torch.arange(s, device=x.device, dtype=torch.float32) + 0.5) / s * 2 - 1  # (S,)
+        dist = (r[None, :] ** 2 + r[:, None] ** 2).sqrt()  # (S, S), 1 = half side
+        outside = dist[None] > radius.to(x.device)[:, None, None]  # (B, S, S)
+        outside &= stop.to(x.device)[:, None, None]
+        out = out.masked_fill(outside[:, None], -1.0)
+    return out
+
+
 def _photometric(
     x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator, colour: bool
 ) -> torch.Tensor:
@@ -101,7 +133,7 @@ def augment_cf(
 ) -> torch.Tensor:
     """CF (B, 3, S, S) in [-1, 1] → augmented (B, 3, S, S): affine, exposure, colour, blur."""
     cfg = cfg or AugmentConfig()
-    x = _photometric(_affine(cf, cfg, g), cfg, g, colour=True)
+    x = _photometric(_camera(_affine(cf, cfg, g), cfg, g), cfg, g, colour=True)
     return _blur(x, cfg, g)
 
 
@@ -115,7 +147,7 @@ def augment_video(
     """
     cfg = cfg or AugmentConfig()
     b, t = frames.shape[:2]
-    x = _photometric(_affine(frames, cfg, g), cfg, g, colour=False)
+    x = _photometric(_camera(_affine(frames, cfg, g), cfg, g), cfg, g, colour=False)
     x = _blur(x, cfg, g)
     if cfg.frame_jitter > 0:
         wobble = 1 + (torch.rand(b, t, generator=g).to(x.device) * 2 - 1) * cfg.frame_jitter

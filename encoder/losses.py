@@ -251,3 +251,66 @@ class VGGLoss(nn.Module):
 
     def train(self, mode: bool = True) -> VGGLoss:  # the frozen VGG stays in eval mode
         return super().train(False)
+
+
+# ---------------------------------------------------------------- clinical similarity
+
+
+def label_affinity(
+    diagnoses: Sequence[str | None],
+    lesions: Sequence[Sequence[str] | None],
+    lesion_weight: float = 0.3,
+) -> torch.Tensor:
+    """How alike two cases' labels are, (N, N) in [0, 1]. Two cases with known diagnoses:
+    0 when the diagnoses differ, else (1 - lesion_weight) + lesion_weight x the Jaccard of
+    their lesion sets (two lesion-free cases: 1), so lesions order cases within a disease
+    but never pull two diseases together. A case with an unknown diagnosis (None): the
+    Jaccard alone. Unknown lesions (None) count as a Jaccard of 0; a case is always 1
+    with itself.
+
+    (Lesion overlap across diagnoses as a positive weight — most retinal diseases share
+    haemorrhages or leakage — makes a space clustered by diagnosis score worse than
+    chance under `label_contrastive_loss`, so it is kept inside a diagnosis.)"""
+    n = len(diagnoses)
+    if len(lesions) != n:
+        raise ValueError(f"{n} diagnoses but {len(lesions)} lesion lists")
+    names = {d: i for i, d in enumerate(sorted({d for d in diagnoses if d is not None}))}
+    code = torch.tensor([names.get(d, -1) if d is not None else -1 for d in diagnoses])
+    known = code >= 0
+    both = known[:, None] & known[None]
+    same = (code[:, None] == code[None]) & both
+    vocab = {x: i for i, x in enumerate(sorted({x for ls in lesions if ls for x in ls}))}
+    sets = torch.zeros(n, max(len(vocab), 1))
+    for i, ls in enumerate(lesions):
+        for x in ls or ():
+            sets[i, vocab[x]] = 1.0
+    has = torch.tensor([ls is not None for ls in lesions])
+    inter = sets @ sets.T
+    union = sets.sum(1)[:, None] + sets.sum(1)[None] - inter
+    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    jaccard = jaccard * (has[:, None] & has[None])
+    within = same.float() * (1 - lesion_weight + lesion_weight * jaccard)
+    out = torch.where(both, within, jaccard)
+    return out.fill_diagonal_(1.0)
+
+
+def label_contrastive_loss(
+    z: torch.Tensor,  # (M, D) unit vectors: every view of a batch, both modalities
+    affinity: torch.Tensor,  # (M, M) label affinity of the views' cases (label_affinity)
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Supervised contrastive loss with soft targets: each view's softmax over the other
+    views should match its label affinities (normalised to sum 1). Same-disease cases
+    are pulled together in and across modalities instead of being pushed apart as the
+    CLIP loss does; views whose row has no positive are left out."""
+    m = z.shape[0]
+    eye = torch.eye(m, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
+    target = affinity.to(z.device).float().masked_fill(eye, 0.0)
+    mass = target.sum(1)
+    rows = mass > 0
+    if not rows.any():
+        return z.sum() * 0.0
+    target = target[rows] / mass[rows, None]
+    logp = F.log_softmax(logits[rows], dim=1).masked_fill(eye[rows], 0.0)
+    return -(target * logp).sum(1).mean()

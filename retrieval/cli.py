@@ -301,7 +301,7 @@ def evaluate(
 
     from .embedding import default_embedder_dir
     from .generation import evaluate_runs, generation_table, write_report
-    from .retrieval_eval import evaluate_retrieval, retrieval_table
+    from .retrieval_eval import evaluate_retrieval, retrieval_table, write_reliability
 
     if metrics not in ("all", "generation", "retrieval"):
         raise typer.BadParameter(f"--metrics must be all, generation or retrieval, got {metrics!r}")
@@ -326,8 +326,9 @@ def evaluate(
             typer.echo(retrieval_table(report["retrieval"]))
     except (Fundus2VideoError, EncoderError, ValueError) as e:
         raise _fail(e) from e
+    png = write_reliability(report, out)
     write_report(report, out)
-    typer.echo(f"report: {out}")
+    typer.echo(f"report: {out}" + (f" (reliability diagram: {png})" if png else ""))
 
 
 def _named_paths(items: list[str] | None, option: str, what: str) -> dict[str, Path]:
@@ -374,24 +375,36 @@ def search(
     times: Annotated[
         str | None, typer.Option(help="FFA query frame times in seconds, comma-separated.")
     ] = None,
+    similarity: Annotated[
+        str | None,
+        typer.Option(
+            help="clinical (same disease; the default), pair (same eye: a photo's own "
+            "angiogram) or combined (both); pair only, without a clinical part."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
 ):
-    """Ranked cases for a query file (a CF photo or an FFA video)."""
+    """Ranked cases for a query file (a CF photo or an FFA video), and the diagnosis
+    suggested by its most similar archive cases (decision support, not a diagnosis)."""
     import json
 
     from encoder import EncoderError
     from index import IndexStoreError
 
-    from .engine import CFQuery, Engine, FFAQuery
+    from .engine import SIMILARITIES, CFQuery, Engine, FFAQuery
     from .media import CF_SUFFIXES, read_cf, read_ffa
 
+    if similarity is not None and similarity not in SIMILARITIES:
+        raise typer.BadParameter(
+            f"--similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}"
+        )
     try:
         if file.is_file() and file.suffix.lower() in CF_SUFFIXES and times is None:
             query = CFQuery(read_cf(file))
         else:
             query = FFAQuery(read_ffa(file), _parse_times(times))
         engine = Engine.open(index)
-        result = engine.search(query, target=target, k=k, via=via)
+        result = engine.search(query, target=target, k=k, via=via, similarity=similarity)
     except (Fundus2VideoError, EncoderError, IndexStoreError, ValueError) as e:
         raise _fail(e) from e
     rows = [
@@ -408,7 +421,11 @@ def search(
         for h in result.hits
     ]
     if as_json:
-        out = {"query": result.query, "target": target, "via": via, "results": rows}
+        out = {
+            "query": result.query, "target": target, "via": via,
+            "similarity": result.similarity, "results": rows,
+            "suggestion": _suggestion_json(result),
+        }  # fmt: skip
         if result.synthetic is not None:
             out["synthetic_query"] = {
                 "synthetic": True, "times_s": result.synthetic.times_s.tolist()
@@ -423,6 +440,26 @@ def search(
             f"{r['rank']:>4}  {r['case_id']:<14}{r['score']:>9.4f}  {r['modality']:<8} "
             f"{r['diagnosis'] or '-':<9} {', '.join(r['lesions']) or '-'}"
         )
+    if result.suggestion is not None:
+        typer.echo(suggestion_line(result.suggestion))
+
+
+def suggestion_line(suggestion) -> str:
+    """`suggestion from similar cases: PDR (p=0.93, 7 of 10 neighbours)`, or the abstention."""
+    head = "suggestion from similar cases:"
+    if suggestion.abstained:
+        return f"{head} abstained (top {suggestion.diagnosis} p={suggestion.probability:.2f})"
+    return (
+        f"{head} {suggestion.diagnosis} (p={suggestion.probability:.2f}, "
+        f"{len(suggestion.supporting_case_ids)} of {suggestion.neighbours} neighbours)"
+    )
+
+
+def _suggestion_json(result) -> dict | None:
+    """The search's suggestion as the API's `suggestion` object (None: the index has none)."""
+    from .queries import suggestion_record
+
+    return suggestion_record(result)
 
 
 @app.command()

@@ -169,13 +169,14 @@ def ensure_report(
 
 def _evaluate(paths: DemoPaths, *, progress: bool) -> None:
     from .generation import evaluate_runs, write_report
-    from .retrieval_eval import evaluate_retrieval
+    from .retrieval_eval import evaluate_retrieval, write_reliability
 
     report = evaluate_runs({"model": paths.run}, paths.cohort, split="test", progress=progress)
     report["retrieval"] = evaluate_retrieval(
         {"model": (paths.run, None)}, paths.cohort, split="test", synthesis_for="model",
         progress=progress,
     )  # fmt: skip
+    write_reliability(report, paths.report)
     write_report(report, paths.report)
 
 

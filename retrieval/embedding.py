@@ -20,13 +20,20 @@ from tqdm import tqdm
 
 from encoder import create_generator, synthesize
 from encoder.data import fit_square
-from encoder.embedder import embed_cf_array, embed_ffa_array, embedder_id, load_embedder
+from encoder.embedder import (
+    embed_cf_array,
+    embed_ffa_array,
+    embedder_id,
+    load_embedder,
+    similarity_weights,
+)
 from index import ROW_ID, VectorIndex, save_index_folder, with_row_ids
 
 from .cohort import Cohort
 from .errors import Fundus2VideoError
 from .generation import mark_synthetic, training_data_info
 from .media import read_cf, read_ffa
+from .suggestion import suggestion_models
 from .training_data import DEFAULT_TIMES_S, load_paired
 
 log = logging.getLogger(__name__)
@@ -76,8 +83,19 @@ class QueryEncoder:
             embedder=embedder,
             encoder_id=embedder_id(folder),
             image_size=embedder.config.image_size,
-            dim=embedder.config.dim,
+            dim=embedder.config.out_dim,
         )
+
+    @property
+    def similarities(self) -> tuple[str, ...]:
+        """The similarity kinds this encoder's vectors support."""
+        if self.embedder.config.clinical_dim:
+            return ("combined", "pair", "clinical")
+        return ("pair",)
+
+    def similarity_weights(self, similarity: str) -> np.ndarray:
+        """(dim,) factors: stored vector x factors = a query scoring by `similarity`."""
+        return similarity_weights(self.embedder.config, similarity)
 
     def embed_cf(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """CF photos uint8 (H, W, 3), any size → float32 (N, D), L2-normalised."""
@@ -183,8 +201,10 @@ def build_index(
         "embedder_dir": str(encoder.embedder_dir.resolve()),
         "cohort_dir": str(opened.root.resolve()),
         "image_size": encoder.image_size,
+        "suggestion": suggestion_models(encoder, catalog, {"cf": cf, "ffa": ffa}),
     }
     return save_index_folder(out, indexes, catalog, encoder.encoder_id, extra)
+
 
 
 def absolute_media_paths(catalog: pl.DataFrame, root: Path) -> pl.DataFrame:
@@ -221,8 +241,23 @@ def train_embedder(
     val = None
     if opened.cases("val"):
         val = load_paired(opened, size=size, split="val", frames=train.frames, progress=False)
+    labels = case_labels(opened, train.case_ids)  # the train split's labels only
     return embed_training_loop(
         run_dir=run, out_dir=Path(out) if out is not None else default_embedder_dir(run),
-        data=train, val_data=val, backbone=backbone, minutes=minutes, iters=iters,
+        data=train, val_data=val, labels=labels,
+        backbone=backbone, minutes=minutes, iters=iters,
         batch_size=min(EMBED_BATCH_SIZE, len(train)), seed=seed, progress=progress,
     )  # fmt: skip
+
+
+def case_labels(cohort: Cohort, case_ids: Sequence[str]):
+    """`encoder.train.CaseLabels` of these cases from the catalog: a null lesion list is
+    unknown, an empty one means no lesions; an empty diagnosis is unknown."""
+    from encoder.train import CaseLabels
+
+    rows = {r["case_id"]: r for r in cohort.catalog.iter_rows(named=True)}
+    rows = [rows[c] for c in case_ids]
+    return CaseLabels(
+        diagnoses=tuple(r["diagnosis"] or None for r in rows),
+        lesions=tuple(tuple(r["lesions"]) if r["lesions"] is not None else None for r in rows),
+    )

@@ -7,6 +7,19 @@ searches by CF photo, FFA video or case id, and taking cases in and out.
 - `synthesis`: CF query → generated FFA video → its FFA embedding → the FFA index;
 - `fused`: `reciprocal_rank_fusion` of the two (CF → FFA only).
 
+Similarity. Stored vectors are [sqrt(1-w)·pair, sqrt(w)·clinical] (`encoder.embedder`);
+a query vector multiplied by `encoder.similarity_weights(similarity)` scores by the
+combined, the pair or the clinical cosine. `similarity=None` takes
+`queries.default_similarity`: clinical (the same disease) for every query type, pair
+for an encoder without a clinical part.
+
+Diagnosis suggestion. When the index manifest holds suggestion models
+(`extra["suggestion"]`, one per modality, `retrieval.suggestion.SuggestionModel`), a
+search also asks the query's own modality index for the model's k nearest cases with a
+diagnosis the model knows (by the model's similarity, ignoring the search's filters,
+never the query case itself) and turns their diagnoses into `retrieval.suggestion.
+suggest`'s probabilities: decision support, not a diagnosis. One more index search.
+
 Concurrency. Searches share a readers-writer lock (`index.sync.RWLock`); an update
 (`add_case`, `remove_case`) changes the indexes, the catalog and the lookups under
 its write lock, so a search sees the index wholly before or wholly after it. Model
@@ -26,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import re
 import shutil
 import threading
@@ -59,6 +73,8 @@ from .queries import (
     FILTER_KEYS,
     MODALITIES,
     RRF_K,
+    SIMILARITIES,
+    SUGGESTION_LABEL,
     TARGETS,
     VIAS,
     CaseInfo,
@@ -71,16 +87,21 @@ from .queries import (
     SearchResult,
     SyntheticQuery,
     as_query,
+    check_similarity,
     check_times,
+    default_similarity,
     normalize_filters,
     reciprocal_rank_fusion,
+    suggestion_record,
 )
+from .suggestion import Suggestion, SuggestionModel, suggest
 
 __all__ = [
-    "FILTER_KEYS", "MODALITIES", "RRF_K", "TARGETS", "VIAS", "CFQuery", "CaseInfo",
-    "CaseQuery", "Engine", "FFAQuery", "Hit", "NewCase", "Query", "QueryEncoder",
-    "SearchResult", "SyntheticQuery", "WouldBlock", "as_query", "check_times",
-    "normalize_filters", "reciprocal_rank_fusion",
+    "FILTER_KEYS", "MODALITIES", "RRF_K", "SIMILARITIES", "SUGGESTION_LABEL", "TARGETS",
+    "VIAS", "CFQuery", "CaseInfo", "CaseQuery", "Engine", "FFAQuery", "Hit", "NewCase",
+    "Query", "QueryEncoder", "SearchResult", "Suggestion", "SuggestionModel",
+    "SyntheticQuery", "WouldBlock", "as_query", "check_similarity", "check_times",
+    "default_similarity", "normalize_filters", "reciprocal_rank_fusion", "suggestion_record",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -103,7 +124,9 @@ class QueryEncoder(Protocol):
     encoder_id: str
     dim: int
     image_size: int
+    similarities: tuple[str, ...]  # the SIMILARITIES its vectors support
 
+    def similarity_weights(self, similarity: str) -> np.ndarray: ...
     def embed_cf(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
     def embed_ffa(self, videos: Sequence[np.ndarray], times: Any = None) -> np.ndarray: ...
     def synthesize_unmarked(self, image: np.ndarray, times_s: Any = None) -> tuple: ...
@@ -126,6 +149,12 @@ class Engine:
         self._update = threading.Lock()  # one update (and save) at a time
         self._model = threading.Lock()  # one model call at a time
         self._cache_lock = threading.Lock()
+        self.similarities = tuple(s for s in SIMILARITIES if s in encoder.similarities)
+        # query-vector factors per similarity (the encoder never changes)
+        self._weights = {
+            s: np.ascontiguousarray(encoder.similarity_weights(s), np.float32)
+            for s in self.similarities
+        }
         self._install(folder)
         self.opened_at = time.time()
 
@@ -165,6 +194,27 @@ class Engine:
         self._generation = getattr(self, "_generation", 0) + 1
         self._filters: dict[tuple, np.ndarray | None] = {}
         self._derived: dict[str, Any] = {}
+        self._suggesters = self._suggestion_models(folder)
+
+    def _suggestion_models(self, folder: IndexFolder) -> dict[str, SuggestionModel]:
+        """The manifest's suggestion models that this encoder can serve, per modality."""
+        models = {}
+        for modality, spec in (folder.extra.get("suggestion") or {}).items():
+            try:
+                model = SuggestionModel.from_dict(spec)
+            except (TypeError, KeyError, ValueError) as err:
+                log.warning("%s: unreadable %s suggestion model (%s)", folder.path, modality, err)
+                continue
+            if modality not in MODALITIES or model.similarity not in self._weights:
+                log.warning("%s: %s suggestion model (similarity %s) not servable; skipped",
+                            folder.path, modality, model.similarity)  # fmt: skip
+                continue
+            models[modality] = model
+        return models
+
+    def suggestion_model(self, modality: str) -> SuggestionModel | None:
+        """The diagnosis-suggestion model of one modality's index (None: none)."""
+        return self._suggesters.get(modality)
 
     def _case_info(self, row: dict[str, Any]) -> CaseInfo:
         def media(p: str | None) -> Path:
@@ -263,13 +313,17 @@ class Engine:
         exclude_self: bool = True,
         synthesis_times: Sequence[float] | None = None,
         blocking: bool = True,
+        similarity: str | None = None,
+        suggestion: bool = True,
     ) -> SearchResult:
         """Ranked cases for a CF photo, an FFA video or a case id (see the module docstring).
 
         A case query leaves the case itself out of its results unless `exclude_self`
         is False. `blocking=False` (a direct case query only: no model work) raises
         `WouldBlock` instead of waiting for an update to finish, so an event loop can
-        run it inline and fall back to a thread.
+        run it inline and fall back to a thread. `similarity` (one of `self.similarities`;
+        None: `default_similarity` for the query type) scores the hits; `suggestion=False`
+        skips the diagnosis suggestion.
         """
         t0 = time.perf_counter()
         query = as_query(query)
@@ -279,9 +333,14 @@ class Engine:
         flt = normalize_filters(filters)
         timings: dict[str, float] = {}
         qmod = query.modality if isinstance(query, CaseQuery) else self._modality(query)
-        exclude, direct_vec, image = None, None, None
+        if similarity is None:
+            similarity = default_similarity(self.similarities)
+        weights = self._weights[check_similarity(similarity, self.similarities)]
+        model = self._suggesters.get(qmod) if suggestion else None
+        exclude, raw_vec, direct_vec, image = None, None, None, None
         info: dict[str, Any] = {"kind": "case" if isinstance(query, CaseQuery) else "upload"}
         info["modality"] = qmod
+        info["similarity"] = similarity
         if isinstance(query, CaseQuery) and via == "direct":  # index work only: one lock
             info["case_id"] = query.case_id
             with self._lock.read(blocking) as acquired:
@@ -289,23 +348,28 @@ class Engine:
                     raise WouldBlock("an update holds the index")
                 case = self._case_locked(query.case_id)
                 exclude = case.row_id if exclude_self else None
-                vec = self._folder.indexes[qmod].vector(case.row_id)
+                raw_vec = self._folder.indexes[qmod].vector(case.row_id)
                 allowed = self._allowed(flt)
-                ranked = self._rank(vec, target, k, allowed, exclude)
+                ranked = self._rank(raw_vec * weights, target, k, allowed, exclude)
                 hits = [Hit(n, s, m, self._rows[i]) for n, (s, i, m) in enumerate(ranked, 1)]
                 candidates = self._candidates(target, allowed)
+                suggested = self._suggest_locked(model, qmod, raw_vec, case.row_id)
             timings["search"] = timings["total"] = _ms(t0)
             return SearchResult(
                 hits=hits, target=target, via=via, k=k, query=info, filters=flt,
                 score_kind="cosine", candidates=candidates, timings_ms=timings,
+                similarity=similarity, suggestion=suggested,
+                suggestion_model=model if suggested is not None else None,
             )  # fmt: skip
+        query_row = None
         if isinstance(query, CaseQuery):
             info["case_id"] = query.case_id
             with self._reading(blocking):
                 case = self._case_locked(query.case_id)
                 exclude = case.row_id if exclude_self else None
-                if via != "synthesis":
-                    direct_vec = self.vectors(qmod, [case.row_id])
+                query_row = case.row_id
+                if via != "synthesis" or model is not None:
+                    raw_vec = self.vectors(qmod, [case.row_id])
             if via != "direct":
                 try:
                     image = read_cf(case.cf_path)
@@ -315,14 +379,17 @@ class Engine:
                     ) from err
         else:
             image = query.image if isinstance(query, CFQuery) else None
-            if via != "synthesis":
+            if via != "synthesis" or model is not None:
                 with self._model:
                     t = time.perf_counter()
-                    direct_vec = self._embed(query)
+                    raw_vec = self._embed(query)
                     timings["embed"] = _ms(t)
+        if via != "synthesis":
+            direct_vec = raw_vec * weights
         synthetic, synth_vec = None, None
         if via != "direct":
             synthetic, synth_vec = self._synthesize_and_embed(image, synthesis_times, timings)
+            synth_vec = synth_vec * weights
         t = time.perf_counter()
         with self._reading(blocking):
             allowed = self._allowed(flt)
@@ -341,13 +408,89 @@ class Engine:
                 for rank, (score, i, m) in enumerate(ranked, start=1)
             ]
             candidates = self._candidates(target, allowed)
+            suggested = self._suggest_locked(model, qmod, raw_vec, query_row)
         timings["search"] = _ms(t)
         timings["total"] = _ms(t0)
         return SearchResult(
             hits=hits, target=target, via=via, k=k, query=info, filters=flt,
             score_kind="rrf" if via == "fused" else "cosine", candidates=candidates,
-            synthetic=synthetic, timings_ms=timings,
+            synthetic=synthetic, timings_ms=timings, similarity=similarity,
+            suggestion=suggested, suggestion_model=model if suggested is not None else None,
         )  # fmt: skip
+
+    def suggest(self, query: Query | str | np.ndarray) -> Suggestion | None:
+        """The diagnosis suggested for a query by its nearest labelled cases in the query's
+        own modality (see the module docstring); None when the index has no model for it."""
+        query = as_query(query)
+        if isinstance(query, CaseQuery):
+            self._check_search(query, query.modality, 1, "direct")
+            model = self._suggesters.get(query.modality)
+            with self._lock.read():
+                case = self._case_locked(query.case_id)
+                if model is None:
+                    return None
+                vec = self._folder.indexes[query.modality].vector(case.row_id)
+                return self._suggest_locked(model, query.modality, vec, case.row_id)
+        modality = self._modality(query)
+        model = self._suggesters.get(modality)
+        if model is None:
+            return None
+        with self._model:
+            vec = self._embed(query)
+        with self._lock.read():
+            return self._suggest_locked(model, modality, vec, None)
+
+    def _suggest_locked(
+        self,
+        model: SuggestionModel | None,
+        modality: str,
+        vec: np.ndarray | None,
+        exclude: int | None,
+    ) -> Suggestion | None:
+        """`model`'s vote of the `model.k` nearest cases with a diagnosis it knows to the raw
+        query vector `vec` (1, D), `exclude` (the query case) left out. Read lock held.
+
+        One unfiltered search, deep enough for the share of labelled cases (no per-query
+        filter to build); a filtered search only when that finds fewer than k of them."""
+        if model is None or vec is None:
+            return None
+        index = self._folder.indexes[modality]
+        labelled = self._labelled(modality, model)
+        n_labelled = index.ntotal if labelled is None else int(labelled.size)
+        if n_labelled == 0:
+            return None
+        query = vec * self._weights[model.similarity]
+        want = model.k + (exclude is not None)
+        known = set(model.classes)
+
+        def votes(D: np.ndarray, I: np.ndarray) -> list[tuple[float, CaseInfo]]:  # noqa: E741
+            rows = [self._rows.get(i) for i in I[0].tolist()]
+            return [
+                (d, r) for d, r in zip(D[0].tolist(), rows, strict=True)
+                if r is not None and r.row_id != exclude and r.diagnosis in known
+            ][: model.k]  # fmt: skip
+
+        depth = min(index.ntotal, math.ceil(want * index.ntotal / n_labelled * 1.5))
+        found = votes(*index.search(query, max(depth, 1)))
+        if len(found) < min(model.k, n_labelled - (exclude is not None)) and labelled is not None:
+            found = votes(*index.search(query, want, allowed=labelled))
+        if not found:
+            return None
+        return suggest(
+            model, np.asarray([d for d, _ in found]), [r.diagnosis or "" for _, r in found],
+            [r.case_id for _, r in found],
+        )  # fmt: skip
+
+    def _labelled(self, modality: str, model: SuggestionModel) -> np.ndarray | None:
+        """Row ids of `modality`'s index whose diagnosis `model` knows (None: every one).
+        Kept until the next update. Read lock held."""
+        key = f"labelled:{modality}:{hash(model.classes)}"
+        if key not in self._derived:
+            known = set(model.classes)
+            ids = self._folder.indexes[modality].ids()
+            keep = np.fromiter((self._rows[int(i)].diagnosis in known for i in ids), bool, ids.size)
+            self._derived[key] = None if keep.all() else ids[keep]
+        return self._derived[key]
 
     @contextlib.contextmanager
     def _reading(self, blocking: bool) -> Iterator[None]:
@@ -585,13 +728,27 @@ class Engine:
                 "diagnoses": counts["diagnoses"],
                 "splits": counts["splits"],
                 "index_created_at": self._folder.manifest.get("created_at"),
+                "similarities": list(self.similarities),
+                "default_similarity": {
+                    "same_modality": default_similarity(self.similarities),
+                    "cross_modal": default_similarity(self.similarities),
+                },
+                "suggestion": {m: _model_summary(model) for m, model in self._suggesters.items()},
             }
 
     def snapshot_vectors(
-        self, modalities: Sequence[str], limit: int, seed: int = 0
+        self, modalities: Sequence[str], limit: int, seed: int = 0, similarity: str | None = None
     ) -> tuple[list[CaseInfo], list[str], np.ndarray, int]:
         """Up to `limit` stored vectors over `modalities` (a seeded sample when more):
-        their cases, modalities, vectors (n, D), and how many there are in all."""
+        their cases, modalities, vectors (n, D), and how many there are in all.
+
+        `similarity` (one of `self.similarities`; None: as stored) gives the vectors of
+        that similarity's space: each times sqrt of its query factors, so that their inner
+        products are its scores (pair or clinical part alone; "combined" is as stored)."""
+        scale = None
+        if similarity is not None:
+            weights = self._weights[check_similarity(similarity, self.similarities)]
+            scale = np.sqrt(weights)
         with self._lock.read():
             parts = [(m, self._folder.indexes[m].ids()) for m in modalities]
             total = sum(ids.size for _, ids in parts)
@@ -605,11 +762,21 @@ class Engine:
                 vecs.append(self.vectors(m, take))
                 cases += [self._rows[int(i)] for i in take]
                 mods += [m] * len(take)
-        dim = self.encoder.dim
-        return cases, mods, np.concatenate(vecs) if vecs else np.zeros((0, dim)), total
+        out = np.concatenate(vecs) if vecs else np.zeros((0, self.encoder.dim), np.float32)
+        return cases, mods, out * scale if scale is not None else out, total
 
     def close(self) -> None:
         """Nothing to flush (every update is saved at once); kept for symmetry with open."""
+
+
+def _model_summary(model: SuggestionModel) -> dict[str, Any]:
+    """What `stats` says about a suggestion model."""
+    return {
+        "calibrated": model.calibrated, "k": model.k, "temperature": model.temperature,
+        "smoothing": model.smoothing, "abstain_below": model.abstain_below,
+        "similarity": model.similarity, "classes": list(model.classes),
+        "fitted_on": dict(model.fitted_on),
+    }  # fmt: skip
 
 
 def _ms(t0: float) -> float:

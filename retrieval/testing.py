@@ -19,6 +19,7 @@ from index import VectorIndex, save_index_folder, with_row_ids
 
 from .cohort import Cohort
 from .media import read_cf, read_ffa
+from .suggestion import suggestion_models
 
 GRID = 8  # embeddings project a GRID x GRID thumbnail
 DEFAULT_TIMES = (0.0, 10.0, 14.0, 20.0, 30.0, 60.0, 300.0, 600.0)
@@ -61,6 +62,13 @@ class PixelEncoder:
         means = [np.mean(np.stack([_thumb(f, GRID) for f in v]), axis=0) for v in videos]
         return self._project(np.stack(means))
 
+    similarities = ("pair",)
+
+    def similarity_weights(self, similarity: str) -> np.ndarray:
+        if similarity not in self.similarities:
+            raise ValueError(f"PixelEncoder has no {similarity!r} similarity (only 'pair')")
+        return np.ones(self.dim, np.float32)
+
     def default_times(self) -> np.ndarray:
         return np.asarray(DEFAULT_TIMES, np.float32)
 
@@ -91,5 +99,9 @@ def build_pixel_index(
     )
     ids = catalog["row_id"].to_numpy()
     indexes = {"cf": VectorIndex.build(cf, ids), "ffa": VectorIndex.build(ffa, ids)}
-    extra = {"cohort_dir": str(opened.root), "image_size": encoder.image_size}
+    extra = {
+        "cohort_dir": str(opened.root),
+        "image_size": encoder.image_size,
+        "suggestion": suggestion_models(encoder, catalog, {"cf": cf, "ffa": ffa}),
+    }
     return save_index_folder(out, indexes, catalog, encoder.encoder_id, extra)

@@ -81,7 +81,7 @@ def tiny_index(tmp_path_factory) -> TinyIndex:
     from encoder.testing import micro_scale
     from encoder.train import embed_training_loop, training_loop
     from retrieval.cohort import Cohort
-    from retrieval.embedding import build_index
+    from retrieval.embedding import build_index, case_labels
     from retrieval.phantom import write_phantom_cohort
     from retrieval.training_data import load_paired
 
@@ -98,7 +98,8 @@ def tiny_index(tmp_path_factory) -> TinyIndex:
     )  # fmt: skip
     embed_training_loop(
         run_dir=run, data=train, val_data=val, iters=6, dim=32, batch_size=8, progress=False,
-        stats_every=2, val_every=3, config=EmbedderConfig(grid=4),  # 16 regions of 2 entries
+        stats_every=2, val_every=3, labels=case_labels(opened, train.case_ids),
+        config=EmbedderConfig(grid=4, clinical_dim=16, clinical_hidden=32),  # 16 regions
     )  # fmt: skip
     build_index(run, cohort, index, progress=False)
     return TinyIndex(cohort, run, index)

@@ -1,10 +1,13 @@
 """The HTTP API through `TestClient` over a phantom index (`pixel_index`, no model):
 every route, every error path, limits, the API key, privacy of uploads and logs,
-and schemathesis against /openapi.json (no 5xx for anything it sends)."""
+similarity and the diagnosis suggestion, the reliability diagram, and schemathesis
+against /openapi.json (no 5xx for anything it sends)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import logging
 import shutil
 import struct
@@ -24,7 +27,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from retrieval.api import Settings, create_app
-from retrieval.engine import CFQuery, Engine
+from retrieval.engine import SIMILARITIES, CaseQuery, CFQuery, Engine
+from retrieval.insights import project_2d
 from retrieval.media import read_cf, read_ffa
 from retrieval.media_write import mp4_bytes, png_bytes
 from retrieval.testing import PixelEncoder
@@ -141,8 +145,9 @@ def test_search_by_uploaded_photo_and_video(client, case):
     cf = case.cf_path.read_bytes()
     body = client.post("/search", files=upload(cf), data={"k": "3", "target": "cf"}).json()
     assert body["results"][0]["case_id"] == case.case_id and body["results"][0]["score"] > 0.99
-    assert body["query"] == {"kind": "upload", "modality": "cf", "case_id": None, "width": 64,
-                             "height": 64, "frames": None, "bytes": len(cf)}  # fmt: skip
+    assert body["query"] == {"kind": "upload", "modality": "cf", "similarity": "pair",
+                             "case_id": None, "width": 64, "height": 64, "frames": None,
+                             "bytes": len(cf)}  # fmt: skip
     video = case.ffa_path.read_bytes()
     times = ",".join(str(t) for t in case.ffa_times_s)
     form = {"target": "ffa", "k": "2", "times": times}
@@ -243,6 +248,11 @@ def test_map_and_model(client):
     assert client.get("/map").json() == body  # cached until the index changes
     sample = client.get("/map", params={"limit": 10, "modality": "cf"}).json()
     assert sample["sampled"] and len(sample["points"]) == 10 and sample["total"] == 24
+    assert body["similarity"] == "pair"  # the pixel encoder has no clinical part
+    assert client.get("/map", params={"similarity": "pair"}).json() == body
+    clinical = client.get("/map", params={"similarity": "clinical"})
+    assert clinical.status_code == 422 and set(clinical.json()) >= {"detail", "request_id"}
+    assert "similarity must be one of pair" in clinical.json()["detail"]
     model = client.get("/model").json()
     assert model["encoder_id"].startswith("pixel-") and model["curves"] == {}
 
@@ -318,6 +328,15 @@ def corrupt_png(case) -> bytes:
         ("GET", "/cases/{id}/similar?k=ten", {}, 422, "k: Input should be a valid integer"),
         ("GET", "/cases/{id}/similar?target=iris", {}, 422, "target: Input should be"),
         ("GET", "/cases/{id}/similar?via=magic", {}, 422, "via: Input should be"),
+        ("GET", "/cases/{id}/similar?similarity=colour", {}, 422, "similarity: Input should be"),
+        ("GET", "/cases/{id}/similar?similarity=clinical", {}, 422, "similarity must be one of"),
+        (
+            "POST",
+            "/search",
+            {"files": "photo", "data": {"similarity": "combined"}},
+            422,
+            "similarity must be one of pair",
+        ),
         ("GET", "/cases/{id}/similar?via=synthesis", {}, 422, "use target=ffa"),
         ("GET", "/cases/{id}/similar?via=fused&modality=ffa&target=ffa", {}, 422, "FFA video"),
         ("GET", "/cases/{id}/similar?eye=left", {}, 422, "filter eye='left'"),
@@ -327,6 +346,8 @@ def corrupt_png(case) -> bytes:
         ("GET", "/map?limit=20001", {}, 422, "limit: at most 20000"),
         ("GET", "/map?method=umap", {}, 422, "umap-learn"),
         ("GET", "/map?modality=oct", {}, 422, "modality"),
+        ("GET", "/map?similarity=clinical", {}, 422, "similarity must be one of pair"),
+        ("GET", "/map?similarity=colour", {}, 422, "similarity: Input should be"),
         ("POST", "/search", {}, 422, "file: Field required"),
         ("POST", "/search", {"files": upload(b"", "e.png")}, 422, "upload 'file' is empty"),
         (
@@ -562,10 +583,11 @@ def test_range_of_an_in_memory_image(client, case):
     [
         "", "k=1", "k=100", "target=ffa&k=7", "target=both", "modality=ffa&target=cf",
         "exclude_self=false", "exclude_self=0", "exclude_self=Yes", "exclude_self=off",
-        "via=direct&k=3", "api_key=anything",
+        "via=direct&k=3", "api_key=anything", "similarity=pair", "similarity=pair&target=both",
         # answered by the route: filters, synthesis, bad or repeated values
         "eye=OD", "via=fused&target=ffa", "k=0", "k=101", "k=abc", "k=1&k=2", "target=iris",
-        "exclude_self=maybe", "modality=oct", "unknown=1",
+        "exclude_self=maybe", "modality=oct", "unknown=1", "similarity=clinical",
+        "similarity=colour", "similarity=",
     ],
 )  # fmt: skip
 def test_fast_path_answers_exactly_as_the_route(engine, case, query, monkeypatch):
@@ -594,7 +616,8 @@ def test_fast_path_answers_exactly_as_the_route(engine, case, query, monkeypatch
     assert body_a == body_b
     assert a.headers["content-type"] == "application/json"
     simple = not any(p in query for p in ("eye", "fused", "k=0", "k=101", "abc", "k=1&", "iris",
-                                         "maybe", "oct", "unknown"))  # fmt: skip
+                                         "maybe", "oct", "unknown", "similarity=c"))  # fmt: skip
+    simple = simple and not query.endswith("similarity=")  # empty: the route's 422
     assert (answered[-1] is not None) == simple
 
 
@@ -688,5 +711,200 @@ def test_every_route_against_a_real_index(tiny_index, tmp_path):
         assert client.post("/cases", files=files, data={"case_id": "copy"}).status_code == 201
         assert client.delete("/cases/copy").status_code == 200
         assert client.get("/map").json()["total"] == 48
+        maps = {s: client.get("/map", params={"similarity": s}).json() for s in SIMILARITIES}
+        assert client.get("/map").json() == maps["clinical"]  # the default: same disease
+        assert [maps[s]["similarity"] for s in SIMILARITIES] == list(SIMILARITIES)
+        xy = {s: [(p["x"], p["y"]) for p in m["points"]] for s, m in maps.items()}
+        assert [p["case_id"] for p in maps["pair"]["points"]] == [
+            p["case_id"] for p in maps["clinical"]["points"]
+        ]
+        assert not np.allclose(xy["clinical"], xy["pair"], atol=1e-3)  # two spaces
         model = client.get("/model").json()
-        assert {"generator", "embedder"} <= set(model["curves"]) and model["dim"] == 32
+        assert {"generator", "embedder"} <= set(model["curves"])
+        config = model["embedder"]["embedder"]  # pair part (32) + clinical part
+        assert model["dim"] == config["dim"] + config["clinical_dim"] == 32 + 16
+        stats = client.get("/stats").json()
+        assert stats["similarities"] == ["combined", "pair", "clinical"]
+        assert stats["suggestion"]["cf"]["similarity"] == "clinical"
+        same = client.get(f"/cases/{cid}/similar").json()
+        cross = client.get(f"/cases/{cid}/similar", params={"target": "ffa"}).json()
+        assert (same["similarity"], cross["similarity"]) == ("clinical", "clinical")
+        assert same["suggestion"] == cross["suggestion"] is not None  # by the CF, either way
+        assert sum(same["suggestion"]["probabilities"].values()) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- similarity, suggestion
+
+
+class SplitPixelEncoder(PixelEncoder):
+    """PixelEncoder serving every similarity: its vectors' halves stand for pair, clinical."""
+
+    similarities = ("combined", "pair", "clinical")
+
+    def similarity_weights(self, similarity: str) -> np.ndarray:
+        out = np.ones(self.dim, np.float32)
+        half = self.dim // 2
+        if similarity == "pair":
+            out[:half], out[half:] = np.sqrt(2), 0
+        elif similarity == "clinical":
+            out[:half], out[half:] = 0, np.sqrt(2)
+        return out
+
+
+def test_openapi_documents_similarity_and_suggestion(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    response = schemas["SearchResponse"]
+    assert {"similarity", "suggestion"} <= set(response["properties"])
+    assert response["example"]["suggestion"]["label"].endswith("not a diagnosis)")
+    suggestion = schemas["DiagnosisSuggestion"]
+    assert "example" in suggestion and set(suggestion["example"]) == set(suggestion["properties"])
+    similar = spec["paths"]["/cases/{case_id}/similar"]["get"]
+    (param,) = [p for p in similar["parameters"] if p["name"] == "similarity"]
+    assert "Default: clinical" in param["description"]
+    assert "not a diagnosis" in similar["description"]
+    form = spec["paths"]["/search"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    ref = form["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert "similarity" in schemas[ref]["properties"]
+    png = spec["paths"]["/model/reliability.png"]["get"]
+    assert "image/png" in png["responses"]["200"]["content"] and "404" in png["responses"]
+    map_op = spec["paths"]["/map"]["get"]
+    (param,) = [p for p in map_op["parameters"] if p["name"] == "similarity"]
+    assert "Default: clinical" in param["description"] and "similarity" in map_op["description"]
+    assert schemas["MapResponse"]["example"]["similarity"] == "clinical"
+    assert "similarity" in schemas["MapResponse"]["required"]
+
+
+def test_similarity_defaults_per_query_type_and_is_echoed(pixel_index, tmp_path, case):
+    path = tmp_path / "split"
+    shutil.copytree(pixel_index, path)
+    engine = Engine.open(path, encoder=SplitPixelEncoder())
+    url = f"/cases/{case.case_id}/similar"
+    photo = case.cf_path.read_bytes()
+    for fast in (True, False):
+        with TestClient(create_app(Settings(fast_path=fast), engine=engine)) as client:
+            for params, expected in [
+                ({}, "clinical"), ({"modality": "ffa", "target": "ffa"}, "clinical"),
+                ({"target": "ffa"}, "clinical"), ({"target": "both"}, "clinical"),
+                ({"target": "ffa", "similarity": "combined"}, "combined"),
+                ({"similarity": "pair"}, "pair"), ({"target": "ffa", "similarity": "clinical"},
+                                                   "clinical"),
+            ]:  # fmt: skip
+                body = client.get(url, params=params).json()
+                assert body["similarity"] == body["query"]["similarity"] == expected, params
+                query = CaseQuery(case.case_id, params.get("modality", "cf"))
+                direct = engine.search(query, params.get("target", "cf"), similarity=expected)
+                assert [r["case_id"] for r in body["results"]] == [
+                    h.case.case_id for h in direct.hits
+                ]
+            by_photo = client.post("/search", files=upload(photo), data={"target": "ffa"}).json()
+            assert by_photo["similarity"] == "clinical"
+            pair = client.post("/search", files=upload(photo), data={"similarity": "pair"})
+            assert pair.json()["similarity"] == "pair"
+
+
+def test_map_projects_the_space_of_a_similarity(pixel_index, tmp_path):
+    """Each stored vector times sqrt(the similarity's factors): inner products are that
+    similarity's scores, and /map is the projection of exactly those vectors."""
+    path = tmp_path / "split"
+    shutil.copytree(pixel_index, path)
+    engine = Engine.open(path, encoder=SplitPixelEncoder())
+    _, _, stored, _ = engine.snapshot_vectors(("cf", "ffa"), 100)
+    with TestClient(create_app(Settings(), engine=engine)) as client:
+        default = client.get("/map", params={"method": "pca"}).json()
+        assert default["similarity"] == "clinical"
+        for similarity in SIMILARITIES:
+            cases, mods, space, total = engine.snapshot_vectors(
+                ("cf", "ffa"), 100, similarity=similarity
+            )
+            weights = engine.encoder.similarity_weights(similarity)
+            np.testing.assert_allclose(space @ space.T, stored @ (stored * weights).T, atol=1e-5)
+            body = client.get("/map", params={"similarity": similarity, "method": "pca"}).json()
+            assert body["similarity"] == similarity and body["total"] == total == 48
+            assert [(p["case_id"], p["modality"]) for p in body["points"]] == [
+                (c.case_id, m) for c, m in zip(cases, mods, strict=True)
+            ]
+            xy, _, _ = project_2d(space, "pca")
+            got = [(p["x"], p["y"]) for p in body["points"]]
+            np.testing.assert_allclose(got, xy, rtol=1e-5, atol=1e-5)
+        assert client.get("/map", params={"method": "pca"}).json() == default  # cached
+        assert len(client.app.state.map_cache) == len(SIMILARITIES)  # one per similarity
+    half = engine.encoder.dim // 2
+    _, _, combined, _ = engine.snapshot_vectors(("cf", "ffa"), 100, similarity="combined")
+    _, _, clinical, _ = engine.snapshot_vectors(("cf", "ffa"), 100, similarity="clinical")
+    np.testing.assert_allclose(combined, stored)  # combined: as stored
+    assert not clinical[:, :half].any() and clinical[:, half:].any()  # the clinical part
+
+
+def test_suggestion_in_search_responses(client, engine, case):
+    similar = client.get(f"/cases/{case.case_id}/similar", params={"target": "ffa"}).json()
+    expected = engine.search(case.case_id, "ffa").suggestion
+    model = engine.suggestion_model("cf")
+    got = similar["suggestion"]
+    assert got["label"] == "suggestion from similar cases (decision support, not a diagnosis)"
+    assert got["diagnosis"] == expected.diagnosis and got["neighbours"] == model.k
+    assert got["supporting_case_ids"] == list(expected.supporting_case_ids)
+    assert got["calibrated"] is model.calibrated and got["abstained"] is expected.abstained
+    assert sum(got["probabilities"].values()) == pytest.approx(1.0)
+    assert got["probability"] == max(got["probabilities"].values())
+    assert case.case_id not in got["supporting_case_ids"]
+    video = case.ffa_path.read_bytes()
+    by_video = client.post("/search", files=upload(video, "v.mp4", "video/mp4")).json()
+    assert sum(by_video["suggestion"]["probabilities"].values()) == pytest.approx(1.0)
+    classes = set(engine.suggestion_model("ffa").classes)
+    assert set(by_video["suggestion"]["probabilities"]) == classes
+    stats = client.get("/stats").json()
+    assert stats["similarities"] == ["pair"] and set(stats["suggestion"]) == {"cf", "ffa"}
+    assert stats["suggestion"]["cf"]["k"] == model.k
+    assert stats["suggestion"]["cf"]["abstain_below"] == model.abstain_below
+
+
+def test_suggestion_abstains_alike_on_both_paths(fresh):
+    client, engine = fresh
+    case = engine.cases(0, 1)[1][0]
+    model = engine.suggestion_model("cf")
+    engine._suggesters["cf"] = dataclasses.replace(model, abstain_below=1.0, calibrated=False)
+    url = f"/cases/{case.case_id}/similar"
+    fast = client.get(url).json()  # the fast path
+    slow = client.get(url, params={"eye": "OD,OS"}).json()  # a filter: the route
+    assert fast["suggestion"]["abstained"] is slow["suggestion"]["abstained"] is True
+    assert fast["suggestion"] == slow["suggestion"] and fast["suggestion"]["calibrated"] is False
+    photo = case.cf_path.read_bytes()
+    assert client.post("/search", files=upload(photo)).json()["suggestion"]["abstained"] is True
+    engine._suggesters.clear()  # an index without suggestion models
+    assert client.get(url).json()["suggestion"] is None
+    assert client.post("/search", files=upload(photo)).json()["suggestion"] is None
+
+
+def test_fast_path_body_equals_the_route_body_with_suggestion(engine, case):
+    url = f"/cases/{case.case_id}/similar?k=5&target=both&similarity=pair"
+    with (
+        TestClient(create_app(Settings(fast_path=True), engine=engine)) as fast,
+        TestClient(create_app(Settings(fast_path=False), engine=engine)) as slow,
+    ):
+        a, b = fast.get(url).json(), slow.get(url).json()
+    a.pop("timings_ms"), b.pop("timings_ms")
+    assert a == b and a["suggestion"] is not None and a["similarity"] == "pair"
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_reliability_diagram_route(engine, tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"split": "test"}))
+    with TestClient(create_app(Settings(report=report), engine=engine)) as client:
+        missing = client.get("/model/reliability.png")
+        assert missing.status_code == 404 and "reliability" in missing.json()["detail"]
+        assert client.get("/model").json()["reliability_url"] is None
+        png = png_bytes(np.full((8, 8, 3), 200, np.uint8))
+        (tmp_path / "report.reliability.png").write_bytes(png)
+        found = client.get("/model/reliability.png")
+        assert found.status_code == 200 and found.headers["content-type"] == "image/png"
+        assert found.content == png
+        assert client.get("/model").json()["reliability_url"] == "/model/reliability.png"
+        named = png_bytes(np.zeros((4, 4), np.uint8))
+        (tmp_path / "figures").mkdir()
+        (tmp_path / "figures" / "rel.png").write_bytes(named)
+        report.write_text(json.dumps({"split": "test", "reliability_png": "figures/rel.png"}))
+        assert client.get("/model/reliability.png").content == named
+    with TestClient(create_app(Settings(report=tmp_path / "none.json"), engine=engine)) as bare:
+        assert bare.get("/model/reliability.png").status_code == 404

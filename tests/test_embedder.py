@@ -36,7 +36,8 @@ pytestmark = pytest.mark.usefixtures("deterministic_torch")
 S = 32  # image size of every test
 BACKBONES = ["generator", "scratch", "pixels", "openclip:ViT-S-32"]
 SMALL = EmbedderConfig(image_size=S, dim=16, grid=2, attn_hidden=8, pixel_size=8,
-                       pixel_components=8, time_freqs=4)  # fmt: skip
+                       pixel_components=8, time_freqs=4, clinical_dim=8,
+                       clinical_hidden=16)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +77,12 @@ def test_shapes_and_unit_norm(backbone, run_dir, data) -> None:
     e = _embedder(backbone, run_dir, data)
     z = embed_cf_array(e, data.cf, batch_size=3)
     v = embed_ffa_array(e, data.ffa, data.times_s, batch_size=3)
-    assert z.shape == v.shape == (8, 16) and z.dtype == v.dtype == np.float32
+    assert z.shape == v.shape == (8, 24) and z.dtype == v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     cf, frames, times = _tensors(data)
     with torch.no_grad():
-        assert e.embed_cf(cf).shape == e.embed_ffa(frames, times).shape == (4, 16)
+        assert e.embed_cf(cf).shape == e.embed_ffa(frames, times).shape == (4, 24)
     assert np.isfinite(z).all() and np.isfinite(v).all()
 
 
@@ -350,7 +351,7 @@ def test_feature_bank_keeps_the_newest_views_within_its_memory_cap() -> None:
         assert sorted(bank.filled) == [i for i, views in enumerate(bank.items) if views]
     # the five newest views: cases 1..5 of the last step (case 0's went first)
     assert [float(v[0][0]) for v in held] == [3.0] * 5 and bank.filled == [1, 2, 3, 4, 5]
-    cf, ffa, t = bank.sample(8, torch.Generator().manual_seed(0))
+    _, (cf, ffa, t) = bank.sample(8, torch.Generator().manual_seed(0))
     assert cf.shape == (5, 4) and ffa.shape == (5, 2, 4) and t.shape == (5, 2)
     roomy = _FeatureBank(cases=6, views=2, max_bytes=10**6)
     for step in range(3):

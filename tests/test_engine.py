@@ -1,12 +1,16 @@
 """The search engine over a phantom index embedded by `PixelEncoder` (`pixel_index`: no model).
 
 Search by case, photo and video against brute force; synthesis and fusion; filters;
-updates that are visible at once, persisted atomically, and survive a restart; a
-failed save that leaves nothing changed; concurrent searches during updates.
+similarities (default per query type, reweighted queries); the diagnosis suggestion
+against a brute-force vote; updates that are visible at once, persisted atomically,
+and survive a restart; a failed save that leaves nothing changed; concurrent searches
+during updates.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +28,7 @@ from retrieval.engine import (
     Engine,
     FFAQuery,
     NewCase,
+    default_similarity,
     normalize_filters,
     reciprocal_rank_fusion,
 )
@@ -36,6 +41,7 @@ from retrieval.errors import (
 )
 from retrieval.media import read_cf, read_ffa
 from retrieval.media_write import mp4_bytes, write_mp4
+from retrieval.suggestion import suggest
 from retrieval.testing import PixelEncoder
 
 
@@ -198,6 +204,244 @@ def test_paging_in_catalog_order(engine):
     assert total == engine.case_count == len(everything)
     assert [c.case_id for c in first + second] == [c.case_id for c in everything[:20]]
     assert engine.cases(total, 5) == (total, [])
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+class SplitPixelEncoder(PixelEncoder):
+    """PixelEncoder whose vectors pretend to be [pair half, clinical half] (w = 0.5), so
+    every similarity is served: pair and clinical weights keep one half, scaled by sqrt 2."""
+
+    similarities = ("combined", "pair", "clinical")
+
+    def similarity_weights(self, similarity: str) -> np.ndarray:
+        half = self.dim // 2
+        out = np.ones(self.dim, np.float32)
+        if similarity == "pair":
+            out[:half], out[half:] = np.sqrt(2), 0
+        elif similarity == "clinical":
+            out[:half], out[half:] = 0, np.sqrt(2)
+        return out
+
+
+@pytest.fixture
+def split_engine(pixel_index, tmp_path) -> Engine:
+    path = tmp_path / "split-index"
+    shutil.copytree(pixel_index, path)
+    return Engine.open(path, encoder=SplitPixelEncoder())
+
+
+def test_default_similarity():
+    assert default_similarity(("combined", "pair", "clinical")) == "clinical"
+    assert default_similarity(("pair",)) == "pair"  # an encoder without a clinical part
+
+
+@pytest.mark.parametrize(
+    "modality,target,similarity,expected",
+    [
+        ("cf", "cf", None, "clinical"), ("ffa", "ffa", None, "clinical"),
+        ("cf", "ffa", None, "clinical"), ("ffa", "cf", None, "clinical"),
+        ("cf", "ffa", "combined", "combined"),
+        ("cf", "cf", "pair", "pair"), ("cf", "ffa", "clinical", "clinical"),
+    ],
+)  # fmt: skip
+def test_similarity_reweights_the_query(split_engine, modality, target, similarity, expected):
+    engine = split_engine
+    case = engine.cases(0, 1)[1][0]
+    weights = engine.encoder.similarity_weights(expected)
+    query = engine.vectors(modality, [case.row_id]) * weights
+    truth = [c for c in brute_force(engine, query, target) if c[0] != case.case_id]
+    result = engine.search(CaseQuery(case.case_id, modality), target, k=5, similarity=similarity)
+    assert result.similarity == result.query["similarity"] == expected
+    assert ranked(result) == [c for c, _ in truth[:5]]
+    assert [h.score for h in result.hits] == pytest.approx([s for _, s in truth[:5]], abs=1e-5)
+    slow = engine.search(
+        CaseQuery(case.case_id, modality),
+        target,
+        k=5,
+        similarity=similarity,
+        blocking=True,
+        filters={"split": ["train", "val", "test"]},
+    )  # fmt: skip  (the general path, with a filter that allows everything)
+    assert ranked(slow) == ranked(result)
+
+
+def test_similarity_of_uploads_and_synthesis(split_engine):
+    engine = split_engine
+    case = engine.cases(0, 1)[1][0]
+    image = read_cf(case.cf_path)
+    by_photo = engine.search(CFQuery(image), "cf", k=4)
+    truth = brute_force(
+        engine, engine.encoder.embed_cf([image]) * engine.encoder.similarity_weights("clinical"),
+        "cf",
+    )  # fmt: skip
+    assert by_photo.similarity == "clinical" and ranked(by_photo) == [c for c, _ in truth[:4]]
+    frames, times = engine.encoder.synthesize_unmarked(image)
+    synth = engine.encoder.embed_ffa([frames], [times])
+    for similarity in ("pair", "clinical", "combined"):
+        weighted = synth * engine.encoder.similarity_weights(similarity)
+        expected = [c for c, _ in brute_force(engine, weighted, "ffa")[:4]]
+        result = engine.search(CFQuery(image), "ffa", k=4, via="synthesis", similarity=similarity)
+        assert ranked(result) == expected and result.similarity == similarity
+    assert engine.search(CFQuery(image), "ffa", k=4, via="fused").similarity == "clinical"
+
+
+def test_unsupported_similarity_is_a_query_error(engine):
+    case = engine.cases(0, 1)[1][0]
+    assert engine.search(case.case_id, "ffa", k=1).similarity == "pair"  # no clinical part
+    for similarity in ("clinical", "combined", "colour"):
+        with pytest.raises(QueryError, match=r"similarity must be one of pair.*" + similarity):
+            engine.search(case.case_id, "cf", k=1, similarity=similarity)
+    with pytest.raises(QueryError, match="similarity must be one of"):
+        engine.search(CFQuery(read_cf(case.cf_path)), "cf", similarity="clinical")
+
+
+# --------------------------------------------------------------------------- suggestion
+
+
+def brute_force_vote(engine: Engine, model, modality: str, query: np.ndarray, exclude=None):
+    """The suggestion by hand: the model.k nearest cases with a diagnosis, by inner product."""
+    weighted = query * engine.encoder.similarity_weights(model.similarity)
+    ranking = [
+        (cid, s) for cid, s in brute_force(engine, weighted, modality)
+        if cid != exclude and engine.case(cid).diagnosis in model.classes
+    ][: model.k]  # fmt: skip
+    labels = [engine.case(cid).diagnosis for cid, _ in ranking]
+    return suggest(model, np.array([s for _, s in ranking]), labels, [c for c, _ in ranking])
+
+
+@pytest.mark.parametrize("modality", ["cf", "ffa"])
+def test_suggestion_is_the_vote_of_the_nearest_labelled_cases(engine, modality):
+    model = engine.suggestion_model(modality)
+    assert model is not None and model.similarity == "pair"  # fitted by build_pixel_index
+    case = engine.cases(0, 1)[1][0]
+    query = engine.vectors(modality, [case.row_id])
+    expected = brute_force_vote(engine, model, modality, query, exclude=case.case_id)
+    result = engine.search(CaseQuery(case.case_id, modality), "cf", k=3)
+    got = result.suggestion
+    assert got is not None and result.suggestion_model == model
+    assert got.neighbours == model.k and case.case_id not in got.supporting_case_ids
+    assert got.diagnosis == expected.diagnosis
+    assert got.supporting_case_ids == expected.supporting_case_ids
+    assert got.probabilities == pytest.approx(expected.probabilities, abs=1e-3)  # T ~ 1e-3
+    assert sum(got.probabilities.values()) == pytest.approx(1.0)
+    assert got.abstained == (got.probability < model.abstain_below)
+    # filters, the target and exclude_self change the hits, not the suggestion
+    filtered = engine.search(
+        CaseQuery(case.case_id, modality), "both", k=2, filters={"split": "test"},
+        exclude_self=False,
+    )  # fmt: skip
+    assert filtered.suggestion == got
+    assert engine.suggest(CaseQuery(case.case_id, modality)) == got
+
+
+def test_suggestion_for_uploads_and_synthesis(engine):
+    case = engine.cases(0, 1)[1][0]
+    image = read_cf(case.cf_path)
+    model = engine.suggestion_model("cf")
+    expected = brute_force_vote(engine, model, "cf", engine.encoder.embed_cf([image]))
+    assert case.case_id in expected.supporting_case_ids or expected.diagnosis != case.diagnosis
+    for via in ("direct", "synthesis", "fused"):
+        result = engine.search(CFQuery(image), "ffa", k=3, via=via)
+        assert result.suggestion == expected, via  # by the photo, in the CF index
+    assert engine.suggest(CFQuery(image)) == expected
+    video = read_ffa(case.ffa_path)
+    by_video = engine.search(FFAQuery(video, case.ffa_times_s), "cf", k=1)
+    assert by_video.suggestion_model == engine.suggestion_model("ffa")
+    assert by_video.suggestion is not None and by_video.suggestion.neighbours == model.k
+
+
+def test_suggestion_abstains_below_the_threshold_and_can_be_skipped(engine):
+    case = engine.cases(0, 1)[1][0]
+    model = engine.suggestion_model("cf")
+    engine._suggesters["cf"] = dataclasses.replace(model, abstain_below=1.0)
+    sure = engine.search(case.case_id, "cf", k=1).suggestion
+    assert sure.abstained and sure.probability < 1.0
+    engine._suggesters["cf"] = dataclasses.replace(model, abstain_below=0.0)
+    assert not engine.search(case.case_id, "cf", k=1).suggestion.abstained
+    skipped = engine.search(case.case_id, "cf", k=1, suggestion=False)
+    assert skipped.suggestion is None and skipped.suggestion_model is None and skipped.hits
+
+
+def test_added_cases_vote_and_an_index_without_models_suggests_nothing(engine):
+    model = engine.suggestion_model("cf")
+    engine._suggesters["cf"] = dataclasses.replace(model, temperature=1e-3, smoothing=0.0)
+    new, image, video = a_new_case(engine)  # diagnosis CSC
+    engine.add_case(new, image, video)
+    found = engine.search(CFQuery(image), "cf", k=1).suggestion
+    assert found.diagnosis == "CSC" and found.supporting_case_ids[0] == "added-1"
+    assert engine.suggest("added-1").supporting_case_ids[:1] != ("added-1",)  # not itself
+    manifest = json.loads((engine.path / "manifest.json").read_text())
+    del manifest["extra"]["suggestion"]
+    (engine.path / "manifest.json").write_text(json.dumps(manifest))
+    bare = Engine.open(engine.path, encoder=PixelEncoder())
+    assert bare.search(CFQuery(image), "cf", k=1).suggestion is None
+    assert bare.suggest(CFQuery(image)) is None and bare.stats()["suggestion"] == {}
+
+
+def test_unlabelled_cases_and_unknown_diagnoses_never_vote(engine):
+    source = engine.cases(0, 1)[1][0]
+    image, video = read_cf(source.cf_path), read_ffa(source.ffa_path)
+    for i, diagnosis in enumerate([None, "", "retinoblastoma", None]):
+        near = np.clip(image.astype(int) + i + 1, 0, 255).astype(np.uint8)  # ~ the source
+        engine.add_case(NewCase(f"near-{i}", diagnosis=diagnosis), near, video)
+    by_photo = engine.search(CFQuery(image), "cf", k=5)
+    assert {h.case.case_id for h in by_photo.hits} & {f"near-{i}" for i in range(4)}
+    model = engine.suggestion_model("cf")
+    expected = brute_force_vote(engine, model, "cf", engine.encoder.embed_cf([image]))
+    got = by_photo.suggestion
+    assert got.neighbours == model.k and not any(
+        c.startswith("near-") for c in got.supporting_case_ids
+    )
+    assert got.supporting_case_ids == expected.supporting_case_ids
+    assert got.probabilities == pytest.approx(expected.probabilities, abs=1e-3)
+    by_case = engine.suggest(source.case_id)
+    expected = brute_force_vote(
+        engine, model, "cf", engine.vectors("cf", [source.row_id]), exclude=source.case_id
+    )
+    assert by_case.supporting_case_ids == expected.supporting_case_ids
+
+
+def test_suggestion_falls_back_to_a_filtered_search(engine, monkeypatch):
+    """When the unfiltered search finds too few labelled cases (an approximate index, a
+    rare diagnosis), a search filtered to the labelled cases finishes the vote."""
+    model = dataclasses.replace(engine.suggestion_model("cf"), classes=("CSC", "PDR"), k=3)
+    engine._suggesters["cf"] = model
+    index = engine._folder.indexes["cf"]
+    real, calls = index.search, []
+
+    def shallow(queries, k, *, allowed=None):  # an unfiltered search that finds 2 rows only
+        calls.append(allowed is None)
+        D, I = real(queries, k, allowed=allowed)  # noqa: E741
+        return (D[:, :2], I[:, :2]) if allowed is None else (D, I)
+
+    monkeypatch.setattr(index, "search", shallow)
+    case = engine.cases(0, 1)[1][0]
+    got = engine.suggest(case.case_id)
+    monkeypatch.undo()
+    expected = brute_force_vote(
+        engine, model, "cf", engine.vectors("cf", [case.row_id]), exclude=case.case_id
+    )
+    assert calls == [True, False] and got.neighbours == 3
+    assert got.supporting_case_ids == expected.supporting_case_ids
+    assert got.probabilities == pytest.approx(expected.probabilities, abs=1e-3)
+    assert set(got.probabilities) == {"CSC", "PDR"}
+
+
+def test_stats_name_similarities_and_suggestion_models(engine, split_engine):
+    stats = engine.stats()
+    assert stats["similarities"] == ["pair"]
+    assert stats["default_similarity"] == {"same_modality": "pair", "cross_modal": "pair"}
+    cf = stats["suggestion"]["cf"]
+    model = engine.suggestion_model("cf")
+    assert set(stats["suggestion"]) == {"cf", "ffa"}
+    assert (cf["k"], cf["temperature"], cf["abstain_below"], cf["calibrated"]) == (
+        model.k, model.temperature, model.abstain_below, model.calibrated,
+    )  # fmt: skip
+    split = split_engine.stats()
+    assert split["similarities"] == ["combined", "pair", "clinical"]
+    assert split["default_similarity"] == {"same_modality": "clinical", "cross_modal": "clinical"}
 
 
 # --------------------------------------------------------------------------- updates
@@ -397,6 +641,15 @@ def test_real_model_engine_end_to_end(tiny_index, tmp_path):
     photo, video = read_cf(case.cf_path), read_ffa(case.ffa_path)
     by_photo = engine.search(CFQuery(photo), "cf", k=1)
     assert ranked(by_photo) == [case.case_id]  # its own photo is its nearest neighbour
+    assert engine.similarities == ("combined", "pair", "clinical")  # trained with labels
+    assert by_photo.similarity == "clinical"
+    assert engine.search(CFQuery(photo), "ffa", k=1).similarity == "clinical"
+    for similarity in engine.similarities:  # its own photo again, whatever the similarity
+        found = engine.search(CFQuery(photo), "cf", k=1, similarity=similarity)
+        assert ranked(found) == [case.case_id] and found.hits[0].score > 0.99
+    suggestion = by_photo.suggestion  # the manifest's model (fitted by build_index)
+    assert suggestion is not None and by_photo.suggestion_model.similarity == "clinical"
+    assert sum(suggestion.probabilities.values()) == pytest.approx(1.0)
     assert engine.search(FFAQuery(video, case.ffa_times_s), "ffa", k=1).hits
     fused = engine.search(CFQuery(photo), "ffa", k=5, via="fused")
     assert len(fused.hits) == 5 and fused.synthetic.frames.ndim == 3

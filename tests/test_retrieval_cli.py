@@ -1,6 +1,9 @@
-"""Embeddings through the CLI: `train --stage embed`, `index`, `search`, retrieval `evaluate`."""
+"""Embeddings through the CLI: `train --stage embed`, `index`, `search` (similarity and
+the diagnosis suggestion too), retrieval `evaluate`."""
 
+import dataclasses
 import json
+import re
 
 import polars as pl
 import pytest
@@ -49,12 +52,29 @@ def test_search_by_cf_photo_and_by_video(tiny_index):
     assert {r["modality"] for r in out["results"]} == {"ffa"}
     scores = [r["score"] for r in out["results"]]
     assert scores == sorted(scores, reverse=True)
+    assert out["similarity"] == out["query"]["similarity"] == "clinical"  # the default
+    suggestion = out["suggestion"]  # from the index's model, by the photo in the CF index
+    assert suggestion["label"].endswith("(decision support, not a diagnosis)")
+    assert sum(suggestion["probabilities"].values()) == pytest.approx(1.0)
+    assert set(suggestion["supporting_case_ids"]) <= set(pl.read_parquet(
+        tiny_index.cohort / "catalog.parquet")["case_id"])  # fmt: skip
     catalog = pl.read_parquet(tiny_index.cohort / "catalog.parquet")
     assert {r["case_id"] for r in out["results"]} <= set(catalog["case_id"])
 
     video = invoke("search", tiny_index.index, case.ffa_path, "--target", "cf", "--k", 3)
     assert video.exit_code == 0, video.output
-    assert "rank" in video.output and len(video.output.strip().splitlines()) == 4
+    lines = video.output.strip().splitlines()
+    assert "rank" in lines[0] and len(lines) == 5  # header, 3 rows, the suggestion
+    assert lines[-1].startswith("suggestion from similar cases: ")
+
+    same = invoke(
+        "search", tiny_index.index, case.cf_path, "--target", "cf", "--k", 1, "--json",
+        "--similarity", "pair",
+    )  # fmt: skip
+    assert same.exit_code == 0, same.output
+    assert json.loads(same.output)["similarity"] == "pair"
+    default = invoke("search", tiny_index.index, case.cf_path, "--target", "cf", "--json")
+    assert json.loads(default.output)["similarity"] == "clinical"  # CF → CF
 
     synth = invoke(
         "search", tiny_index.index, case.cf_path, "--via", "synthesis", "--k", 2, "--json"
@@ -97,6 +117,21 @@ def test_embed_stage_and_retrieval_report(tiny_index, tmp_path):
     via = report["backbones"]["model"]["cf2ffa_via"]
     assert set(via) == {"direct", "synthesis", "fused", "best_by_mAP"}
     assert "pixels" in result.output and "CF→FFA" in result.output
+    # clinical metrics: held-out queries against the archive (train + val), per similarity
+    assert report["archive"]["splits"] == ["train", "val"]
+    model = report["backbones"]["model"]
+    assert model["similarities"] == ["combined", "pair", "clinical"]
+    for kind in model["similarities"]:
+        for direction in ("cf2cf", "cf2ffa", "ffa2ffa", "ffa2cf"):
+            m = model["clinical"][kind][direction]
+            assert 0 <= m["P@10"] <= 1 and 0 <= m["hit@5"] <= 1 and 0 <= m["mAP@R"] <= 1
+            assert 0 <= m["lesion_jaccard@10"] <= 1 and 0 <= m["same_eye@10"] <= 1
+    suggestion = model["suggestion"]["cf"]
+    assert suggestion["queries"] == n and suggestion["model"]["fitted_on"]["split"] == "val"
+    assert 0 <= suggestion["ece"] <= 1 and "accuracy" in result.output
+    png = report_path.with_name("report.reliability.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(report_path.read_text())["reliability_png"] == png.name
 
 
 def test_retrieval_evaluate_refuses_an_embedder_trained_on_the_test_patients(tiny_index, tmp_path):
@@ -116,3 +151,78 @@ def test_retrieval_evaluate_refuses_an_embedder_trained_on_the_test_patients(tin
     )  # fmt: skip
     assert result.exit_code == 2 and "shares" in result.output and "embedder-leaky" in result.output
     assert not report_path.exists()
+
+
+# -- over the pixel index (no model): Engine.open gets the PixelEncoder --------------------
+@pytest.fixture
+def pixel_cli(pixel_index, monkeypatch):
+    from retrieval.engine import Engine
+    from retrieval.testing import PixelEncoder
+
+    opened = []
+    original = Engine.open.__func__
+
+    def open_with_pixels(cls, path, **kwargs):
+        engine = original(cls, path, encoder=PixelEncoder())
+        opened.append(engine)
+        return engine
+
+    monkeypatch.setattr(Engine, "open", classmethod(open_with_pixels))
+    return pixel_index, opened
+
+
+def test_search_prints_the_suggestion_line(pixel_cli, monkeypatch):
+    from retrieval.engine import Engine
+
+    index, _ = pixel_cli
+    case = Engine.open(index).cases(0, 1)[1][0]
+    result = invoke("search", index, case.cf_path, "--target", "cf", "--k", 2)
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    found = re.fullmatch(
+        r"suggestion from similar cases: (?:(\S+) \(p=(\d\.\d\d), (\d+) of 10 neighbours\)"
+        r"|abstained \(top (\S+) p=(\d\.\d\d)\))",
+        line,
+    )
+    assert found, line
+    as_json = json.loads(invoke("search", index, case.cf_path, "--target", "cf", "--json").output)
+    suggestion = as_json["suggestion"]
+    assert as_json["similarity"] == "pair" and suggestion["neighbours"] == 10
+    assert sum(suggestion["probabilities"].values()) == pytest.approx(1.0)
+    if found[1]:
+        assert found[1] == suggestion["diagnosis"] and not suggestion["abstained"]
+        assert int(found[3]) == len(suggestion["supporting_case_ids"])
+    else:
+        assert found[4] == suggestion["diagnosis"] and suggestion["abstained"]
+    assert line.count(f"{suggestion['probability']:.2f}") == 1
+
+
+@pytest.mark.parametrize("abstain_below,expected", [(1.0, "abstained (top "), (0.0, "neighbours)")])
+def test_search_suggestion_abstains_or_answers(pixel_cli, monkeypatch, abstain_below, expected):
+    from retrieval.engine import Engine
+
+    index, _ = pixel_cli
+    original = Engine._suggestion_models
+
+    def strict(self, folder):
+        models = original(self, folder)
+        return {m: dataclasses.replace(v, abstain_below=abstain_below) for m, v in models.items()}
+
+    monkeypatch.setattr(Engine, "_suggestion_models", strict)
+    case = Engine.open(index).cases(0, 1)[1][0]
+    result = invoke("search", index, case.ffa_path, "--target", "ffa")
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("suggestion from similar cases: ") and expected in last
+    out = json.loads(invoke("search", index, case.ffa_path, "--target", "ffa", "--json").output)
+    assert out["suggestion"]["abstained"] is (abstain_below == 1.0)
+
+
+def test_search_refuses_an_unknown_or_unsupported_similarity(pixel_cli):
+    index, _ = pixel_cli
+    photo = next((index.parent / "cohort" / "cf").iterdir())
+    bad = invoke("search", index, photo, "--similarity", "colour")
+    assert bad.exit_code != 0 and "--similarity must be one of" in bad.output
+    unsupported = invoke("search", index, photo, "--similarity", "clinical")
+    assert unsupported.exit_code == 2
+    assert "similarity must be one of pair" in unsupported.output

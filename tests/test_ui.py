@@ -5,7 +5,10 @@ readable error, never a traceback). Live tests run the real API in-process
 (`live_api`: uvicorn in a thread over the `pixel_index` fixture, real HTTP) and drive
 the pages through it: upload a CF photo, get rows, open a case, find similar, compare,
 map, model; `model_api` serves the `tiny_index` (a real micro model) for a search
-through synthesis. The browser test (tests/e2e/test_browser.py) drives `streamlit run`.
+through synthesis. The similarity selector and the "Suggestion from similar cases" box
+are checked live; an abstaining suggestion and the Model page's reliability diagram
+through a patched client. The browser test (tests/e2e/test_browser.py) drives
+`streamlit run`.
 """
 
 from __future__ import annotations
@@ -262,6 +265,49 @@ def test_map_page_draws_the_projection(live_api):
     assert not at.error, [e.value for e in at.error]
     assert at.get("vega_lite_chart"), "the altair chart is drawn"
     assert "projected to 2-D" in at.caption[0].value
+    space = at.selectbox(key="map_similarity")
+    assert space.label == "Space" and space.options == ["Same eye (pair)"]  # /stats says
+    assert "in the Same eye (pair) space" in at.caption[0].value
+
+
+def test_map_page_space_selector_reaches_the_client(monkeypatch):
+    from ui import client as client_mod
+
+    asked = []
+
+    def embedding_map(self, similarity=None):
+        asked.append(similarity)
+        point = {"case_id": "c-1", "modality": "cf", "diagnosis": "PDR", "x": 0.0, "y": 1.0}
+        return {"method": "pca", "similarity": similarity, "points": [point]}
+
+    stats = {"similarities": ["combined", "pair", "clinical"], "diagnoses": {"PDR": 1}}
+    monkeypatch.setattr(client_mod.ApiClient, "health", lambda self: {"loaded": True, "cases": 1})
+    monkeypatch.setattr(client_mod.ApiClient, "stats", lambda self: stats)
+    monkeypatch.setattr(client_mod.ApiClient, "embedding_map", embedding_map)
+    at = open_page("http://map-page.test", "map")
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    space = at.selectbox(key="map_similarity")
+    assert space.label == "Space" and space.value == "clinical" and asked == ["clinical"]
+    assert space.options == ["Same disease (clinical)", "Same eye (pair)", "Combined"]
+    assert "in the Same disease (clinical) space" in at.caption[0].value
+    space.set_value("pair").run()
+    no_exception(at)
+    assert asked == ["clinical", "pair"]
+    assert "in the Same eye (pair) space" in at.caption[0].value
+
+
+def test_client_asks_the_map_for_a_similarity():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.params)
+        return httpx.Response(200, json={"method": "pca", "similarity": "pair", "points": []})
+
+    assert _mock(handler).embedding_map("pair")["similarity"] == "pair"
+    assert seen[-1]["similarity"] == "pair"
+    _mock(handler).embedding_map()
+    assert "similarity" not in seen[-1]  # the server's default
 
 
 def test_model_page_shows_curves_and_identity(live_api):
@@ -344,3 +390,176 @@ def test_result_buttons_open_the_case_and_the_comparison(live_api):
     no_exception(at)
     assert at.title[0].value == "Compare"
     assert at.selectbox(key="compare_pick").value == second
+
+
+# -- similarity and the diagnosis suggestion ---------------------------------------------
+SUGGESTION = {
+    "diagnosis": "PDR", "probability": 0.81, "abstained": False,
+    "probabilities": {"PDR": 0.81, "NPDR": 0.12, "normal": 0.05, "CSC": 0.02},
+    "supporting_case_ids": ["c-1", "c-7"], "neighbours": 10, "calibrated": True,
+    "label": "suggestion from similar cases (decision support, not a diagnosis)",
+}  # fmt: skip
+
+
+def texts(at: AppTest) -> str:
+    return " ".join(m.value for m in [*at.markdown, *at.caption, *at.warning])
+
+
+def test_client_sends_similarity_and_reads_the_suggestion():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/model/reliability.png":
+            return httpx.Response(200, content=b"\x89PNG")
+        body = {"results": [], "similarity": "clinical", "suggestion": SUGGESTION}
+        return httpx.Response(200, json=body)
+
+    api = _mock(handler)
+    response = api.search(b"png", "q.png", similarity="clinical")
+    assert b'name="similarity"' in seen[-1].content and b"clinical" in seen[-1].content
+    assert response.similarity == "clinical" and response.suggestion == SUGGESTION
+    api.search(b"png", "q.png")
+    assert b'name="similarity"' not in seen[-1].content  # the server's default
+    api.similar("c-1", similarity="pair")
+    assert seen[-1].url.params["similarity"] == "pair"
+    api.similar("c-1")
+    assert "similarity" not in seen[-1].url.params
+    assert api.reliability_png() == b"\x89PNG"
+    bare = _mock(lambda request: httpx.Response(200, json={"results": []}))
+    assert bare.similar("x").suggestion is None and bare.similar("x").similarity is None
+
+
+def test_search_page_shows_the_suggestion_box(live_api):
+    case_id, data = a_cf_photo(live_api.cohort)
+    at = open_page(live_api.url)
+    selector = at.selectbox(key="search_similarity")
+    assert selector.label == "Similarity"
+    default = "Default (same disease; same eye without it)"
+    assert selector.options == [default, "Same eye (pair)"]  # what /stats says
+    search_upload(at, f"{case_id}.png", data)
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    suggestion = at.session_state["results"].suggestion
+    assert suggestion is not None and bool(at.warning) is suggestion["abstained"]
+    shown = texts(at)
+    assert "**Suggestion from similar cases**" in shown
+    assert "Decision support from the retrieved archive cases, not a diagnosis." in shown
+    assert f"{suggestion['probability']:.2f}" in shown and "Top 3: " in shown
+    top3 = sorted(suggestion["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+    assert " · ".join(f"{d} {p:.2f}" for d, p in top3) in shown
+    for supporting in suggestion["supporting_case_ids"]:
+        assert f"`{supporting}`" in shown
+    assert ("abstained: no confident suggestion" in shown) is suggestion["abstained"]
+
+
+def test_search_page_passes_the_similarity(live_api):
+    case_id, _ = a_cf_photo(live_api.cohort)
+    at = open_page(live_api.url)
+    at.segmented_control(key="search_source").set_value("Catalog case").run()
+    at.text_input(key="search_case_id").set_value(case_id).run()
+    at.selectbox(key="search_similarity").set_value("pair").run()
+    button(at, "Search").click().run()
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    response = at.session_state["results"]
+    assert response.similarity == "pair" and response.raw["query"]["similarity"] == "pair"
+    assert any("Ranked by Same eye (pair)" in c.value for c in at.caption)
+    assert response.suggestion is not None
+    assert case_id not in response.suggestion["supporting_case_ids"]
+
+
+def test_search_page_says_when_the_suggestion_abstains(live_api, monkeypatch):
+    from ui import client as client_mod
+
+    real = client_mod.ApiClient.search
+
+    def abstaining(self, *args, **kwargs):
+        response = real(self, *args, **kwargs)
+        raw = {**response.raw, "suggestion": {**SUGGESTION, "abstained": True,
+                                               "probability": 0.41}}  # fmt: skip
+        return client_mod.SearchResponse(response.results, raw)
+
+    monkeypatch.setattr(client_mod.ApiClient, "search", abstaining)
+    _, data = a_cf_photo(live_api.cohort)
+    at = search_upload(open_page(live_api.url), "query.png", data)
+    no_exception(at)
+    assert [w.value for w in at.warning] == ["abstained: no confident suggestion"]
+    shown = texts(at)
+    assert "top: PDR · p = 0.41" in shown and "Top 3: PDR 0.81 · NPDR 0.12 · normal 0.05" in shown
+    assert "`c-1`, `c-7`" in shown and "not a diagnosis" in shown
+
+
+def test_search_page_without_a_suggestion_model_shows_no_box(live_api, monkeypatch):
+    from ui import client as client_mod
+
+    real = client_mod.ApiClient.search
+
+    def bare(self, *args, **kwargs):
+        response = real(self, *args, **kwargs)
+        return client_mod.SearchResponse(response.results, {**response.raw, "suggestion": None})
+
+    monkeypatch.setattr(client_mod.ApiClient, "search", bare)
+    _, data = a_cf_photo(live_api.cohort)
+    at = search_upload(open_page(live_api.url), "query.png", data)
+    no_exception(at)
+    assert at.session_state["results"].results
+    assert "Suggestion from similar cases" not in texts(at)
+
+
+def test_model_page_shows_the_reliability_diagram_and_suggestion_metrics(monkeypatch):
+    from ui import client as client_mod
+    from ui import components
+
+    png = _png()
+    card = {
+        "encoder_id": "embedder-x", "dim": 48, "image_size": 32, "curves": {},
+        "report_name": "report.json", "reliability_url": "/model/reliability.png",
+        "report": {"retrieval": {"backbones": {"model": {"suggestion": {
+            "accuracy": 0.7, "macro_f1": 0.6, "ece": 0.05, "coverage": 0.9,
+            "accuracy_answered": 0.75, "reliability": [],
+        }}}}},
+    }  # fmt: skip
+    monkeypatch.setattr(client_mod.ApiClient, "health", lambda self: {"loaded": True, "cases": 3})
+    monkeypatch.setattr(client_mod.ApiClient, "model", lambda self: card)
+    monkeypatch.setattr(client_mod.ApiClient, "reliability_png", lambda self, url="": png)
+    at = open_page("http://model-page.test", "model")
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.image) == 1 and "reliability" in texts(at)
+    (table,) = [d for d in at.dataframe if "ece" in d.value.columns]
+    assert table.value.iloc[0].to_dict() == {
+        "backbone": "model", "accuracy": 0.7, "macro_f1": 0.6, "ece": 0.05, "coverage": 0.9,
+        "accuracy_answered": 0.75,
+    }  # fmt: skip
+    # a nested (per modality) or partial suggestion block, and none at all
+    nested = {"backbones": {"m": {"suggestion": {"cf": {"accuracy": 0.5}, "ffa": {"ece": 0.1}}}}}
+    rows = components.suggestion_rows(nested)
+    assert rows == [{"backbone": "m", "query": "cf", "accuracy": 0.5},
+                    {"backbone": "m", "query": "ffa", "ece": 0.1}]  # fmt: skip
+    assert components.suggestion_rows({"retrieval": {"backbones": {"m": {"cf2ffa": {}}}}}) == []
+    assert components.suggestion_rows({}) == []
+
+
+def test_model_page_without_a_reliability_diagram(monkeypatch):
+    from ui import client as client_mod
+
+    card = {"encoder_id": "e", "dim": 8, "image_size": 32, "curves": {}, "report": None,
+            "reliability_url": None}  # fmt: skip
+    fetched = []
+    monkeypatch.setattr(client_mod.ApiClient, "health", lambda self: {"loaded": True, "cases": 3})
+    monkeypatch.setattr(client_mod.ApiClient, "model", lambda self: card)
+    monkeypatch.setattr(client_mod.ApiClient, "reliability_png", lambda *a: fetched.append(a))
+    at = open_page("http://model-page-bare.test", "model")
+    no_exception(at)
+    assert not at.error and not at.image and not fetched
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "white").save(buf, format="PNG")
+    return buf.getvalue()

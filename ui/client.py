@@ -18,6 +18,7 @@ import httpx
 DEFAULT_API = "http://127.0.0.1:8000"
 TARGETS = ("cf", "ffa", "both")
 VIAS = ("direct", "synthesis", "fused")
+SIMILARITIES = ("combined", "pair", "clinical")
 FFA_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
 
 
@@ -90,6 +91,18 @@ class SearchResponse:
     def synthetic_query(self) -> dict[str, Any] | None:
         """`{video_url, times_s, ...}` of the query's synthesized FFA (via synthesis / fused)."""
         return self.raw.get("synthetic_query") or None
+
+    @property
+    def similarity(self) -> str | None:
+        """How the results were scored: combined, pair or clinical."""
+        return self.raw.get("similarity")
+
+    @property
+    def suggestion(self) -> dict[str, Any] | None:
+        """`{diagnosis, probability, abstained, probabilities, supporting_case_ids, neighbours,
+        calibrated, label}`: the diagnosis suggested by similar cases (None: no model)."""
+        found = self.raw.get("suggestion")
+        return found if isinstance(found, dict) else None
 
 
 @dataclass(frozen=True)
@@ -202,13 +215,17 @@ class ApiClient:
         target: str = "cf",
         k: int = 10,
         via: str = "direct",
+        similarity: str | None = None,
         diagnosis: str | None = None,
         eye: str | None = None,
         split: str | None = None,
         content_type: str = "application/octet-stream",
     ) -> SearchResponse:
-        """Ranked cases for an uploaded CF photo or FFA video."""
+        """Ranked cases for an uploaded CF photo or FFA video (`similarity` None: the
+        server's default for the query type)."""
         form = {"target": target, "k": str(k), "via": via, **_filters(diagnosis, eye, split)}
+        if similarity:
+            form["similarity"] = similarity
         body = self._json(
             "POST", "/search", data=form, files={"file": (filename, data, content_type)}
         )
@@ -222,6 +239,7 @@ class ApiClient:
         k: int = 10,
         via: str = "direct",
         query_modality: str | None = None,
+        similarity: str | None = None,
         diagnosis: str | None = None,
         eye: str | None = None,
         split: str | None = None,
@@ -230,6 +248,8 @@ class ApiClient:
         params: dict[str, Any] = {"target": target, "k": k, "via": via}
         if query_modality:
             params["modality"] = query_modality
+        if similarity:
+            params["similarity"] = similarity
         params.update(_filters(diagnosis, eye, split))
         body = self._json("GET", f"/cases/{_quote(case_id)}/similar", params=params)
         return _search_response(body)
@@ -282,9 +302,12 @@ class ApiClient:
         times = synthetic_query.get("times_s") or _times_header(response)
         return Video(response.content, tuple(times) if times else None, synthetic=True)
 
-    def embedding_map(self) -> dict[str, Any]:
-        """`{"method": "pca" | "umap" | ..., "points": [{case_id, modality, diagnosis, x, y}]}`."""
-        body = self._json("GET", "/map")
+    def embedding_map(self, similarity: str | None = None) -> dict[str, Any]:
+        """`{"method": "pca" | "umap" | ..., "similarity": ..., "points": [{case_id,
+        modality, diagnosis, x, y}]}`: the space of `similarity` (None: the server's
+        default, clinical when the index supports it)."""
+        params = {"similarity": similarity} if similarity else None
+        body = self._json("GET", "/map", params=params)
         if isinstance(body, list):
             return {"method": None, "points": body}
         points = body.get("points", body.get("items", []))
@@ -292,6 +315,10 @@ class ApiClient:
 
     def model(self) -> dict[str, Any]:
         return self._json("GET", "/model")
+
+    def reliability_png(self, url: str = "/model/reliability.png") -> bytes:
+        """The diagnosis suggestion's reliability diagram (PNG; ApiError 404 when absent)."""
+        return self._request("GET", url).content
 
 
 def _quote(case_id: str) -> str:

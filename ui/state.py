@@ -113,13 +113,18 @@ def case_ffa(base: str, case_id: str) -> Video:
 
 
 @st.cache_data(ttl=300, show_spinner=False)
-def embedding_map(base: str) -> dict[str, Any]:
-    return get_client(base).embedding_map()
+def embedding_map(base: str, similarity: str | None = None) -> dict[str, Any]:
+    return get_client(base).embedding_map(similarity)  # cached per similarity too
 
 
 @st.cache_data(ttl=60, show_spinner=False)
 def model(base: str) -> dict[str, Any]:
     return get_client(base).model()
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def reliability_png(base: str, url: str) -> bytes:
+    return get_client(base).reliability_png(url)
 
 
 def remember_search(query: dict[str, Any], response: SearchResponse) -> None:

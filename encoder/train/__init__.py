@@ -1,11 +1,12 @@
 """Training of the Fundus2Video generator (imports the library; the library never imports this)."""
 
-from .embed import embed_training_loop
+from .embed import CaseLabels, embed_training_loop
 from .loop import TrainingSummary, schedule, scheduled_sampling_prob, training_loop
 from .step import Batch, LossWeights, Nets, StepOptions, WindowSampler, make_optimizers, train_step
 
 __all__ = [
     "Batch",
+    "CaseLabels",
     "LossWeights",
     "Nets",
     "StepOptions",

@@ -6,6 +6,13 @@ augments each side independently (encoder.augment), keeps `train_frames` random 
 of each video (with the frames before them as generator context), and minimises the
 symmetric CLIP loss (`open_clip.loss.ClipLoss`, learnable logit scale, CLIP's init).
 
+With labels (`CaseLabels`: the training cases' diagnoses and lesion sets), the clinical
+heads train beside it on `losses.label_contrastive_loss` over the batch's CF and FFA
+clinical vectors: every view is pulled towards the views of same-disease cases, in
+and across modalities, by their label affinity (`losses.label_affinity`) instead of
+being pushed away as the CLIP loss does (its false negatives). Without labels the
+embedder has no clinical part (clinical_dim 0) and `training_options.json` says so.
+
 With a frozen backbone (the default) its features are computed without gradients and
 kept in a feature bank (the last `bank_views` augmented views of every case seen, at most
 `bank_gb` in all: past that the oldest views go first); after
@@ -20,7 +27,9 @@ The output folder (default RUN/embedder/) holds:
                            `Embed/logit_scale`, `Timing/*`, and `Val/*` recalls;
 - `log.txt`                the tick summaries;
 - `config.json` + `embedder.safetensors`  the embedder (load_embedder(out_dir)); with
-  val_data and keep_best, the iteration with the best validation CF→FFA Recall@1.
+  val_data and keep_best, the iteration with the best validation CF→FFA Recall@1 —
+  unless the clinical part trains: the pair recall says nothing about it (and validation
+  labels never choose a model), so the last iteration is kept.
 """
 
 from __future__ import annotations
@@ -54,11 +63,31 @@ from ..embedder import (
     save_embedder,
 )
 from ..errors import ConfigError, DataError
+from ..losses import label_affinity, label_contrastive_loss
 from .loop import TrainingSummary, _run_log, schedule
 
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseLabels:
+    """Clinical labels of the training cases, aligned with `PairedVideos` (None: unknown)."""
+
+    diagnoses: tuple[str | None, ...]
+    lesions: tuple[tuple[str, ...] | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.diagnoses)
+
+    @property
+    def labelled(self) -> int:
+        """Cases with a diagnosis or a lesion list."""
+        return sum(d is not None or ls is not None for d, ls in zip(*self.fields(), strict=True))
+
+    def fields(self) -> tuple[tuple, tuple]:
+        return self.diagnoses, self.lesions
 
 
 def embed_training_loop(
@@ -67,6 +96,9 @@ def embed_training_loop(
     out_dir: str | Path | None = None,  # default run_dir / "embedder"
     data: PairedVideos,  # training pairs at the embedder's image size
     val_data: PairedVideos | None = None,  # held-out pairs for Val/* recalls (and keep_best)
+    labels: CaseLabels | None = None,  # the training cases' labels: trains the clinical part
+    clinical_loss: float = 1.0,  # weight of the label loss next to the CLIP loss
+    clinical_temperature: float = 0.1,
     backbone: str = "generator",  # generator | scratch | pixels | openclip:<model>[@file]
     dim: int = 256,
     config: EmbedderConfig | None = None,  # full architecture; backbone/dim/image_size override
@@ -107,6 +139,11 @@ def embed_training_loop(
                           f"got {train_frames}, {replay}, {bank_views}, {bank_gb}")  # fmt: skip
     if len(data) < batch_size:
         raise DataError(f"{len(data)} training pairs, fewer than batch_size={batch_size}")
+    if labels is not None and len(labels) != len(data):
+        raise DataError(f"{len(labels)} label rows for {len(data)} training pairs")
+    labelled = labels.labelled if labels is not None else 0
+    if not labelled:
+        labels = None
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / DEFAULT_SUBDIR
     if (out_dir / WEIGHTS_NAME).exists() and not overwrite:
@@ -114,6 +151,10 @@ def embed_training_loop(
     config = dataclasses.replace(
         config or EmbedderConfig(), backbone=backbone, dim=dim, image_size=data.size
     )
+    if labels is None:  # nothing to learn a clinical part from
+        config = dataclasses.replace(config, clinical_dim=0)
+    else:
+        keep_best = False  # pair recall would pick an early, half-trained clinical part
     if val_data is not None and val_data.size != data.size:
         raise DataError(f"val_data is {val_data.size} px, data is {data.size} px")
     aug = augment or AugmentConfig()
@@ -137,6 +178,15 @@ def embed_training_loop(
         "flip": flip,
         "keep_best": keep_best,
         "seed": seed,
+        "clinical_loss": clinical_loss,
+        "clinical_temperature": clinical_temperature,
+        "labels": {
+            "used": labels is not None,
+            "labelled_cases": labelled,
+            "objective": "CLIP pair loss + label contrastive loss (diagnosis and lesions)"
+            if labels is not None
+            else "CLIP pair loss only: the training split has no diagnosis or lesion labels",
+        },
     }
     started = time.monotonic()  # the budget counts setup too
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -157,12 +207,15 @@ def embed_training_loop(
                   "patient_ids": sorted(set(data.patient_ids))},
         )  # fmt: skip
         atomic_write_text(out_dir / "training_options.json", json.dumps(info, indent=2) + "\n")
+        log.info("labels: %s (%d of %d training cases labelled)",
+                 options["labels"]["objective"], labelled, len(data))  # fmt: skip
         session = _EmbedSession(
             out_dir=out_dir,
             embedder=embedder,
             options=options,
             data=data,
             val_data=val_data,
+            labels=labels,
             augment=aug,
             device=dev,
             started=started,
@@ -182,9 +235,10 @@ class _EmbedSession:
     """Optimizer, samplers, feature memory and bookkeeping of one embed_training_loop call."""
 
     def __init__(self, *, out_dir: Path, embedder: Embedder, options: dict[str, Any],
-                 data: PairedVideos, val_data: PairedVideos | None, augment: AugmentConfig,
-                 device: torch.device, started: float):  # fmt: skip
+                 data: PairedVideos, val_data: PairedVideos | None, labels: CaseLabels | None,
+                 augment: AugmentConfig, device: torch.device, started: float):  # fmt: skip
         self.out_dir, self.embedder, self.options = out_dir, embedder, options
+        self.labels = labels
         self.data, self.val_data, self.augment, self.device = data, val_data, augment, device
         self.frozen = not embedder.config.train_backbone
         heads = embedder.head_parameters()
@@ -241,17 +295,26 @@ class _EmbedSession:
         f_ffa = e.ffa_features(frames, times, select=select)  # (B, n, C, g, g)
         return f_cf, f_ffa, times.gather(1, select)
 
-    def _step(self, feats: tuple[torch.Tensor, ...]) -> float:
+    def _step(self, idx: np.ndarray, feats: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        """One optimizer step on the batch of cases `idx` → its losses."""
         f_cf, f_ffa, t = feats
-        e = self.embedder
+        e, o = self.embedder, self.options
         z_cf, z_ffa = e.cf_head_embed(f_cf), e.ffa_head_embed(f_ffa, t)
-        loss = self.loss_fn(z_cf, z_ffa, e.logit_scale.exp())
+        clip = self.loss_fn(z_cf, z_ffa, e.logit_scale.exp())
+        losses = {"clip": clip}
+        if self.labels is not None:
+            c = torch.cat([e.cf_clinical_embed(f_cf), e.ffa_clinical_embed(f_ffa)])  # (2B, Dc)
+            cases = np.concatenate([idx, idx])
+            diagnoses, lesions = self.labels.fields()
+            affinity = label_affinity([diagnoses[i] for i in cases], [lesions[i] for i in cases])
+            losses["label"] = label_contrastive_loss(c, affinity, o["clinical_temperature"])
+        loss = clip + o["clinical_loss"] * losses.get("label", 0.0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         with torch.no_grad():
             e.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
-        return float(loss.detach())
+        return {k: float(v.detach()) for k, v in losses.items()}
 
     # ---------------------------------------------------------------- validation
 
@@ -335,13 +398,15 @@ class _EmbedSession:
                     group["lr"] = o[group["base"]] * factor
                 idx, batch = self._batch()
                 feats = self._features(batch)
-                acc["Loss/clip"].append(self._step(feats))
+                for name, value in self._step(idx, feats).items():
+                    acc[f"Loss/{name}"].append(value)
                 if self.frozen and o["replay"]:
                     self.bank.add(idx, *feats)
                     # replay grows with the bank's coverage: no over-fitting of the first cases
                     for _ in range(o["replay"] * len(self.bank.filled) // len(self.data)):
-                        replayed = self.bank.sample(o["batch_size"], self.torch_rng)
-                        acc["Loss/clip_replay"].append(self._step(replayed))
+                        replayed_idx, replayed = self.bank.sample(o["batch_size"], self.torch_rng)
+                        for name, value in self._step(replayed_idx, replayed).items():
+                            acc[f"Loss/{name}_replay"].append(value)
                 self.iteration += 1
                 tick = tick[0], tick[1] + 1
                 bar.update(1)
@@ -386,8 +451,9 @@ class _EmbedSession:
                for k, v in row.items()}  # fmt: skip
         with open(self.out_dir / "stats.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        log.info("iter %d  %.0fs  %.2f s/it  clip %.4f  scale %.1f%s", self.iteration,
-                 row["Timing/total_s"], sec, row.get("Loss/clip") or 0, row["Embed/logit_scale"],
+        log.info("iter %d  %.0fs  %.2f s/it  clip %.4f  label %.4f  scale %.1f%s", self.iteration,
+                 row["Timing/total_s"], sec, row.get("Loss/clip") or 0,
+                 row.get("Loss/label") or 0, row["Embed/logit_scale"],
                  "".join(f"  {k.removeprefix('Val/')} {v:.3f}" for k, v in val.items()
                          if k.endswith(("R@1", "R@10"))))  # fmt: skip
         if progress_fn is not None:
@@ -428,9 +494,12 @@ class _FeatureBank:
         while self.bytes > self.max_bytes and len(self.filled) > 1:  # the oldest view goes
             self._drop_oldest(min(self.filled, key=lambda case: self.items[case][0][0]))
 
-    def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def sample(
+        self, n: int, g: torch.Generator
+    ) -> tuple[np.ndarray, tuple[torch.Tensor, ...]]:
         """n distinct cases (fewer if the bank holds fewer); per case a random CF view and an
-        independently chosen FFA view → (cf (n, C, g, g), ffa (n, T', C, g, g), times (n, T'))."""
+        independently chosen FFA view → case indices (n,), (cf (n, C, g, g),
+        ffa (n, T', C, g, g), times (n, T'))."""
         pick = torch.randperm(len(self.filled), generator=g)[:n].tolist()
         cf, ffa, t = [], [], []
         for p in pick:
@@ -439,4 +508,5 @@ class _FeatureBank:
             cf.append(views[a][0])
             ffa.append(views[b][1])
             t.append(views[b][2])
-        return torch.stack(cf).float(), torch.stack(ffa).float(), torch.stack(t)
+        cases = np.asarray([self.filled[p] for p in pick])
+        return cases, (torch.stack(cf).float(), torch.stack(ffa).float(), torch.stack(t))

@@ -15,11 +15,13 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
-from ..engine import MODALITIES, CaseInfo, SearchResult
+from ..engine import MODALITIES, CaseInfo, SearchResult, suggestion_record
 from .schemas import SYNTHETIC_LABEL
 from .synthetic import SyntheticStore
 
-_QUERY_FIELDS = ("kind", "modality", "case_id", "width", "height", "frames", "bytes")
+_QUERY_FIELDS = (
+    "kind", "modality", "similarity", "case_id", "width", "height", "frames", "bytes",
+)  # fmt: skip
 _FILTER_FIELDS = ("diagnosis", "eye", "split", "lesion")
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -89,12 +91,13 @@ class SearchJSON:
         filters = dict.fromkeys(_FILTER_FIELDS)
         filters.update((k, list(v)) for k, v in result.filters.items())
         head = {
-            "query": query, "target": result.target, "via": result.via, "k": result.k,
-            "filters": filters, "score_kind": result.score_kind,
-            "candidates": result.candidates,
+            "query": query, "target": result.target, "via": result.via,
+            "similarity": result.similarity, "k": result.k, "filters": filters,
+            "score_kind": result.score_kind, "candidates": result.candidates,
         }  # fmt: skip
         tail = {
             "synthetic_query": _synthetic(result, store),
+            "suggestion": suggestion_record(result),
             "encoder_id": encoder_id,
             "timings_ms": result.timings_ms,
         }

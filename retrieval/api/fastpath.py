@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..engine import MODALITIES, TARGETS, CaseQuery, WouldBlock
+from ..engine import MODALITIES, SIMILARITIES, TARGETS, CaseQuery, WouldBlock
 from ..errors import Fundus2VideoError
 from .deps import api_key_ok
 
@@ -76,15 +76,19 @@ class SimilarFastPath:
         target, modality = params.pop("target", "cf"), params.pop("modality", "cf")
         exclude = _BOOL.get(params.pop("exclude_self", "true").lower())
         via = params.pop("via", "direct")
+        similarity = params.pop("similarity", None)
         if params or not _K.fullmatch(k_text) or exclude is None or via != "direct":
             return None
         k = int(k_text)
         if not 1 <= k <= settings.max_k or target not in TARGETS or modality not in MODALITIES:
             return None
+        if similarity is not None and similarity not in SIMILARITIES:
+            return None
         try:
             result = engine.search(
-                CaseQuery(case_id, modality), target, k, exclude_self=exclude, blocking=False
-            )
+                CaseQuery(case_id, modality), target, k, exclude_self=exclude, blocking=False,
+                similarity=similarity,
+            )  # fmt: skip
         except (WouldBlock, Fundus2VideoError):
             return None  # the route waits for the update, or explains the error
         return state.search_json.dumps(result, engine.encoder_id, state.synthetic)

@@ -8,7 +8,9 @@ cf_url, ffa_url}` plus `synthetic`. URLs are relative to the API's base URL.
 Multipart forms (declared on the routes, listed here for clients):
 
 - `POST /search`: `file` (CF image or FFA video), `target` (cf | ffa | both, default
-  cf), `k` (default 10), `via` (direct | synthesis | fused), `modality` (cf | ffa:
+  cf), `k` (default 10), `via` (direct | synthesis | fused), `similarity` (clinical |
+  pair | combined; default clinical, the same disease; pair finds a photo's own
+  angiogram; pair is the only one for an encoder without a clinical part), `modality` (cf | ffa:
   overrides the detected kind of `file`), `times` (an FFA upload's frame times,
   comma-separated seconds), filters `diagnosis`, `eye`, `split`, `lesion` (repeat a
   field, or separate values by commas, for "any of").
@@ -25,11 +27,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..queries import SUGGESTION_LABEL
+
 Modality = Literal["cf", "ffa"]
 Target = Literal["cf", "ffa", "both"]
 Via = Literal["direct", "synthesis", "fused"]
 Eye = Literal["OD", "OS"]
 Split = Literal["train", "val", "test"]
+Similarity = Literal["combined", "pair", "clinical"]
 
 SYNTHETIC_LABEL = "SYNTHETIC"
 
@@ -62,6 +67,17 @@ _ROW_EXAMPLE = {
     "ffa_url": "/cases/ph0-00017/ffa",
     "synthetic": False,
 }
+_SUGGESTION_EXAMPLE = {
+    "diagnosis": "PDR",
+    "probability": 0.93,
+    "abstained": False,
+    "probabilities": {"PDR": 0.93, "NPDR": 0.05, "normal": 0.02},
+    "supporting_case_ids": ["ph0-00017", "ph0-00042", "ph0-00051", "ph0-00060", "ph0-00071",
+                            "ph0-00088", "ph0-00093"],
+    "neighbours": 10,
+    "calibrated": True,
+    "label": SUGGESTION_LABEL,
+}  # fmt: skip
 
 
 class _Model(BaseModel):
@@ -139,6 +155,17 @@ class Limits(_Model):
     )
 
 
+class SuggestionModelInfo(_Model):
+    calibrated: bool = Field(description="Temperature and smoothing fitted on the val split.")
+    k: int = Field(description="Neighbours that vote.")
+    temperature: float
+    smoothing: float
+    abstain_below: float = Field(description="Top probability under which it abstains.")
+    similarity: Similarity = Field(description="The similarity the neighbours are found by.")
+    classes: list[str] = Field(description="The diagnoses it can suggest.")
+    fitted_on: dict[str, Any] = Field(default_factory=dict)
+
+
 class Stats(_Model):
     model_config = ConfigDict(
         json_schema_extra={
@@ -156,6 +183,12 @@ class Stats(_Model):
                 "diagnoses": {"normal": 40, "PDR": 12},
                 "splits": {"train": 90, "val": 19, "test": 19},
                 "index_created_at": "2025-01-01T12:00:00+00:00",
+                "similarities": ["combined", "pair", "clinical"],
+                "default_similarity": {"same_modality": "clinical", "cross_modal": "clinical"},
+                "suggestion": {"cf": {"calibrated": True, "k": 10, "temperature": 0.05,
+                                      "smoothing": 0.1, "abstain_below": 0.5,
+                                      "similarity": "clinical", "classes": ["normal", "PDR"],
+                                      "fitted_on": {"split": "val", "queries": 19}}},
                 "limits": {"max_k": 100, "max_page": 500, "max_upload_bytes": 67108864,
                            "max_pixels": 40000000, "max_frames": 512,
                            "max_video_pixels": 268435456,
@@ -173,6 +206,17 @@ class Stats(_Model):
     diagnoses: dict[str, int]
     splits: dict[str, int]
     index_created_at: str | None = None
+    similarities: list[Similarity] = Field(
+        default_factory=list, description="The similarities a search may ask for."
+    )
+    default_similarity: dict[str, Similarity] = Field(
+        default_factory=dict,
+        description="What a search uses when it names none: same_modality, cross_modal.",
+    )
+    suggestion: dict[str, SuggestionModelInfo] = Field(
+        default_factory=dict,
+        description="Diagnosis-suggestion models per query modality (none: no suggestion).",
+    )
     limits: Limits
 
 
@@ -192,7 +236,9 @@ class ResultRow(_Model):
     model_config = ConfigDict(json_schema_extra={"example": _ROW_EXAMPLE})
     rank: int = Field(ge=1, description="1 = best.")
     case_id: str
-    score: float = Field(description="Cosine similarity (direct, synthesis) or RRF score (fused).")
+    score: float = Field(
+        description="Cosine of the search's `similarity` (direct, synthesis) or RRF score (fused)."
+    )
     modality: Modality = Field(description="Which index the hit came from.")
     diagnosis: str | None = None
     eye: str | None = None
@@ -205,6 +251,7 @@ class ResultRow(_Model):
 class QueryInfo(_Model):
     kind: Literal["upload", "case"]
     modality: Modality
+    similarity: Similarity | None = Field(default=None, description="As `similarity`.")
     case_id: str | None = Field(default=None, description="For a case query.")
     width: int | None = None
     height: int | None = None
@@ -241,27 +288,51 @@ class SyntheticVideo(_Model):
     expires_in_s: int
 
 
+class DiagnosisSuggestion(_Model):
+    """The diagnoses of the query's nearest labelled archive cases, voted into probabilities.
+
+    Decision support from similar cases, never a diagnosis: always shown with `label`.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"example": _SUGGESTION_EXAMPLE})
+    diagnosis: str = Field(description="The most probable diagnosis among the neighbours.")
+    probability: float = Field(ge=0, le=1)
+    abstained: bool = Field(description="probability < the model's abstain threshold.")
+    probabilities: dict[str, float] = Field(description="Every known diagnosis; sums to 1.")
+    supporting_case_ids: list[str] = Field(description="Neighbours with that diagnosis.")
+    neighbours: int = Field(description="How many neighbours voted.")
+    calibrated: bool = Field(description="Whether the vote was calibrated on the val split.")
+    label: str = Field(default=SUGGESTION_LABEL)
+
+
 class SearchResponse(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
-                "query": {"kind": "case", "modality": "cf", "case_id": "ph0-00003"},
+                "query": {"kind": "case", "modality": "cf", "case_id": "ph0-00003",
+                          "similarity": "combined"},
                 "target": "ffa",
                 "via": "direct",
+                "similarity": "combined",
                 "k": 1,
                 "filters": {"diagnosis": ["PDR"]},
                 "score_kind": "cosine",
                 "candidates": 12,
                 "results": [_ROW_EXAMPLE],
                 "synthetic_query": None,
+                "suggestion": _SUGGESTION_EXAMPLE,
                 "encoder_id": "embedder-3f2a9c1d",
                 "timings_ms": {"embed": 0.0, "search": 0.4, "total": 0.6},
             }
         }
-    )
+    )  # fmt: skip
     query: QueryInfo
     target: Target
     via: Via
+    similarity: Similarity = Field(
+        description="How the results were scored: combined, pair (same eye) or clinical "
+        "(same disease)."
+    )
     k: int
     filters: SearchFilters
     score_kind: Literal["cosine", "rrf"]
@@ -269,6 +340,11 @@ class SearchResponse(_Model):
     results: list[ResultRow]
     synthetic_query: SyntheticVideo | None = Field(
         default=None, description="The synthesized FFA video of the query (synthesis, fused)."
+    )
+    suggestion: DiagnosisSuggestion | None = Field(
+        default=None,
+        description="Diagnosis suggested by the query's nearest labelled cases in its own "
+        "modality (decision support, not a diagnosis); null when the index has no model.",
     )
     encoder_id: str
     timings_ms: dict[str, float]
@@ -332,6 +408,7 @@ class MapResponse(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
+                "similarity": "clinical",
                 "method": "pca",
                 "total": 256,
                 "sampled": False,
@@ -343,6 +420,10 @@ class MapResponse(_Model):
             }
         }
     )  # fmt: skip
+    similarity: Similarity = Field(
+        description="The space projected: that similarity's part of each vector (clinical: "
+        "the same disease, pair: the same eye, combined: as stored)."
+    )
     method: Literal["pca", "umap"]
     total: int = Field(description="Indexed vectors in the chosen modalities.")
     sampled: bool = Field(description="True when only `limit` of them are shown.")
@@ -375,6 +456,7 @@ class ModelInfo(_Model):
                 },
                 "report": None,
                 "report_name": None,
+                "reliability_url": None,
             }
         }
     )  # fmt: skip
@@ -388,3 +470,6 @@ class ModelInfo(_Model):
         default=None, description="The latest evaluation report found, as written."
     )
     report_name: str | None = None
+    reliability_url: str | None = Field(
+        default=None, description="The suggestion's reliability diagram (PNG), when present."
+    )

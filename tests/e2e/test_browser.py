@@ -80,6 +80,7 @@ def test_upload_a_cf_photo_and_see_similar_cases(model_api, page, tmp_path):
         page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
         body = page.inner_text("body")
         assert "#1" in body and "score" in body
+        assert "Suggestion from similar cases" in body and "not a diagnosis" in body
         assert page.locator("[data-testid=stException]").count() == 0
         assert page.locator("[data-testid=stAlertContentError]").count() == 0
         assert page.locator("video").count() >= 1  # the synthesized angiogram plays inline

@@ -119,6 +119,11 @@ def test_fundus2video_serve_answers_over_http(tiny_index, tmp_path):
         assert len(body["results"]) == 5 and body["encoder_id"] == health["encoder_id"]
         similar = http.get(f"/cases/{case['case_id']}/similar", params={"target": "ffa"}).json()
         assert case["case_id"] not in [r["case_id"] for r in similar["results"]]
+        assert body["similarity"] == similar["similarity"] == "clinical"  # the default
+        suggestion = similar["suggestion"]  # the index's model, decision support only
+        assert suggestion["label"].endswith("not a diagnosis)")
+        assert case["case_id"] not in suggestion["supporting_case_ids"]
+        assert sum(suggestion["probabilities"].values()) == pytest.approx(1.0)
         fused = http.post(
             "/search", files={"file": ("q.png", photo, "image/png")},
             data={"target": "ffa", "via": "fused", "k": "3"},

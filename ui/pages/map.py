@@ -1,4 +1,5 @@
-"""Embedding map: CF and FFA embeddings in 2-D, coloured by diagnosis; a click opens the case."""
+"""Embedding map: CF and FFA embeddings in 2-D, coloured by diagnosis; a click opens the case.
+The Space selector picks the similarity whose part of the embedding is projected."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from ui.app import page_guard
 page_guard()
 st.title("Embedding map")
 base = state.api_url()
+space = ui.similarity_control("map", "Space", with_default=False, help=ui.MAP_SPACE_HELP)
 
 with st.spinner("Projecting the embeddings…"):
-    projection = state.fetch("Loading the embedding map", state.embedding_map, base)
+    projection = state.fetch("Loading the embedding map", state.embedding_map, base, space)
 if projection is None:
     st.stop()
 points = pd.DataFrame(projection["points"])
@@ -23,10 +25,12 @@ if points.empty:
     st.info("The index holds no embeddings yet.", icon=":material/info:")
     st.stop()
 method = (projection.get("method") or "PCA").upper()
+shown = projection.get("similarity") or space
+where = f" in the {ui.SIMILARITY_NAMES.get(shown, shown)} space" if shown else ""
 st.caption(
-    f"{len(points)} embeddings projected to 2-D with {method}. Shape = modality, colour = "
-    "diagnosis; a grey line joins a case's CF photo to its angiogram. Click a point to open "
-    "its case."
+    f"{len(points)} embeddings{where} projected to 2-D with {method}. Shape = modality, "
+    "colour = diagnosis; a grey line joins a case's CF photo to its angiogram. Click a point "
+    "to open its case."
 )
 
 points["modality"] = points["modality"].map(ui.MODALITY_NAMES).fillna(points["modality"])

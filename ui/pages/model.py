@@ -46,3 +46,15 @@ if not tables:
 for title, rows in tables.items():
     st.markdown(f"**{title}**")
     st.dataframe(rows, hide_index=True)
+if card.get("reliability_url"):
+    png = state.fetch(
+        "Loading the reliability diagram", state.reliability_png, state.api_url(),
+        card["reliability_url"],
+    )  # fmt: skip
+    if png is not None:
+        st.markdown(f"**{ui.SUGGESTION_TITLE}: reliability**")
+        st.image(png, width=420)
+        st.caption(
+            "Accuracy against confidence of the suggested diagnosis on held-out cases "
+            f"(a calibrated suggestion follows the diagonal). {ui.SUGGESTION_CAPTION}"
+        )

@@ -50,6 +50,7 @@ with st.container(border=True):
         disabled=target != "ffa",  # synthesis and fused: a CF photo → angiograms
     )  # fmt: skip
     via = via if target == "ffa" else "direct"
+    similarity = ui.similarity_control("search")
     with st.expander("Filters"):
         filters = ui.filter_controls("search")
     ready = upload is not None or bool(case_id)
@@ -62,7 +63,7 @@ if go and upload is not None:
     with st.spinner(f"Searching {ui.TARGET_NAMES[target].lower()} for {name}…"):
         response = state.fetch(
             "Search", api.search, data, name, target=target, k=int(k), via=via,
-            content_type=query["content_type"], **filters,
+            similarity=similarity, content_type=query["content_type"], **filters,
         )  # fmt: skip
     if response is not None:
         if kind == "cf":
@@ -73,7 +74,7 @@ elif go and case_id:
     with st.spinner(f"Searching with case {case_id}…"):
         response = state.fetch(
             "Search", api.similar, case_id.strip(), target=target, k=int(k), via=via,
-            query_modality=case_modality, **filters,
+            query_modality=case_modality, similarity=similarity, **filters,
         )  # fmt: skip
     if response is not None:
         query = {"kind": case_modality, "name": case_id.strip(), "case_id": case_id.strip()}
@@ -91,8 +92,11 @@ left, right = st.columns([1, 3], gap="large")
 with left:
     st.subheader("Query")
     ui.query_media(query)
+    ui.suggestion_box(response)
 with right:
     st.subheader(f"{len(response.results)} similar cases")
+    if response.similarity:
+        st.caption(f"Ranked by {ui.SIMILARITY_NAMES.get(response.similarity, response.similarity)}")
     ui.result_gallery(response)
     with st.expander("As a table"):
         st.dataframe(ui.results_table(response), hide_index=True)

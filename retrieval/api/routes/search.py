@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from ...engine import CaseQuery, CFQuery, FFAQuery, WouldBlock
 from ..deps import EngineDep, SearchJSONDep, SettingsDep, SyntheticDep
-from ..schemas import ErrorResponse, Modality, SearchResponse, Target, Via
+from ..schemas import ErrorResponse, Modality, SearchResponse, Similarity, Target, Via
 from ..settings import HARD_MAX_K, Settings
 from ..uploads import parse_times, read_upload, split_values
 
@@ -29,6 +29,18 @@ VIA_HELP = (
     "direct: the query's own embedding; synthesis: CF → synthesized FFA video → FFA index; "
     "fused: reciprocal-rank fusion of both (synthesis and fused: CF query, target ffa)."
 )
+SIMILARITY_HELP = (
+    "How results are scored: clinical (the same disease), pair (the same eye, across "
+    "modalities: a photo's own angiogram) or combined (both, as stored). Default: clinical; "
+    "pair when the index's encoder has no clinical part (the only one it then supports: "
+    "asking for another is a 422)."
+)
+SEARCH_DESCRIPTION = (
+    "The response's `suggestion` is the diagnosis voted by the query's nearest labelled "
+    "archive cases in its own modality (by the suggestion model's similarity, ignoring "
+    "filters, never the query case itself): decision support from similar cases, not a "
+    "diagnosis. It is null when the index has no suggestion model."
+)
 JSON = "application/json"  # bodies are written by convert.SearchJSON (= SearchResponse)
 CaseId = Annotated[str, Path(description="A case id of the catalog.", examples=["ph0-00017"])]
 
@@ -44,6 +56,7 @@ def _check_k(k: int, settings: Settings) -> None:
     "/search",
     response_model=SearchResponse,
     summary="Ranked cases for an uploaded CF photo or FFA video",
+    description=SEARCH_DESCRIPTION,
     responses=UPLOAD_ERRORS,
 )
 def search_upload(
@@ -61,6 +74,7 @@ def search_upload(
     target: Annotated[Target, Form(description=TARGET_HELP)] = "cf",
     k: Annotated[int, Form(ge=1, le=HARD_MAX_K, description="Number of results.")] = 10,
     via: Annotated[Via, Form(description=VIA_HELP)] = "direct",
+    similarity: Annotated[Similarity | None, Form(description=SIMILARITY_HELP)] = None,
     modality: Annotated[
         Modality | None, Form(description="What `file` is (default: decided by its content).")
     ] = None,
@@ -83,7 +97,7 @@ def search_upload(
     else:
         query = FFAQuery(upload.array, parse_times(times))
     filters = _filters(diagnosis, eye, split, lesion)
-    result = engine.search(query, target, k, via, filters)
+    result = engine.search(query, target, k, via, filters, similarity=similarity)
     extra = {"width": upload.width, "height": upload.height, "bytes": upload.bytes}
     if upload.modality == "ffa":
         extra["frames"] = int(upload.array.shape[0])
@@ -94,6 +108,7 @@ def search_upload(
     "/cases/{case_id}/similar",
     response_model=SearchResponse,
     summary="Ranked cases for a case already in the index",
+    description=SEARCH_DESCRIPTION,
     responses=CASE_ERRORS,
 )
 async def similar(
@@ -105,6 +120,7 @@ async def similar(
     target: Annotated[Target, Query(description=TARGET_HELP)] = "cf",
     k: Annotated[int, Query(ge=1, le=HARD_MAX_K, description="Number of results.")] = 10,
     via: Annotated[Via, Query(description=VIA_HELP)] = "direct",
+    similarity: Annotated[Similarity | None, Query(description=SIMILARITY_HELP)] = None,
     modality: Annotated[
         Modality, Query(description="Which of the case's embeddings queries: cf or ffa.")
     ] = "cf",
@@ -117,7 +133,10 @@ async def similar(
     _check_k(k, settings)
     filters = _filters(diagnosis, eye, split, lesion)
     query = CaseQuery(case_id, modality)
-    search = partial(engine.search, query, target, k, via, filters, exclude_self=exclude_self)
+    search = partial(
+        engine.search, query, target, k, via, filters, exclude_self=exclude_self,
+        similarity=similarity,
+    )  # fmt: skip
     result = None
     if via == "direct" and not any(filters.values()):
         # index work only (sub-millisecond): inline, unless an update holds the index

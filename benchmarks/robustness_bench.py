@@ -1,0 +1,204 @@
+"""Robustness to what real cameras do to a photo: retrieval with perturbed CF queries.
+
+    .venv/bin/python benchmarks/robustness_bench.py RUN COHORT [--embedder NAME=FOLDER ...]
+        [--split test] [--out benchmarks/results/robustness.json]
+
+The held-out split's CF photos are perturbed (exposure, colour balance, JPEG, focus,
+rotation, a narrower field of view, a 4:3 frame, a lower and a higher resolution) and
+go through the query path a user's upload takes (`QueryEncoder.embed_cf`: any size,
+made square, resized). The galleries stay clean. For each perturbation: pair R@1
+(CF→FFA inside the held-out split, pair similarity) and CF→CF precision@10 by
+diagnosis against the archive (train + val, clinical similarity), next to the clean
+queries. Target: no perturbation costs more than 0.05
+of pair R@1. Prints a table and writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from encoder.embedder import embed_ffa_array  # noqa: E402
+from retrieval.cohort import Cohort  # noqa: E402
+from retrieval.embedding import QueryEncoder  # noqa: E402
+from retrieval.media import read_cf  # noqa: E402
+from retrieval.queries import default_similarity  # noqa: E402
+from retrieval.retrieval_eval import (  # noqa: E402
+    clinical_metrics,
+    label_arrays,
+    pair_metrics,
+    pair_ranks,
+)
+from retrieval.training_data import load_paired  # noqa: E402
+
+MAX_R1_DROP = 0.05
+
+
+def _pil(f: Callable[[Image.Image], Image.Image]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda im: np.array(f(Image.fromarray(im)).convert("RGB"))
+
+
+def _gain(gains: tuple[float, float, float]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda im: np.clip(im * np.asarray(gains, np.float32), 0, 255).astype(np.uint8)
+
+
+def _gamma(g: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda im: (255 * (im / 255.0) ** g).round().astype(np.uint8)
+
+
+def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
+    def f(im: np.ndarray) -> np.ndarray:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=quality)
+        return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+    return f
+
+
+def _aperture(radius: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A narrower field of view: black outside a centred circle of `radius` x half side."""
+
+    def f(im: np.ndarray) -> np.ndarray:
+        h, w = im.shape[:2]
+        y, x = np.mgrid[:h, :w]
+        d = np.hypot((x + 0.5) / w * 2 - 1, (y + 0.5) / h * 2 - 1)
+        return np.where((d <= radius)[..., None], im, 0).astype(np.uint8)
+
+    return f
+
+
+def _crop_height(fraction: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A wider-than-tall frame (e.g. 4:3): the top and bottom of the fundus cut off."""
+
+    def f(im: np.ndarray) -> np.ndarray:
+        h = im.shape[0]
+        cut = round(h * (1 - fraction) / 2)
+        return im[cut : h - cut]
+
+    return f
+
+
+def _resize(side: int) -> Callable[[np.ndarray], np.ndarray]:
+    resample = Image.Resampling.BICUBIC
+    return _pil(lambda p: p.resize((side, round(side * p.height / p.width)), resample))
+
+
+PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "clean": lambda im: im,
+    "under-exposed (x0.6)": _gain((0.6, 0.6, 0.6)),
+    "over-exposed (x1.35)": _gain((1.35, 1.35, 1.35)),
+    "gamma 1.5": _gamma(1.5),
+    "colour cast (R+15%, B-15%)": _gain((1.15, 1.0, 0.85)),
+    "JPEG quality 20": _jpeg(20),
+    "defocus (blur r=1.5 px)": _pil(lambda p: p.filter(ImageFilter.GaussianBlur(1.5))),
+    "rotation +5 deg": _pil(lambda p: p.rotate(5, resample=Image.Resampling.BILINEAR)),
+    "rotation -5 deg": _pil(lambda p: p.rotate(-5, resample=Image.Resampling.BILINEAR)),
+    "field of view 80%": _aperture(0.8),
+    "frame 4:3 (height cut)": _crop_height(0.75),
+    "resolution 48 px": _resize(48),
+    "resolution 512 px": _resize(512),
+}
+
+
+def bench(name: str, enc: QueryEncoder, cohort: Cohort, split: str, progress: bool) -> dict:
+    everything = load_paired(cohort, size=enc.image_size, progress=progress)
+    cases = [cohort.case(c) for c in everything.case_ids]
+    splits = np.asarray([c.split for c in cases], dtype=object)
+    test, archive = np.nonzero(splits == split)[0], np.nonzero(splits != split)[0]
+    labels = label_arrays(cases)
+    q = {k: v[test] for k, v in labels.items()}
+    a = {k: v[archive] for k, v in labels.items()}
+    ffa = embed_ffa_array(enc.embedder, everything.ffa[test], everything.times_s[test])
+    archive_cf = enc.embed_cf(list(everything.cf[archive]))
+    w_cross = enc.similarity_weights("pair")
+    w_same = enc.similarity_weights(default_similarity(enc.similarities))
+    photos = [read_cf(cases[i].cf_path) for i in test]  # as decoded, any size
+    rows = []
+    for pert, f in PERTURBATIONS.items():
+        t0 = time.perf_counter()
+        cf = enc.embed_cf([f(im) for im in photos])  # (Q, D)
+        pair = pair_metrics(pair_ranks((cf * w_cross) @ ffa.T))
+        clin = clinical_metrics((cf * w_same) @ archive_cf.T, q, a)
+        rows.append({"perturbation": pert, "pair_R@1": pair["R@1"], "pair_R@10": pair["R@10"],
+                     "cf2cf_P@10": clin["P@10"], "cf2cf_hit@5": clin["hit@5"],
+                     "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+        if progress:
+            print(f"  {name}: {pert}: R@1 {pair['R@1']:.3f}  P@10 {clin['P@10']:.3f}", flush=True)
+    clean = rows[0]
+    for r in rows:
+        r["R@1_drop"] = clean["pair_R@1"] - r["pair_R@1"]
+        r["P@10_drop"] = clean["cf2cf_P@10"] - r["cf2cf_P@10"]
+    worst = max(rows, key=lambda r: r["R@1_drop"])
+    return {
+        "embedder": str(enc.embedder_dir),
+        "encoder_id": enc.encoder_id,
+        "queries": int(len(test)),
+        "archive": int(len(archive)),
+        "rows": rows,
+        "worst": {"perturbation": worst["perturbation"], "R@1_drop": worst["R@1_drop"]},
+        "meets_target": worst["R@1_drop"] <= MAX_R1_DROP,
+    }
+
+
+def table(report: dict) -> str:
+    lines = []
+    for name, b in report["embedders"].items():
+        lines.append(f"{name}: {b['queries']} {report['split']} queries, archive {b['archive']}"
+                     f" cases; worst R@1 drop {b['worst']['R@1_drop']:+.3f} "
+                     f"({b['worst']['perturbation']}), target <= {MAX_R1_DROP}")  # fmt: skip
+        lines.append(f"{'perturbation':<28}{'pair R@1':>10}{'drop':>8}{'CF→CF P@10':>12}"
+                     f"{'drop':>8}")  # fmt: skip
+        for r in b["rows"]:
+            lines.append(f"{r['perturbation']:<28}{r['pair_R@1']:>10.3f}{r['R@1_drop']:>+8.3f}"
+                         f"{r['cf2cf_P@10']:>12.3f}{r['P@10_drop']:>+8.3f}")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("cohort", type=Path)
+    ap.add_argument("--embedder", action="append", default=[],
+                    help="NAME=FOLDER of an embedder of RUN (default: RUN/embedder as 'model')")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness.json"))
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    named = dict(e.split("=", 1) for e in args.embedder) or {"model": None}
+    cohort = Cohort.open(args.cohort)
+    started = time.time()
+    report = {
+        "benchmark": "robustness",
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        "command": " ".join(sys.argv),
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "split": args.split,
+        "max_R@1_drop": MAX_R1_DROP,
+        "embedders": {},
+    }
+    for name, folder in named.items():
+        enc = QueryEncoder.open(args.run, folder)
+        report["embedders"][name] = bench(name, enc, cohort, args.split, not args.quiet)
+    report["seconds"] = round(time.time() - started, 1)
+    print(table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"report: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

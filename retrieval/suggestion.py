@@ -1,0 +1,280 @@
+"""Diagnosis suggestion from similar cases: decision support, never a diagnosis.
+
+The k most similar archive cases (clinical similarity) vote for their diagnoses, each
+with weight exp((score - best score) / temperature); `smoothing` pseudo-votes are
+spread over every known diagnosis, so a unanimous vote is never certainty:
+
+    p(d) = (sum of weights of neighbours with diagnosis d + smoothing)
+           / (sum of all weights + smoothing * number of diagnoses)
+
+`fit_suggestion` chooses the temperature and smoothing that minimise the negative
+log-likelihood of the true diagnoses of *validation* queries (searched against the
+training cases only); test labels never reach it. A suggestion abstains when its
+top probability is below `abstain_below`. `suggestion_metrics` reports accuracy,
+macro-F1, expected calibration error (15 equal-width bins of the top probability)
+and the reliability table; `reliability_png` draws it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+TEMPERATURES = tuple(float(t) for t in np.geomspace(1e-3, 1.0, 31))
+SMOOTHINGS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class SuggestionModel:
+    """How neighbours' diagnoses become probabilities (stored in the index manifest)."""
+
+    classes: tuple[str, ...]  # every diagnosis the archive knows, sorted
+    k: int = 10  # neighbours that vote
+    temperature: float = 0.05  # of the score-weighted vote
+    smoothing: float = 0.1  # pseudo-votes per diagnosis
+    abstain_below: float = 0.5  # top probability under which the suggestion abstains
+    calibrated: bool = False  # temperature and smoothing fitted on a validation split
+    fitted_on: dict[str, Any] = field(default_factory=dict)  # split, queries, nll
+    similarity: str = "clinical"  # the similarity the neighbours are searched by
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.temperature <= 0 or self.smoothing < 0:
+            raise ValueError(f"suggestion needs k >= 1, temperature > 0, smoothing >= 0, got "
+                             f"{self.k}, {self.temperature}, {self.smoothing}")  # fmt: skip
+        if not 0 <= self.abstain_below <= 1:
+            raise ValueError(f"abstain_below must be in [0, 1], got {self.abstain_below}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SuggestionModel:
+        return cls(**{**d, "classes": tuple(d["classes"])})
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """The vote's outcome for one query."""
+
+    diagnosis: str  # the most probable diagnosis (shown only as a suggestion)
+    probability: float
+    abstained: bool  # probability < the model's abstain_below
+    probabilities: dict[str, float]  # every class, summing to 1
+    supporting_case_ids: tuple[str, ...]  # neighbours that voted for `diagnosis`
+    neighbours: int  # how many voted
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"supporting_case_ids": list(self.supporting_case_ids)}
+
+
+def vote(
+    scores: np.ndarray,  # (Q, k) similarity of each query's neighbours, best first
+    labels: np.ndarray,  # (Q, k) their diagnoses (str)
+    classes: Sequence[str],
+    temperature: float,
+    smoothing: float,
+) -> np.ndarray:
+    """→ (Q, C) probabilities over `classes`, each row summing to 1."""
+    scores, labels = np.atleast_2d(np.asarray(scores, np.float64)), np.atleast_2d(labels)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ")
+    c = len(classes)
+    weights = np.exp((scores - scores.max(axis=1, keepdims=True)) / temperature)  # (Q, k)
+    onehot = labels[..., None] == np.asarray(classes, dtype=object)[None, None]  # (Q, k, C)
+    votes = (weights[..., None] * onehot).sum(axis=1) + smoothing  # (Q, C)
+    total = votes.sum(axis=1, keepdims=True)
+    if c == 0 or np.any(total <= 0):
+        raise ValueError("nothing to vote for: no neighbour has a known diagnosis")
+    return votes / total
+
+
+def suggest(
+    model: SuggestionModel, scores: np.ndarray, labels: Sequence[str], case_ids: Sequence[str]
+) -> Suggestion:
+    """One query's neighbours (best first, each with a diagnosis) → its suggestion."""
+    scores = np.asarray(scores, np.float64)[: model.k]
+    labels = np.asarray(list(labels)[: model.k], dtype=object)
+    p = vote(scores[None], labels[None], model.classes, model.temperature, model.smoothing)[0]
+    best = int(np.argmax(p))
+    diagnosis = model.classes[best]
+    return Suggestion(
+        diagnosis=diagnosis,
+        probability=float(p[best]),
+        abstained=bool(p[best] < model.abstain_below),
+        probabilities={d: float(v) for d, v in zip(model.classes, p, strict=True)},
+        supporting_case_ids=tuple(
+            str(c) for c, d in zip(case_ids, labels, strict=False) if d == diagnosis
+        ),
+        neighbours=len(labels),
+    )
+
+
+def neighbours(
+    query: np.ndarray,  # (Q, D) query vectors
+    gallery: np.ndarray,  # (N, D) archive vectors
+    gallery_labels: Sequence[str],
+    k: int,
+    exclude: np.ndarray | None = None,  # (Q, N) bool: pairs that may not vote (same patient)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product → scores (Q, k), labels (Q, k)."""
+    sim = np.asarray(query, np.float32) @ np.asarray(gallery, np.float32).T  # (Q, N)
+    if exclude is not None:
+        sim = np.where(exclude, -np.inf, sim)
+    k = min(k, sim.shape[1])
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sim, top, 1), np.asarray(gallery_labels, dtype=object)[top]
+
+
+def fit_suggestion(
+    scores: np.ndarray,  # (Q, k) validation queries' neighbours among the training cases
+    labels: np.ndarray,  # (Q, k)
+    truth: Sequence[str],  # (Q,) the validation queries' diagnoses
+    classes: Sequence[str],
+    *,
+    k: int,
+    abstain_below: float = 0.5,
+    split: str = "val",
+) -> SuggestionModel:
+    """Temperature and smoothing by minimum negative log-likelihood on a grid."""
+    truth = np.asarray(list(truth), dtype=object)
+    if len(truth) == 0:
+        raise ValueError("calibration needs at least one labelled validation query")
+    classes = tuple(sorted(classes))
+    target = np.asarray([classes.index(t) if t in classes else -1 for t in truth])
+    known = target >= 0  # a diagnosis the archive never saw cannot be suggested; skip it
+    best: tuple[float, float, float] | None = None
+    for temperature in TEMPERATURES:
+        for smoothing in SMOOTHINGS:
+            if smoothing == 0 and len(classes) > 1:
+                continue  # zero smoothing gives log(0) for any miss
+            p = vote(scores[known], labels[known], classes, temperature, smoothing)
+            nll = float(-np.log(np.clip(p[np.arange(known.sum()), target[known]], 1e-12, 1)).mean())
+            if best is None or nll < best[0]:
+                best = (nll, temperature, smoothing)
+    assert best is not None
+    nll, temperature, smoothing = best
+    return SuggestionModel(
+        classes=classes, k=k, temperature=temperature, smoothing=smoothing,
+        abstain_below=abstain_below, calibrated=True,
+        fitted_on={"split": split, "queries": int(known.sum()), "nll": round(nll, 4)},
+    )  # fmt: skip
+
+
+def suggestion_metrics(
+    probabilities: np.ndarray, truth: Sequence[str], classes: Sequence[str], abstain_below: float
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, ECE, the reliability table, coverage and accuracy when answering."""
+    p = np.asarray(probabilities, np.float64)
+    classes = list(classes)
+    truth = np.asarray(list(truth), dtype=object)
+    pred = np.asarray(classes, dtype=object)[p.argmax(1)]
+    conf = p.max(1)
+    correct = pred == truth
+    f1 = []
+    for c in sorted(set(truth) | set(pred)):
+        tp = np.sum((pred == c) & (truth == c))
+        fp, fn = np.sum((pred == c) & (truth != c)), np.sum((pred != c) & (truth == c))
+        f1.append(2 * tp / max(2 * tp + fp + fn, 1))
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, ECE_BINS - 1)
+    bins, ece = [], 0.0
+    for b in range(ECE_BINS):
+        m = which == b
+        if m.any():
+            acc, mean_conf = float(correct[m].mean()), float(conf[m].mean())
+            ece += m.mean() * abs(acc - mean_conf)
+            bins.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(m.sum()),
+                         "confidence": mean_conf, "accuracy": acc})  # fmt: skip
+    answered = conf >= abstain_below
+    return {
+        "queries": int(len(truth)),
+        "accuracy": float(correct.mean()),
+        "macro_f1": float(np.mean(f1)),
+        "ece": float(ece),
+        "abstain_below": abstain_below,
+        "coverage": float(answered.mean()),
+        "accuracy_answered": float(correct[answered].mean()) if answered.any() else float("nan"),
+        "reliability": bins,
+    }
+
+
+def reliability_png(metrics: dict[str, Any], title: str = "diagnosis suggestion") -> bytes:
+    """A reliability diagram (accuracy against confidence per bin, bar width = the bin) as PNG."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 420, 420, 50
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    x0, y0, x1, y1 = pad, h - pad, w - 20, 30  # plot box: (x0, y0) bottom-left
+
+    def xy(cx: float, cy: float) -> tuple[float, float]:
+        return x0 + cx * (x1 - x0), y0 - cy * (y0 - y1)
+
+    for b in metrics["reliability"]:
+        d.rectangle([xy(b["low"], b["accuracy"]), xy(b["high"], 0)], fill=(90, 140, 210),
+                    outline=(40, 70, 130))  # fmt: skip
+        d.line([xy(b["low"], b["confidence"]), xy(b["high"], b["confidence"])],
+               fill=(220, 80, 40), width=2)  # fmt: skip
+    d.line([xy(0, 0), xy(1, 1)], fill=(120, 120, 120), width=1)
+    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    for t in (0, 0.5, 1):
+        d.text((xy(t, 0)[0] - 6, y0 + 6), f"{t:g}", fill="black")
+        d.text((x0 - 24, xy(0, t)[1] - 6), f"{t:g}", fill="black")
+    d.text((x0, y0 + 22), "confidence (top probability)", fill="black")
+    d.text((6, y1 - 22), "accuracy", fill="black")
+    d.text((x0, 8), f"{title}: accuracy {metrics['accuracy']:.3f}, ECE {metrics['ece']:.3f}, "
+                    f"n={metrics['queries']}", fill="black")  # fmt: skip
+    d.text((x1 - 150, y0 - 34), "bars: accuracy", fill=(40, 70, 130))
+    d.text((x1 - 150, y0 - 20), "lines: mean confidence", fill=(220, 80, 40))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def fit_for_archive(
+    vectors: np.ndarray,  # (N, D) one modality's stored embeddings of an archive
+    query_weights: np.ndarray,  # (D,) turns a stored vector into a clinical query
+    splits: Sequence[str | None],
+    diagnoses: Sequence[str | None],
+    *,
+    k: int = 10,
+    abstain_below: float = 0.5,
+) -> SuggestionModel | None:
+    """The suggestion model of an index: validation cases' neighbours among the training
+    cases fit the temperature and smoothing. Only rows of the train and val splits are
+    read (never a test row's diagnosis). None when no train or val case has a diagnosis;
+    uncalibrated defaults when one of the two splits has none."""
+    splits = np.asarray([s or "" for s in splits], dtype=object)
+    diag = np.asarray([d or "" for d in diagnoses], dtype=object)
+    train, val = (splits == "train") & (diag != ""), (splits == "val") & (diag != "")
+    classes = tuple(sorted(set(diag[train | val])))
+    if not classes:
+        return None
+    if not train.any() or not val.any():
+        return SuggestionModel(classes=classes, k=k, abstain_below=abstain_below)
+    q = np.asarray(vectors)[val] * np.asarray(query_weights, np.float32)
+    scores, labels = neighbours(q, np.asarray(vectors)[train], diag[train], k)
+    return fit_suggestion(scores, labels, diag[val], classes, k=k, abstain_below=abstain_below)
+
+
+def suggestion_models(
+    encoder: Any, catalog: Any, vectors: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Per modality, the diagnosis-suggestion model fitted on the catalog's val split
+    against its train split (`retrieval.suggestion.fit_for_archive`), as dicts."""
+    kind = "clinical" if "clinical" in encoder.similarities else "pair"
+    weights = encoder.similarity_weights(kind)
+    out = {}
+    for modality, vecs in vectors.items():
+        model = fit_for_archive(
+            vecs, weights, catalog["split"].to_list(), catalog["diagnosis"].to_list()
+        )
+        if model is not None:
+            out[modality] = dataclasses.replace(model, similarity=kind).to_dict()
+    return out
