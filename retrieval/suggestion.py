@@ -208,10 +208,10 @@ def reliability_png(metrics: dict[str, Any], title: str = "diagnosis suggestion"
     """A reliability diagram (accuracy against confidence per bin, bar width = the bin) as PNG."""
     from PIL import Image, ImageDraw
 
-    w, h, pad = 420, 420, 50
+    w, h, pad = 440, 470, 50
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
-    x0, y0, x1, y1 = pad, h - pad, w - 20, 30  # plot box: (x0, y0) bottom-left
+    x0, y0, x1, y1 = pad, h - 80, w - 20, 44  # plot box: (x0, y0) bottom-left
 
     def xy(cx: float, cy: float) -> tuple[float, float]:
         return x0 + cx * (x1 - x0), y0 - cy * (y0 - y1)
@@ -227,11 +227,12 @@ def reliability_png(metrics: dict[str, Any], title: str = "diagnosis suggestion"
         d.text((xy(t, 0)[0] - 6, y0 + 6), f"{t:g}", fill="black")
         d.text((x0 - 24, xy(0, t)[1] - 6), f"{t:g}", fill="black")
     d.text((x0, y0 + 22), "confidence (top probability)", fill="black")
-    d.text((6, y1 - 22), "accuracy", fill="black")
-    d.text((x0, 8), f"{title}: accuracy {metrics['accuracy']:.3f}, ECE {metrics['ece']:.3f}, "
-                    f"n={metrics['queries']}", fill="black")  # fmt: skip
-    d.text((x1 - 150, y0 - 34), "bars: accuracy", fill=(40, 70, 130))
-    d.text((x1 - 150, y0 - 20), "lines: mean confidence", fill=(220, 80, 40))
+    d.text((6, y1 - 16), "accuracy", fill="black")
+    d.text((6, 6), f"{title}: accuracy {metrics['accuracy']:.3f}, ECE {metrics['ece']:.3f}, "
+                   f"n={metrics['queries']}", fill="black")  # fmt: skip
+    d.text((x0, y0 + 42), "bars: accuracy of the queries in each bin", fill=(40, 70, 130))
+    d.text((x0, y0 + 56), "lines: their mean confidence; diagonal: perfect calibration",
+           fill=(220, 80, 40))  # fmt: skip
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()

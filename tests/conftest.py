@@ -22,6 +22,18 @@ def deterministic_torch() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def micro_run_dir(tmp_path_factory) -> Path:
+    """A generator run folder with micro-scale weights at 32 px (fresh, seeded)."""
+    from encoder import create_generator, save_generator
+    from encoder.testing import micro_scale
+
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("micro-run")
+    save_generator(folder, create_generator(micro_scale(32)), micro_scale(32))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def pixel_index(tmp_path_factory):
     """A 24-case phantom index embedded by `retrieval.testing.PixelEncoder` (no model).
 

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from encoder import EmbedderConfig, create_embedder, embed_cf_array, load_embedder, save_generator
+from encoder import EmbedderConfig, create_embedder, embed_cf_array, load_embedder
 from encoder.augment import AugmentConfig, augment_cf
 from encoder.embedder import similarity_weights
 from encoder.losses import label_affinity, label_contrastive_loss
-from encoder.testing import micro_scale, toy_paired_videos
+from encoder.testing import toy_paired_videos
 from encoder.train import CaseLabels, embed_training_loop
 from retrieval.suggestion import (
     SuggestionModel,
@@ -37,13 +37,8 @@ SMALL = EmbedderConfig(image_size=S, dim=16, grid=2, attn_hidden=8, time_freqs=4
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    torch.manual_seed(1)
-    from encoder import create_generator
-
-    folder = tmp_path_factory.mktemp("run")
-    save_generator(folder, create_generator(micro_scale(S)), micro_scale(S))
-    return folder
+def run_dir(micro_run_dir):
+    return micro_run_dir  # 32 px
 
 
 # ---------------------------------------------------------------- the loss
