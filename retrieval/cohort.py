@@ -1,6 +1,6 @@
 """Cohorts: a folder with `catalog.parquet` (one row per eye-visit) and its media.
 
-The catalog follows the data contract of DESIGN.md. `Cohort.open` validates it and
+The catalog follows the README's data contract. `Cohort.open` validates it and
 gives typed `Case` records whose media paths are resolved against the folder.
 """
 

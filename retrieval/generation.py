@@ -30,7 +30,7 @@ from .training_data import load_paired
 
 log = logging.getLogger(__name__)
 
-VARIANTS = {  # name -> training_loop flags; the two ablations of the issue
+VARIANTS = {  # name -> training_loop flags; the full model and its two ablations
     "full": {"knowledge_mask": True, "autoregressive": True},
     "no-knowledge-mask": {"knowledge_mask": False, "autoregressive": True},
     "per-frame": {"knowledge_mask": True, "autoregressive": False},

@@ -93,7 +93,7 @@ def test_minimal_columns_only(tmp_path, good_rows):
 
 
 def _corrupt(tmp_path: Path, rows: list[dict]) -> dict[int, str]:
-    """Break rows in every way the issue names; returns row number -> expected message part."""
+    """Break rows in every way `ingest` must report; returns row number -> expected message part."""
     rows[0]["cf_path"] = "media/nowhere.png"
     (tmp_path / "media" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     rows[1]["cf_path"] = "media/bad.png"

@@ -1,8 +1,8 @@
 """Request and response models of the HTTP API (the contract the dashboard codes against).
 
 Every JSON body the API returns is one of these models; every error is `ErrorResponse`
-(`detail` is always a readable string naming the bad value). Field names follow
-DESIGN.md: a result row is `{rank, case_id, score, modality, diagnosis, eye, lesions,
+(`detail` is always a readable string naming the bad value). Field names follow the
+README's data contract: a result row is `{rank, case_id, score, modality, diagnosis, eye, lesions,
 cf_url, ffa_url}` plus `synthetic`. URLs are relative to the API's base URL.
 
 Multipart forms (declared on the routes, listed here for clients):
