@@ -391,7 +391,7 @@ def search(
     from encoder import EncoderError
     from index import IndexStoreError
 
-    from .engine import SIMILARITIES, CFQuery, Engine, FFAQuery
+    from .engine import SIMILARITIES, CFQuery, Engine, FFAQuery, suggestion_record
     from .media import CF_SUFFIXES, read_cf, read_ffa
 
     if similarity is not None and similarity not in SIMILARITIES:
@@ -424,7 +424,7 @@ def search(
         out = {
             "query": result.query, "target": target, "via": via,
             "similarity": result.similarity, "results": rows,
-            "suggestion": _suggestion_json(result),
+            "suggestion": suggestion_record(result),
         }  # fmt: skip
         if result.synthetic is not None:
             out["synthetic_query"] = {
@@ -455,11 +455,6 @@ def suggestion_line(suggestion) -> str:
     )
 
 
-def _suggestion_json(result) -> dict | None:
-    """The search's suggestion as the API's `suggestion` object (None: the index has none)."""
-    from .queries import suggestion_record
-
-    return suggestion_record(result)
 
 
 @app.command()

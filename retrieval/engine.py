@@ -733,7 +733,7 @@ class Engine:
                     "same_modality": default_similarity(self.similarities),
                     "cross_modal": default_similarity(self.similarities),
                 },
-                "suggestion": {m: _model_summary(model) for m, model in self._suggesters.items()},
+                "suggestion": {m: model.to_dict() for m, model in self._suggesters.items()},
             }
 
     def snapshot_vectors(
@@ -767,16 +767,6 @@ class Engine:
 
     def close(self) -> None:
         """Nothing to flush (every update is saved at once); kept for symmetry with open."""
-
-
-def _model_summary(model: SuggestionModel) -> dict[str, Any]:
-    """What `stats` says about a suggestion model."""
-    return {
-        "calibrated": model.calibrated, "k": model.k, "temperature": model.temperature,
-        "smoothing": model.smoothing, "abstain_below": model.abstain_below,
-        "similarity": model.similarity, "classes": list(model.classes),
-        "fitted_on": dict(model.fitted_on),
-    }  # fmt: skip
 
 
 def _ms(t0: float) -> float:

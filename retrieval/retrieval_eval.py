@@ -20,6 +20,7 @@ whole archive.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -238,7 +239,7 @@ def _clinical_rows(enc, vectors, labels, test, archive) -> dict[str, Any]:
 def _suggestion_rows(enc, vectors, labels, splits, test, archive) -> dict[str, Any]:
     """Per query modality: the suggestion fitted on val (against train), scored on the
     held-out queries against the whole archive."""
-    kind = "clinical" if "clinical" in enc.similarities else "pair"
+    kind = default_similarity(enc.similarities)
     w = enc.similarity_weights(kind)
     diag = labels["diagnosis"]
     out: dict[str, Any] = {}
@@ -252,7 +253,7 @@ def _suggestion_rows(enc, vectors, labels, splits, test, archive) -> dict[str, A
         scores, votes = neighbours(x[known] * w, x[voters], diag[voters], model.k)
         p = vote(scores, votes, model.classes, model.temperature, model.smoothing)
         out[modality] = suggestion_metrics(p, diag[known], model.classes, model.abstain_below)
-        out[modality]["model"] = model.to_dict() | {"similarity": kind}
+        out[modality]["model"] = dataclasses.replace(model, similarity=kind).to_dict()
     return out
 
 

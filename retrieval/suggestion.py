@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .queries import default_similarity
+
 TEMPERATURES = tuple(float(t) for t in np.geomspace(1e-3, 1.0, 31))
 SMOOTHINGS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 ECE_BINS = 15
@@ -51,7 +53,7 @@ class SuggestionModel:
             raise ValueError(f"abstain_below must be in [0, 1], got {self.abstain_below}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"classes": list(self.classes)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SuggestionModel:
@@ -269,7 +271,7 @@ def suggestion_models(
 ) -> dict[str, Any]:
     """Per modality, the diagnosis-suggestion model fitted on the catalog's val split
     against its train split (`retrieval.suggestion.fit_for_archive`), as dicts."""
-    kind = "clinical" if "clinical" in encoder.similarities else "pair"
+    kind = default_similarity(encoder.similarities)
     weights = encoder.similarity_weights(kind)
     out = {}
     for modality, vecs in vectors.items():

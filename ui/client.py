@@ -1,4 +1,4 @@
-"""A small typed HTTP client of the fundus2video API (the routes of DESIGN.md).
+"""A small typed HTTP client of the fundus2video API (the routes in the README's HTTP API table).
 
 The dashboard's only way to the engine: it never imports `encoder`, `index` or
 `retrieval` (nor the API's schemas; the shapes it needs are mirrored here). Every
@@ -18,7 +18,6 @@ import httpx
 DEFAULT_API = "http://127.0.0.1:8000"
 TARGETS = ("cf", "ffa", "both")
 VIAS = ("direct", "synthesis", "fused")
-SIMILARITIES = ("combined", "pair", "clinical")
 FFA_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
 
 

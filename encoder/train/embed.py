@@ -84,10 +84,8 @@ class CaseLabels:
     @property
     def labelled(self) -> int:
         """Cases with a diagnosis or a lesion list."""
-        return sum(d is not None or ls is not None for d, ls in zip(*self.fields(), strict=True))
-
-    def fields(self) -> tuple[tuple, tuple]:
-        return self.diagnoses, self.lesions
+        pairs = zip(self.diagnoses, self.lesions, strict=True)
+        return sum(d is not None or ls is not None for d, ls in pairs)
 
 
 def embed_training_loop(
@@ -238,7 +236,9 @@ class _EmbedSession:
                  data: PairedVideos, val_data: PairedVideos | None, labels: CaseLabels | None,
                  augment: AugmentConfig, device: torch.device, started: float):  # fmt: skip
         self.out_dir, self.embedder, self.options = out_dir, embedder, options
-        self.labels = labels
+        self.affinity = None  # label affinity of every pair of training cases, (N, N)
+        if labels is not None:
+            self.affinity = label_affinity(labels.diagnoses, labels.lesions)
         self.data, self.val_data, self.augment, self.device = data, val_data, augment, device
         self.frozen = not embedder.config.train_backbone
         heads = embedder.head_parameters()
@@ -302,11 +302,10 @@ class _EmbedSession:
         z_cf, z_ffa = e.cf_head_embed(f_cf), e.ffa_head_embed(f_ffa, t)
         clip = self.loss_fn(z_cf, z_ffa, e.logit_scale.exp())
         losses = {"clip": clip}
-        if self.labels is not None:
+        if self.affinity is not None:
             c = torch.cat([e.cf_clinical_embed(f_cf), e.ffa_clinical_embed(f_ffa)])  # (2B, Dc)
-            cases = np.concatenate([idx, idx])
-            diagnoses, lesions = self.labels.fields()
-            affinity = label_affinity([diagnoses[i] for i in cases], [lesions[i] for i in cases])
+            cases = torch.from_numpy(np.concatenate([idx, idx]))
+            affinity = self.affinity[cases][:, cases]
             losses["label"] = label_contrastive_loss(c, affinity, o["clinical_temperature"])
         loss = clip + o["clinical_loss"] * losses.get("label", 0.0)
         self.opt.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from ...engine import check_similarity
+from ...engine import check_similarity, default_similarity
 from ...insights import find_report, project_2d, read_curves, read_json, umap_available
 from ..deps import EngineDep, SettingsDep
 from ..schemas import ErrorResponse, MapResponse, ModelInfo, Similarity
@@ -57,7 +57,7 @@ async def embedding_map(
     if method == "umap" and not umap_available():
         raise HTTPException(422, "method: umap needs umap-learn, which is not installed (use pca)")
     if similarity is None:
-        similarity = "clinical" if "clinical" in engine.similarities else "pair"
+        similarity = default_similarity(engine.similarities)
     check_similarity(similarity, engine.similarities)  # QueryError: a 422 naming it
     key = (engine.generation, modality, method, limit, similarity)
     cache: dict = request.app.state.map_cache
