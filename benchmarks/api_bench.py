@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from index_bench import clustered_vectors  # noqa: E402, I001  (benchmarks/ is on sys.path)
 
 from index import VectorIndex, load_index_folder, read_manifest, save_index_folder  # noqa: E402
-from retrieval.cohort import CATALOG_SCHEMA, DIAGNOSES  # noqa: E402
-from retrieval.phantom import write_phantom_cohort  # noqa: E402
+from retrieval.data.cohort import CATALOG_SCHEMA, DIAGNOSES  # noqa: E402
+from retrieval.data.phantom import write_phantom_cohort  # noqa: E402
 from retrieval.testing import PixelEncoder  # noqa: E402
 
 K = 10
@@ -81,7 +81,7 @@ def similar(i: int, k: int = 10):
 OUR_SERVICE = """
 import logging, sys, uvicorn
 from retrieval.api import Settings, create_app
-from retrieval.engine import Engine
+from retrieval.search.engine import Engine
 from retrieval.testing import PixelEncoder
 
 # logging as `fundus2video serve` sets it up
@@ -302,18 +302,28 @@ def print_table(rows: list[dict]) -> None:
 
 def criterion(rows: list[dict]) -> dict:
     def get(system: str, clients: int) -> dict:
-        return next(r for r in rows if r["system"] == system and r["query"] == "case"
-                    and r["clients"] == clients)  # fmt: skip
+        return next(
+            r
+            for r in rows
+            if r["system"] == system and r["query"] == "case" and r["clients"] == clients
+        )
 
     ours1, min1, ours4, min4 = get("ours", 1), get("minimal", 1), get("ours", 4), get("minimal", 4)
     bound = 1.5 * min1["p50_ms"] + 1.0
     return {
-        "p50_at_1_client_ms": {"ours": ours1["p50_ms"], "minimal": min1["p50_ms"], "bound": bound,
-                               "ok": ours1["p50_ms"] <= bound},
-        "qps_at_4_clients": {"ours": ours4["qps"], "minimal": min4["qps"],
-                             "ratio": ours4["qps"] / min4["qps"],
-                             "ok": ours4["qps"] >= min4["qps"]},
-    }  # fmt: skip
+        "p50_at_1_client_ms": {
+            "ours": ours1["p50_ms"],
+            "minimal": min1["p50_ms"],
+            "bound": bound,
+            "ok": ours1["p50_ms"] <= bound,
+        },
+        "qps_at_4_clients": {
+            "ours": ours4["qps"],
+            "minimal": min4["qps"],
+            "ratio": ours4["qps"] / min4["qps"],
+            "ok": ours4["qps"] >= min4["qps"],
+        },
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -366,22 +376,40 @@ def main(argv: list[str] | None = None) -> int:
     collected: dict[tuple, list[float]] = {}
     bar = tqdm(total=len(plan), desc="api bench", unit="run")
     our_cmd = [sys.executable, "-c", OUR_SERVICE, str(folder), str(args.dim), str(our_port)]
-    min_cmd = [sys.executable, "-m", "uvicorn", "minimal_service:app", "--port", str(min_port),
-               "--no-access-log", "--log-level", "warning"]  # fmt: skip
-    min_env = {"BENCH_FAISS": str(folder / "cf.faiss"), "BENCH_EF": str(ef),
-               "PYTHONPATH": str(args.cache)}  # fmt: skip
+    min_cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "minimal_service:app",
+        "--port",
+        str(min_port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    min_env = {
+        "BENCH_FAISS": str(folder / "cf.faiss"),
+        "BENCH_EF": str(ef),
+        "PYTHONPATH": str(args.cache),
+    }
     with (
         server(min_cmd, min_env, f"http://127.0.0.1:{min_port}", args.cache / "minimal.log"),
         server(our_cmd, {}, f"http://127.0.0.1:{our_port}", args.cache / "ours.log"),
     ):
         requests = {
-            ("minimal", "case"): (min_port, [
-                get_request(min_port, f"/similar/{i}?k={K}") for i in query_ids]),
-            ("ours", "case"): (our_port, [
-                get_request(our_port, f"/cases/{c}/similar?k={K}") for c in case_ids]),
-            ("ours", "upload"): (our_port, [
-                upload_request(our_port, "/search", photo, {"k": str(K)}) for photo in photos]),
-        }  # fmt: skip
+            ("minimal", "case"): (
+                min_port,
+                [get_request(min_port, f"/similar/{i}?k={K}") for i in query_ids],
+            ),
+            ("ours", "case"): (
+                our_port,
+                [get_request(our_port, f"/cases/{c}/similar?k={K}") for c in case_ids],
+            ),
+            ("ours", "upload"): (
+                our_port,
+                [upload_request(our_port, "/search", photo, {"k": str(K)}) for photo in photos],
+            ),
+        }
         share = args.seconds / args.rounds
         for (system, query), c, r in plan:
             bar.set_postfix_str(f"{system} {query} x{c} round {r + 1}")
@@ -412,21 +440,21 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "k": K,
-        },  # fmt: skip
+        },
         "index": {
             "key": manifest["index_keys"]["cf"],
             "efSearch": ef,
             "n": args.n,
             "dim": args.dim,
             "recall_estimate": manifest["modalities"]["cf"].get("recall_estimate"),
-        },  # fmt: skip
+        },
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "faiss": faiss.__version__,
             "load_average_at_end": list(os.getloadavg()),
-        },  # fmt: skip
+        },
         "minimal_service": textwrap.dedent(MINIMAL_SERVICE).strip(),
         "results": rows,
         "criterion": verdict,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from encoder.train import training_loop
 from encoder.train.step import LossWeights
-from retrieval.cohort import Cohort
-from retrieval.generation import evaluate_runs, generation_table
-from retrieval.training_data import load_paired
+from retrieval.data.cohort import Cohort
+from retrieval.data.training_data import load_paired
+from retrieval.models.generation import evaluate_runs, generation_table
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,9 +45,13 @@ def main() -> None:
         loop = dict(weights.pop("_loop", {}))
         t0 = time.perf_counter()
         training_loop(
-            run_dir=args.runs / name, data=train, scale="tiny", iters=args.iters,
-            loss_weights=LossWeights(**weights), **loop,
-        )  # fmt: skip
+            run_dir=args.runs / name,
+            data=train,
+            scale="tiny",
+            iters=args.iters,
+            loss_weights=LossWeights(**weights),
+            **loop,
+        )
         seconds[name] = time.perf_counter() - t0
     report = evaluate_runs({n: args.runs / n for n in configs}, args.cohort)
     report["train_seconds"] = seconds

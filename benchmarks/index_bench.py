@@ -154,10 +154,17 @@ def bench_key(key, x, q, truth, budget_s, use_gpu, target_recall) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     cols = [
-        ("n", "{:>9,}"), ("key", "{:<16}"), ("build_s", "{:>8.1f}"), ("tune_s", "{:>7.1f}"),
-        ("qps_b1", "{:>9,.0f}"), ("qps_b64", "{:>9,.0f}"), ("recall@10", "{:>9.3f}"),
-        ("bytes_per_vector", "{:>8,.0f}"), ("search_params", "{!s:<18}"), ("device", "{:<4}"),
-    ]  # fmt: skip
+        ("n", "{:>9,}"),
+        ("key", "{:<16}"),
+        ("build_s", "{:>8.1f}"),
+        ("tune_s", "{:>7.1f}"),
+        ("qps_b1", "{:>9,.0f}"),
+        ("qps_b64", "{:>9,.0f}"),
+        ("recall@10", "{:>9.3f}"),
+        ("bytes_per_vector", "{:>8,.0f}"),
+        ("search_params", "{!s:<18}"),
+        ("device", "{:<4}"),
+    ]
     names = {"bytes_per_vector": "B/vec", "search_params": "params", "recall@10": "recall@10"}
     header = " | ".join(
         f"{names.get(c, c):{'<' if '<' in f else '>'}{len(f.format(*_blank(c)))}}" for c, f in cols

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.media_write import mp4_bytes, png_bytes  # noqa: E402
-from retrieval.phantom import phantom_case, write_phantom_cohort  # noqa: E402
+from retrieval.data.media_write import mp4_bytes, png_bytes  # noqa: E402
+from retrieval.data.phantom import phantom_case, write_phantom_cohort  # noqa: E402
 
 log = logging.getLogger("phantom_bench")
 TARGET_128 = 20.0
@@ -51,8 +51,15 @@ def bench(size: int, frames: int, cases: int, seed: int, repeats: int) -> dict:
     for r in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            write_phantom_cohort(Path(tmp) / f"c{r}", cases=cases, size=size, frames=frames,
-                                 seed=seed, workers=1, progress=False)  # fmt: skip
+            write_phantom_cohort(
+                Path(tmp) / f"c{r}",
+                cases=cases,
+                size=size,
+                frames=frames,
+                seed=seed,
+                workers=1,
+                progress=False,
+            )
             walls.append(time.perf_counter() - t0)
     best = min(walls)
     return {
@@ -83,12 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         n = max(args.min_cases, int(args.cases * (128 / size) ** 2))
         log.info("size %d: %d cases x %d repeats", size, n, args.repeats)
         rows.append(bench(size, args.frames, n, args.seed, args.repeats))
-    print(f"{'size':>5} {'frames':>6} {'cases':>5} {'cases/s':>8} {'ms/case':>8} "
-          f"{'render':>7} {'png':>6} {'mp4':>6}")  # fmt: skip
+    print(
+        f"{'size':>5} {'frames':>6} {'cases':>5} {'cases/s':>8} {'ms/case':>8} "
+        f"{'render':>7} {'png':>6} {'mp4':>6}"
+    )
     for r in rows:
-        print(f"{r['size']:>5} {r['frames']:>6} {r['cases']:>5} {r['cases_per_s']:>8.1f} "
-              f"{r['ms_per_case']:>8.1f} {r['render_ms']:>7.1f} {r['png_ms']:>6.1f} "
-              f"{r['mp4_ms']:>6.1f}")  # fmt: skip
+        print(
+            f"{r['size']:>5} {r['frames']:>6} {r['cases']:>5} {r['cases_per_s']:>8.1f} "
+            f"{r['ms_per_case']:>8.1f} {r['render_ms']:>7.1f} {r['png_ms']:>6.1f} "
+            f"{r['mp4_ms']:>6.1f}"
+        )
     report = {
         "benchmark": "phantom",
         "target_cases_per_s_128": TARGET_128,

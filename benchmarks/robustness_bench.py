@@ -30,17 +30,17 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoder.embedder import embed_ffa_array  # noqa: E402
-from retrieval.cohort import Cohort  # noqa: E402
-from retrieval.embedding import QueryEncoder  # noqa: E402
-from retrieval.media import read_cf  # noqa: E402
-from retrieval.queries import default_similarity  # noqa: E402
-from retrieval.retrieval_eval import (  # noqa: E402
+from retrieval.data.cohort import Cohort  # noqa: E402
+from retrieval.data.media import read_cf  # noqa: E402
+from retrieval.data.training_data import load_paired  # noqa: E402
+from retrieval.evaluation.retrieval import (  # noqa: E402
     clinical_metrics,
     label_arrays,
     pair_metrics,
     pair_ranks,
 )
-from retrieval.training_data import load_paired  # noqa: E402
+from retrieval.models.embedding import QueryEncoder  # noqa: E402
+from retrieval.search.queries import default_similarity  # noqa: E402
 
 MAX_R1_DROP = 0.05
 
@@ -130,9 +130,16 @@ def bench(name: str, enc: QueryEncoder, cohort: Cohort, split: str, progress: bo
         cf = enc.embed_cf([f(im) for im in photos])  # (Q, D)
         pair = pair_metrics(pair_ranks((cf * w_cross) @ ffa.T))
         clin = clinical_metrics((cf * w_same) @ archive_cf.T, q, a)
-        rows.append({"perturbation": pert, "pair_R@1": pair["R@1"], "pair_R@10": pair["R@10"],
-                     "cf2cf_P@10": clin["P@10"], "cf2cf_hit@5": clin["hit@5"],
-                     "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+        rows.append(
+            {
+                "perturbation": pert,
+                "pair_R@1": pair["R@1"],
+                "pair_R@10": pair["R@10"],
+                "cf2cf_P@10": clin["P@10"],
+                "cf2cf_hit@5": clin["hit@5"],
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
         if progress:
             print(f"  {name}: {pert}: R@1 {pair['R@1']:.3f}  P@10 {clin['P@10']:.3f}", flush=True)
     clean = rows[0]
@@ -154,14 +161,19 @@ def bench(name: str, enc: QueryEncoder, cohort: Cohort, split: str, progress: bo
 def table(report: dict) -> str:
     lines = []
     for name, b in report["embedders"].items():
-        lines.append(f"{name}: {b['queries']} {report['split']} queries, archive {b['archive']}"
-                     f" cases; worst R@1 drop {b['worst']['R@1_drop']:+.3f} "
-                     f"({b['worst']['perturbation']}), target <= {MAX_R1_DROP}")  # fmt: skip
-        lines.append(f"{'perturbation':<28}{'pair R@1':>10}{'drop':>8}{'CF→CF P@10':>12}"
-                     f"{'drop':>8}")  # fmt: skip
+        lines.append(
+            f"{name}: {b['queries']} {report['split']} queries, archive {b['archive']}"
+            f" cases; worst R@1 drop {b['worst']['R@1_drop']:+.3f} "
+            f"({b['worst']['perturbation']}), target <= {MAX_R1_DROP}"
+        )
+        lines.append(
+            f"{'perturbation':<28}{'pair R@1':>10}{'drop':>8}{'CF→CF P@10':>12}{'drop':>8}"
+        )
         for r in b["rows"]:
-            lines.append(f"{r['perturbation']:<28}{r['pair_R@1']:>10.3f}{r['R@1_drop']:>+8.3f}"
-                         f"{r['cf2cf_P@10']:>12.3f}{r['P@10_drop']:>+8.3f}")  # fmt: skip
+            lines.append(
+                f"{r['perturbation']:<28}{r['pair_R@1']:>10.3f}{r['R@1_drop']:>+8.3f}"
+                f"{r['cf2cf_P@10']:>12.3f}{r['P@10_drop']:>+8.3f}"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -170,8 +182,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("cohort", type=Path)
-    ap.add_argument("--embedder", action="append", default=[],
-                    help="NAME=FOLDER of an embedder of RUN (default: RUN/embedder as 'model')")
+    ap.add_argument(
+        "--embedder",
+        action="append",
+        default=[],
+        help="NAME=FOLDER of an embedder of RUN (default: RUN/embedder as 'model')",
+    )
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness.json"))
     ap.add_argument("--quiet", action="store_true")

@@ -40,8 +40,13 @@ class AugmentConfig:
         for name, value in vars(self).items():
             if value < 0:
                 raise ConfigError(f"augment {name} must be >= 0, got {value}")
-        for name in ("blur_prob", "downscale_prob", "aperture_prob", "downscale_min",
-                     "aperture_min"):  # fmt: skip
+        for name in (
+            "blur_prob",
+            "downscale_prob",
+            "aperture_prob",
+            "downscale_min",
+            "aperture_min",
+        ):
             if getattr(self, name) > 1:
                 raise ConfigError(f"augment {name} must be <= 1, got {getattr(self, name)}")
 

@@ -113,8 +113,10 @@ class GeneratorBackbone(Backbone):
         levels = c.n_downsampling + 2  # stem, n downsamplings, bottleneck
         bad = [i for i in layers if not -levels <= i < levels]
         if not layers or bad:
-            raise ConfigError(f"generator layers {list(layers)} must index the {levels} levels "
-                              "[stem, down_1 .. down_n, bottleneck] (-1 = bottleneck)")  # fmt: skip
+            raise ConfigError(
+                f"generator layers {list(layers)} must index the {levels} levels "
+                "[stem, down_1 .. down_n, bottleneck] (-1 = bottleneck)"
+            )
         self.layers = tuple(i % levels for i in layers)
         channels = [c.channels(i) for i in range(c.n_downsampling + 1)] + [c.bottleneck_channels]
         sides = [c.image_size // 2**i for i in range(c.n_downsampling + 1)]
@@ -164,8 +166,15 @@ class GeneratorBackbone(Backbone):
 
 
 class OpenClipBackbone(Backbone):
-    def __init__(self, model: str, image_size: int, grid: int, pool: str, gem_p: float,
-                 checkpoint: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        image_size: int,
+        grid: int,
+        pool: str,
+        gem_p: float,
+        checkpoint: str | None = None,
+    ):
         super().__init__()
         import open_clip  # heavy import, only for this backbone
 

@@ -93,8 +93,15 @@ class EmbedderConfig:
 
     def __post_init__(self) -> None:
         BackboneSpec.parse(self.backbone)
-        for name in ("dim", "image_size", "grid", "time_freqs", "attn_hidden", "pixel_size",
-                     "pixel_components"):  # fmt: skip
+        for name in (
+            "dim",
+            "image_size",
+            "grid",
+            "time_freqs",
+            "attn_hidden",
+            "pixel_size",
+            "pixel_components",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"embedder {name} must be >= 1, got {getattr(self, name)}")
         if self.pool not in ("avg", "gem"):
@@ -102,11 +109,14 @@ class EmbedderConfig:
         if self.gem_p <= 0:
             raise ConfigError(f"embedder gem_p must be > 0, got {self.gem_p}")
         if self.clinical_dim < 0 or self.clinical_hidden < 1:
-            raise ConfigError(f"embedder clinical_dim must be >= 0 and clinical_hidden >= 1, "
-                              f"got {self.clinical_dim}, {self.clinical_hidden}")  # fmt: skip
+            raise ConfigError(
+                f"embedder clinical_dim must be >= 0 and clinical_hidden >= 1, "
+                f"got {self.clinical_dim}, {self.clinical_hidden}"
+            )
         if self.clinical_dim and not 0 < self.clinical_weight < 1:
-            raise ConfigError(f"embedder clinical_weight must be in (0, 1), "
-                              f"got {self.clinical_weight}")  # fmt: skip
+            raise ConfigError(
+                f"embedder clinical_weight must be in (0, 1), got {self.clinical_weight}"
+            )
 
     @property
     def out_dim(self) -> int:
@@ -139,8 +149,10 @@ class ProjectionHead(nn.Module):
         super().__init__()
         c, g, _ = feature_shape
         if dim % (g * g):
-            raise ConfigError(f"embedder dim {dim} is not divisible by the {g}x{g} regions "
-                              "of the backbone's feature grid: change dim or grid")  # fmt: skip
+            raise ConfigError(
+                f"embedder dim {dim} is not divisible by the {g}x{g} regions "
+                "of the backbone's feature grid: change dim or grid"
+            )
         self.norm = nn.LayerNorm(c)
         self.region = nn.Linear(c, dim // (g * g))
         self.region_bias = nn.Parameter(torch.zeros(g * g, dim // (g * g)))
@@ -160,8 +172,9 @@ class ClinicalHead(nn.Module):
     def __init__(self, channels: int, dim: int, hidden: int):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
-        self.detect = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(),
-                                    nn.Linear(hidden, hidden))  # fmt: skip
+        self.detect = nn.Sequential(
+            nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
         self.project = nn.Linear(2 * hidden, dim)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,9 +189,10 @@ class TimeFeatures(nn.Module):
     def __init__(self, freqs: int):
         super().__init__()
         self.register_buffer(
-            "freqs", torch.exp(torch.linspace(math.log(0.5), math.log(64.0), freqs)),
+            "freqs",
+            torch.exp(torch.linspace(math.log(0.5), math.log(64.0), freqs)),
             persistent=False,
-        )  # fmt: skip
+        )
 
     def forward(self, times_s: torch.Tensor) -> torch.Tensor:
         angles = torch.log1p(times_s.float().clamp(min=0.0))[..., None] * self.freqs
@@ -244,13 +258,16 @@ class Embedder(nn.Module):
         if frames.ndim != 4 or frames.shape[2:] != (s, s):
             raise DataError(f"frames must be (B, T, {s}, {s}), got {tuple(frames.shape)}")
         if times_s.shape != frames.shape[:2]:
-            raise DataError(f"times_s must be (B, T) = {tuple(frames.shape[:2])}, "
-                            f"got {tuple(times_s.shape)}")  # fmt: skip
+            raise DataError(
+                f"times_s must be (B, T) = {tuple(frames.shape[:2])}, got {tuple(times_s.shape)}"
+            )
         frames, times_s = frames.float(), times_s.float()
         if mask is not None:
             if mask.shape != frames.shape[:2] or mask.dtype != torch.bool:
-                raise DataError(f"mask must be bool (B, T) = {tuple(frames.shape[:2])}, "
-                                f"got {mask.dtype} {tuple(mask.shape)}")  # fmt: skip
+                raise DataError(
+                    f"mask must be bool (B, T) = {tuple(frames.shape[:2])}, "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
             frames = frames.where(mask[..., None, None], -1.0)
             times_s = times_s.where(mask, 0.0)
         with self._backbone_grad():
@@ -423,9 +440,14 @@ def read_embedder_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(path, f"format {cfg.get('format')!r} is not {FORMAT!r}")
     version = cfg.get("format_version", 0)
     if version not in READABLE_VERSIONS:
-        why = "newer than ours" if version > FORMAT_VERSION else (
-            "from before the region-aligned heads: retrain it with "
-            "`fundus2video train RUN COHORT --stage embed`")  # fmt: skip
+        why = (
+            "newer than ours"
+            if version > FORMAT_VERSION
+            else (
+                "from before the region-aligned heads: retrain it with "
+                "`fundus2video train RUN COHORT --stage embed`"
+            )
+        )
         raise CheckpointError(path, f"format_version {version} is {why} ({FORMAT_VERSION})")
     return cfg
 
@@ -541,8 +563,10 @@ def similarity_weights(config: EmbedderConfig, similarity: str) -> np.ndarray:
         return ones
     if not config.clinical_dim:
         if similarity == "clinical":
-            raise ConfigError("this embedder has no clinical part (it was trained without "
-                              "diagnosis or lesion labels): use similarity 'pair'")  # fmt: skip
+            raise ConfigError(
+                "this embedder has no clinical part (it was trained without "
+                "diagnosis or lesion labels): use similarity 'pair'"
+            )
         return ones
     w, d = config.clinical_weight, config.dim
     out = np.zeros(config.out_dim, np.float32)

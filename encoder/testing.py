@@ -58,6 +58,15 @@ def toy_paired_videos(n: int = 8, size: int = 32, frames: int = 6, seed: int = 0
 def micro_scale(size: int = 32) -> ScaleConfig:
     """A few-thousand-parameter scale for mechanics tests (32 px, 2 downsamplings, 1 block)."""
     return get_scale("tiny").replace(
-        name="micro", image_size=size, ngf=8, n_downsampling=2, n_blocks=1, time_freqs=4,
-        time_hidden=16, ndf=8, n_layers=2, num_patches=16, dim=16,
-    )  # fmt: skip
+        name="micro",
+        image_size=size,
+        ngf=8,
+        n_downsampling=2,
+        n_blocks=1,
+        time_freqs=4,
+        time_hidden=16,
+        ndf=8,
+        n_layers=2,
+        num_patches=16,
+        dim=16,
+    )

@@ -172,9 +172,12 @@ def _first_k(D: np.ndarray, I: np.ndarray, keep: np.ndarray, k: int):
 def _plain_matrix(x: Any, d: int) -> bool:
     """Already what FAISS takes: a C-contiguous float32 (n, d) array."""
     return (
-        type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2
-        and x.shape[1] == d and x.flags.c_contiguous
-    )  # fmt: skip
+        type(x) is np.ndarray
+        and x.dtype == np.float32
+        and x.ndim == 2
+        and x.shape[1] == d
+        and x.flags.c_contiguous
+    )
 
 
 def _is_member(I: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
@@ -332,8 +335,16 @@ class VectorIndex:
             self.recall_estimate = recall
             self._gpu_index = None
         level = logging.INFO if recall >= target_recall else logging.WARNING
-        log.log(level, "%s: %s=%d gives recall@%d %.3f on held-out queries (target %.2f)",
-                self.spec.key, name, value, k, recall, target_recall)  # fmt: skip
+        log.log(
+            level,
+            "%s: %s=%d gives recall@%d %.3f on held-out queries (target %.2f)",
+            self.spec.key,
+            name,
+            value,
+            k,
+            recall,
+            target_recall,
+        )
         return recall
 
     def _default_params(self) -> dict[str, int]:
@@ -437,9 +448,12 @@ class VectorIndex:
         if self.overfetch:
             params = self._params(None)
             return self._search_overfetch(
-                lambda x, kf: self._index.search(x, kf, params=params), q, k, subset,
+                lambda x, kf: self._index.search(x, kf, params=params),
+                q,
+                k,
+                subset,
                 self._index.ntotal,
-            )  # fmt: skip
+            )
         if self.spec.kind == "hnsw" and subset is not None and subset.size <= EXACT_SUBSET_MAX:
             return self._search_exact_subset(q, k, subset)
         return self._search_selector(q, k, subset)

@@ -1,7 +1,20 @@
-"""The engine that joins data, model and index: cohorts, ingestion, query planning,
-evaluation, the HTTP API and the CLI."""
+"""The engine that joins data, models and index.
 
-from .cohort import CATALOG_SCHEMA, DIAGNOSES, SPLITS, Case, Cohort, hash_split, patient_split
+Subpackages: `data` (cohorts, media, ingestion, the phantom), `models` (generator and
+embedder jobs), `search` (the engine), `evaluation` (held-out reports), `api` (the HTTP
+service) and `apps` (the CLI and the demo). docs/architecture.md gives the layers.
+"""
+
+from retrieval.data.cohort import (
+    CATALOG_SCHEMA,
+    DIAGNOSES,
+    SPLITS,
+    Case,
+    Cohort,
+    hash_split,
+    patient_split,
+)
+
 from .errors import (
     CohortError,
     Fundus2VideoError,
@@ -12,7 +25,17 @@ from .errors import (
 )
 
 __all__ = [
-    "CATALOG_SCHEMA", "DIAGNOSES", "SPLITS", "Case", "Cohort", "CohortError",
-    "Fundus2VideoError", "ManifestError", "MediaTooLarge", "UnreadableImage",
-    "UnreadableVideo", "hash_split", "patient_split",
-]  # fmt: skip
+    "CATALOG_SCHEMA",
+    "DIAGNOSES",
+    "SPLITS",
+    "Case",
+    "Cohort",
+    "CohortError",
+    "Fundus2VideoError",
+    "ManifestError",
+    "MediaTooLarge",
+    "UnreadableImage",
+    "UnreadableVideo",
+    "hash_split",
+    "patient_split",
+]

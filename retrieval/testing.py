@@ -1,6 +1,6 @@
 """Stand-ins for tests and benchmarks that need no trained model (and no torch).
 
-`PixelEncoder` has the interface the engine uses (`retrieval.engine.QueryEncoder`):
+`PixelEncoder` has the interface the engine uses (`retrieval.search.engine.QueryEncoder`):
 embeddings are fixed random projections of coarse pixels, synthesis repeats the CF
 green channel under a dye curve. `build_pixel_index` writes an index folder of a
 cohort with it, so `Engine.open(path, encoder=PixelEncoder())` serves it.
@@ -16,10 +16,9 @@ import numpy as np
 from PIL import Image
 
 from index import VectorIndex, save_index_folder, with_row_ids
-
-from .cohort import Cohort
-from .media import read_cf, read_ffa
-from .suggestion import suggestion_models
+from retrieval.data.cohort import Cohort
+from retrieval.data.media import read_cf, read_ffa
+from retrieval.search.suggestion import suggestion_models
 
 GRID = 8  # embeddings project a GRID x GRID thumbnail
 DEFAULT_TIMES = (0.0, 10.0, 14.0, 20.0, 30.0, 60.0, 300.0, 600.0)

@@ -39,7 +39,7 @@ def pixel_index(tmp_path_factory):
 
     Read-only: tests that update an index copy it first.
     """
-    from retrieval.phantom import write_phantom_cohort
+    from retrieval.data.phantom import write_phantom_cohort
     from retrieval.testing import build_pixel_index
 
     root = tmp_path_factory.mktemp("pixel")
@@ -59,8 +59,8 @@ def live_api(pixel_index, tmp_path_factory) -> Iterator[LiveApi]:
     """The real API (uvicorn in a thread, real HTTP) over `pixel_index`, with a run folder
     holding a `stats.jsonl` and a `report.json` so /model has curves and tables."""
     from retrieval.api import Settings, create_app
-    from retrieval.demo import ApiThread
-    from retrieval.engine import Engine
+    from retrieval.apps.demo import ApiThread
+    from retrieval.search.engine import Engine
     from retrieval.testing import PixelEncoder
 
     run = tmp_path_factory.mktemp("live-run")
@@ -92,10 +92,10 @@ def tiny_index(tmp_path_factory) -> TinyIndex:
     from encoder import EmbedderConfig
     from encoder.testing import micro_scale
     from encoder.train import embed_training_loop, training_loop
-    from retrieval.cohort import Cohort
-    from retrieval.embedding import build_index, case_labels
-    from retrieval.phantom import write_phantom_cohort
-    from retrieval.training_data import load_paired
+    from retrieval.data.cohort import Cohort
+    from retrieval.data.phantom import write_phantom_cohort
+    from retrieval.data.training_data import load_paired
+    from retrieval.models.embedding import build_index, case_labels
 
     root = tmp_path_factory.mktemp("tiny")
     cohort, run, index = root / "cohort", root / "run", root / "index"
@@ -105,14 +105,29 @@ def tiny_index(tmp_path_factory) -> TinyIndex:
     val = load_paired(opened, size=32, split="val", frames=train.frames, progress=False)
     torch.manual_seed(0)
     training_loop(
-        run_dir=run, data=train, val_data=val, scale=micro_scale(32), iters=3, batch_size=2,
-        progress=False, preview_every=0, stats_every=1,
-    )  # fmt: skip
+        run_dir=run,
+        data=train,
+        val_data=val,
+        scale=micro_scale(32),
+        iters=3,
+        batch_size=2,
+        progress=False,
+        preview_every=0,
+        stats_every=1,
+    )
     embed_training_loop(
-        run_dir=run, data=train, val_data=val, iters=6, dim=32, batch_size=8, progress=False,
-        stats_every=2, val_every=3, labels=case_labels(opened, train.case_ids),
+        run_dir=run,
+        data=train,
+        val_data=val,
+        iters=6,
+        dim=32,
+        batch_size=8,
+        progress=False,
+        stats_every=2,
+        val_every=3,
+        labels=case_labels(opened, train.case_ids),
         config=EmbedderConfig(grid=4, clinical_dim=16, clinical_hidden=32),  # 16 regions
-    )  # fmt: skip
+    )
     build_index(run, cohort, index, progress=False)
     return TinyIndex(cohort, run, index)
 
@@ -122,7 +137,7 @@ def model_api(tiny_index) -> Iterator[LiveApi]:
     """The real API (uvicorn in a thread) opening `tiny_index` as `serve` does: the
     trained micro model embeds queries and synthesizes angiograms."""
     from retrieval.api import Settings, create_app
-    from retrieval.demo import ApiThread
+    from retrieval.apps.demo import ApiThread
 
     api = ApiThread(create_app(Settings(index=tiny_index.index))).start()
     yield LiveApi(api.url, tiny_index.cohort)

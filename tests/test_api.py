@@ -27,20 +27,39 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from retrieval.api import Settings, create_app
-from retrieval.engine import SIMILARITIES, CaseQuery, CFQuery, Engine
-from retrieval.insights import project_2d
-from retrieval.media import read_cf, read_ffa
-from retrieval.media_write import mp4_bytes, png_bytes
+from retrieval.data.media import read_cf, read_ffa
+from retrieval.data.media_write import mp4_bytes, png_bytes
+from retrieval.search.engine import SIMILARITIES, CaseQuery, CFQuery, Engine
+from retrieval.search.insights import project_2d
 from retrieval.testing import PixelEncoder
 
 DESIGN_ROUTES = {
-    ("GET", "/health"), ("GET", "/stats"), ("POST", "/search"),
-    ("GET", "/cases/{case_id}/similar"), ("GET", "/cases"), ("GET", "/cases/{case_id}"),
-    ("GET", "/cases/{case_id}/cf"), ("GET", "/cases/{case_id}/ffa"), ("POST", "/generate"),
-    ("POST", "/cases"), ("DELETE", "/cases/{case_id}"), ("GET", "/map"), ("GET", "/model"),
-}  # fmt: skip
-ROW_KEYS = {"rank", "case_id", "score", "modality", "diagnosis", "eye", "lesions", "cf_url",
-            "ffa_url", "synthetic"}  # fmt: skip
+    ("GET", "/health"),
+    ("GET", "/stats"),
+    ("POST", "/search"),
+    ("GET", "/cases/{case_id}/similar"),
+    ("GET", "/cases"),
+    ("GET", "/cases/{case_id}"),
+    ("GET", "/cases/{case_id}/cf"),
+    ("GET", "/cases/{case_id}/ffa"),
+    ("POST", "/generate"),
+    ("POST", "/cases"),
+    ("DELETE", "/cases/{case_id}"),
+    ("GET", "/map"),
+    ("GET", "/model"),
+}
+ROW_KEYS = {
+    "rank",
+    "case_id",
+    "score",
+    "modality",
+    "diagnosis",
+    "eye",
+    "lesions",
+    "cf_url",
+    "ffa_url",
+    "synthetic",
+}
 
 
 def open_engine(pixel_index: Path, tmp: Path) -> Engine:
@@ -145,9 +164,16 @@ def test_search_by_uploaded_photo_and_video(client, case):
     cf = case.cf_path.read_bytes()
     body = client.post("/search", files=upload(cf), data={"k": "3", "target": "cf"}).json()
     assert body["results"][0]["case_id"] == case.case_id and body["results"][0]["score"] > 0.99
-    assert body["query"] == {"kind": "upload", "modality": "cf", "similarity": "pair",
-                             "case_id": None, "width": 64, "height": 64, "frames": None,
-                             "bytes": len(cf)}  # fmt: skip
+    assert body["query"] == {
+        "kind": "upload",
+        "modality": "cf",
+        "similarity": "pair",
+        "case_id": None,
+        "width": 64,
+        "height": 64,
+        "frames": None,
+        "bytes": len(cf),
+    }
     video = case.ffa_path.read_bytes()
     times = ",".join(str(t) for t in case.ffa_times_s)
     form = {"target": "ffa", "k": "2", "times": times}
@@ -265,10 +291,18 @@ def test_add_search_delete_and_restart(fresh, pixel_index):
     source = engine.cases(0, 1)[1][0]
     image = np.ascontiguousarray(read_cf(source.cf_path)[::-1])
     video = read_ffa(source.ffa_path)[:, ::-1]
-    files = {"cf": ("a.png", png_bytes(image), "image/png"),
-             "ffa": ("b.mp4", mp4_bytes(np.ascontiguousarray(video)), "video/mp4")}  # fmt: skip
-    form = {"case_id": "new-001", "eye": "OS", "diagnosis": "CSC", "lesions": "leakage,staining",
-            "ffa_times_s": ",".join(str(t) for t in source.ffa_times_s), "age": "61"}  # fmt: skip
+    files = {
+        "cf": ("a.png", png_bytes(image), "image/png"),
+        "ffa": ("b.mp4", mp4_bytes(np.ascontiguousarray(video)), "video/mp4"),
+    }
+    form = {
+        "case_id": "new-001",
+        "eye": "OS",
+        "diagnosis": "CSC",
+        "lesions": "leakage,staining",
+        "ffa_times_s": ",".join(str(t) for t in source.ffa_times_s),
+        "age": "61",
+    }
     added = client.post("/cases", files=files, data=form)
     assert added.status_code == 201, added.text
     record = added.json()
@@ -431,12 +465,14 @@ def test_bad_input_is_a_4xx_naming_the_problem(client, case, method, url, kwargs
     photo, video = case.cf_path.read_bytes(), case.ffa_path.read_bytes()
     tiny = png_bytes(np.zeros((8, 8, 3), np.uint8))
     named = {
-        "photo": upload(photo), "video": upload(video, "v.mp4", "video/mp4"),
-        "corrupt": upload(corrupt_png(case)), "tiny": upload(tiny),
+        "photo": upload(photo),
+        "video": upload(video, "v.mp4", "video/mp4"),
+        "corrupt": upload(corrupt_png(case)),
+        "tiny": upload(tiny),
         "video?": upload(video, "v", "application/octet-stream"),
         "pair": {"cf": ("a.png", photo, "image/png"), "ffa": ("b.mp4", video, "video/mp4")},
         "swapped": {"cf": ("a", video, "application/octet-stream"), "ffa": ("b", photo, "")},
-    }  # fmt: skip
+    }
     if isinstance(kwargs.get("files"), str):
         kwargs["files"] = named[kwargs["files"]]
     if "data" in kwargs:
@@ -477,8 +513,14 @@ def test_api_key(engine, case, monkeypatch):
     monkeypatch.setenv("FUNDUS2VIDEO_API_KEY", "s3cret")
     with TestClient(create_app(Settings(), engine=engine)) as client:
         assert client.get("/health").status_code == 200
-        for url in ("/stats", "/cases", f"/cases/{case.case_id}", f"/cases/{case.case_id}/cf",
-                    "/map", "/model"):  # fmt: skip
+        for url in (
+            "/stats",
+            "/cases",
+            f"/cases/{case.case_id}",
+            f"/cases/{case.case_id}/cf",
+            "/map",
+            "/model",
+        ):
             refused = client.get(url)
             assert refused.status_code == 401 and "API key" in refused.json()["detail"], url
         assert client.post("/search", files=upload(b"x")).status_code == 401
@@ -540,8 +582,12 @@ def test_schemathesis_finds_no_server_errors(pixel_index, tmp_path):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=20, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @settings(
+                max_examples=20,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
             def fuzz(case):
                 response = case.call()
                 try:
@@ -581,15 +627,36 @@ def test_range_of_an_in_memory_image(client, case):
 @pytest.mark.parametrize(
     "query",
     [
-        "", "k=1", "k=100", "target=ffa&k=7", "target=both", "modality=ffa&target=cf",
-        "exclude_self=false", "exclude_self=0", "exclude_self=Yes", "exclude_self=off",
-        "via=direct&k=3", "api_key=anything", "similarity=pair", "similarity=pair&target=both",
+        "",
+        "k=1",
+        "k=100",
+        "target=ffa&k=7",
+        "target=both",
+        "modality=ffa&target=cf",
+        "exclude_self=false",
+        "exclude_self=0",
+        "exclude_self=Yes",
+        "exclude_self=off",
+        "via=direct&k=3",
+        "api_key=anything",
+        "similarity=pair",
+        "similarity=pair&target=both",
         # answered by the route: filters, synthesis, bad or repeated values
-        "eye=OD", "via=fused&target=ffa", "k=0", "k=101", "k=abc", "k=1&k=2", "target=iris",
-        "exclude_self=maybe", "modality=oct", "unknown=1", "similarity=clinical",
-        "similarity=colour", "similarity=",
+        "eye=OD",
+        "via=fused&target=ffa",
+        "k=0",
+        "k=101",
+        "k=abc",
+        "k=1&k=2",
+        "target=iris",
+        "exclude_self=maybe",
+        "modality=oct",
+        "unknown=1",
+        "similarity=clinical",
+        "similarity=colour",
+        "similarity=",
     ],
-)  # fmt: skip
+)
 def test_fast_path_answers_exactly_as_the_route(engine, case, query, monkeypatch):
     from retrieval.api.fastpath import SimilarFastPath
 
@@ -615,8 +682,22 @@ def test_fast_path_answers_exactly_as_the_route(engine, case, query, monkeypatch
             body["synthetic_query"].pop("video_url")
     assert body_a == body_b
     assert a.headers["content-type"] == "application/json"
-    simple = not any(p in query for p in ("eye", "fused", "k=0", "k=101", "abc", "k=1&", "iris",
-                                         "maybe", "oct", "unknown", "similarity=c"))  # fmt: skip
+    simple = not any(
+        p in query
+        for p in (
+            "eye",
+            "fused",
+            "k=0",
+            "k=101",
+            "abc",
+            "k=1&",
+            "iris",
+            "maybe",
+            "oct",
+            "unknown",
+            "similarity=c",
+        )
+    )
     simple = simple and not query.endswith("similarity=")  # empty: the route's 422
     assert (answered[-1] is not None) == simple
 
@@ -659,8 +740,10 @@ def test_search_json_is_exactly_the_response_model(fresh):
 
     client, engine = fresh
     source = engine.cases(0, 1)[1][0]
-    files = {"cf": ("a.png", source.cf_path.read_bytes(), "image/png"),
-             "ffa": ("b.mp4", source.ffa_path.read_bytes(), "video/mp4")}  # fmt: skip
+    files = {
+        "cf": ("a.png", source.cf_path.read_bytes(), "image/png"),
+        "ffa": ("b.mp4", source.ffa_path.read_bytes(), "video/mp4"),
+    }
     odd = 'Ünïcode "quoted" <&> 眼'
     form = {"case_id": odd, "diagnosis": 'say "no"', "lesions": "a\\b,c"}
     assert client.post("/cases", files=files, data=form).status_code == 201
@@ -784,12 +867,14 @@ def test_similarity_defaults_per_query_type_and_is_echoed(pixel_index, tmp_path,
     for fast in (True, False):
         with TestClient(create_app(Settings(fast_path=fast), engine=engine)) as client:
             for params, expected in [
-                ({}, "clinical"), ({"modality": "ffa", "target": "ffa"}, "clinical"),
-                ({"target": "ffa"}, "clinical"), ({"target": "both"}, "clinical"),
+                ({}, "clinical"),
+                ({"modality": "ffa", "target": "ffa"}, "clinical"),
+                ({"target": "ffa"}, "clinical"),
+                ({"target": "both"}, "clinical"),
                 ({"target": "ffa", "similarity": "combined"}, "combined"),
-                ({"similarity": "pair"}, "pair"), ({"target": "ffa", "similarity": "clinical"},
-                                                   "clinical"),
-            ]:  # fmt: skip
+                ({"similarity": "pair"}, "pair"),
+                ({"target": "ffa", "similarity": "clinical"}, "clinical"),
+            ]:
                 body = client.get(url, params=params).json()
                 assert body["similarity"] == body["query"]["similarity"] == expected, params
                 query = CaseQuery(case.case_id, params.get("modality", "cf"))

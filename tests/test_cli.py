@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from retrieval.apps.cli import app
 
 runner = CliRunner()
 

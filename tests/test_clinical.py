@@ -18,7 +18,7 @@ from encoder.embedder import similarity_weights
 from encoder.losses import label_affinity, label_contrastive_loss
 from encoder.testing import toy_paired_videos
 from encoder.train import CaseLabels, embed_training_loop
-from retrieval.suggestion import (
+from retrieval.search.suggestion import (
     SuggestionModel,
     fit_for_archive,
     fit_suggestion,
@@ -32,8 +32,9 @@ from retrieval.suggestion import (
 pytestmark = pytest.mark.usefixtures("deterministic_torch")
 
 S = 32
-SMALL = EmbedderConfig(image_size=S, dim=16, grid=2, attn_hidden=8, time_freqs=4,
-                       clinical_dim=8, clinical_hidden=16)  # fmt: skip
+SMALL = EmbedderConfig(
+    image_size=S, dim=16, grid=2, attn_hidden=8, time_freqs=4, clinical_dim=8, clinical_hidden=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,9 @@ def run_dir(micro_run_dir):
 
 
 def test_label_affinity() -> None:
-    a = label_affinity(["PDR", "PDR", "CSC", None, None],
-                       [("nv", "leak"), ("nv",), ("leak",), ("nv",), None])  # fmt: skip
+    a = label_affinity(
+        ["PDR", "PDR", "CSC", None, None], [("nv", "leak"), ("nv",), ("leak",), ("nv",), None]
+    )
     assert a.shape == (5, 5) and torch.all(a.diagonal() == 1)
     assert a[0, 1] == pytest.approx(0.7 + 0.3 * 0.5)  # same diagnosis, Jaccard 1/2
     assert a[0, 2] == 0  # different diagnoses: shared leakage does not pull them together
@@ -62,8 +64,16 @@ def test_a_space_clustered_by_diagnosis_is_the_label_loss_optimum() -> None:
     """With lesions shared across diagnoses (as most retinal diseases share them), a
     space where each diagnosis is one point scores below chance, at the targets' entropy."""
     diagnoses = ["NPDR", "PDR", "BRVO", "CRVO", "normal", "NPDR", "PDR", "BRVO"]
-    lesions = [("haem", "ma"), ("haem", "nv"), ("haem",), ("haem", "leak"), (), ("ma",),
-               ("nv",), ("haem",)]  # fmt: skip
+    lesions = [
+        ("haem", "ma"),
+        ("haem", "nv"),
+        ("haem",),
+        ("haem", "leak"),
+        (),
+        ("ma",),
+        ("nv",),
+        ("haem",),
+    ]
     a = label_affinity(diagnoses, lesions)
     names = sorted(set(diagnoses))
     z = F.one_hot(torch.tensor([names.index(d) for d in diagnoses]), len(names)).float()
@@ -125,9 +135,12 @@ def test_similarity_weights_pick_each_part(run_dir) -> None:
     pair = z[:, :16] / np.linalg.norm(z[:, :16], axis=1, keepdims=True)
     clinical = z[:, 16:] / np.linalg.norm(z[:, 16:], axis=1, keepdims=True)
     w = e.config.clinical_weight
-    for kind, expected in (("pair", pair @ pair.T), ("clinical", clinical @ clinical.T),
-                           ("combined", (1 - w) * pair @ pair.T + w * clinical @ clinical.T)):
-        got = (z * similarity_weights(e.config, kind)) @ z.T  # fmt: skip
+    for kind, expected in (
+        ("pair", pair @ pair.T),
+        ("clinical", clinical @ clinical.T),
+        ("combined", (1 - w) * pair @ pair.T + w * clinical @ clinical.T),
+    ):
+        got = (z * similarity_weights(e.config, kind)) @ z.T
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=kind)
     with pytest.raises(Exception, match="similarity must be one of"):
         similarity_weights(e.config, "eye")
@@ -139,8 +152,16 @@ def test_similarity_weights_pick_each_part(run_dir) -> None:
 def test_training_with_labels_trains_the_clinical_part(tmp_path, run_dir) -> None:
     data = toy_paired_videos(8, S, 4, seed=0)
     labels = CaseLabels(diagnoses=("A", "B") * 4, lesions=((), ("x",)) * 4)
-    kw = dict(run_dir=run_dir, data=data, dim=16, config=SMALL, iters=3, batch_size=4,
-              progress=False, stats_every=1)  # fmt: skip
+    kw = dict(
+        run_dir=run_dir,
+        data=data,
+        dim=16,
+        config=SMALL,
+        iters=3,
+        batch_size=4,
+        progress=False,
+        stats_every=1,
+    )
     embed_training_loop(out_dir=tmp_path / "l", labels=labels, **kw)
     opts = json.loads((tmp_path / "l" / "training_options.json").read_text())
     assert opts["labels"]["used"] and opts["labels"]["labelled_cases"] == 8
@@ -182,16 +203,36 @@ def test_version_2_embedder_folder_loads_without_a_clinical_part(tmp_path, run_d
 
 def test_camera_augmentation() -> None:
     x = torch.ones(2, 3, 32, 32) * 0.5
-    cfg = AugmentConfig(rotate_deg=0, shift=0, scale=0, brightness=0, contrast=0, gamma=0,
-                        colour=0, blur_prob=0, aperture_prob=1.0, aperture_min=0.5,
-                        downscale_prob=0.0)  # fmt: skip
+    cfg = AugmentConfig(
+        rotate_deg=0,
+        shift=0,
+        scale=0,
+        brightness=0,
+        contrast=0,
+        gamma=0,
+        colour=0,
+        blur_prob=0,
+        aperture_prob=1.0,
+        aperture_min=0.5,
+        downscale_prob=0.0,
+    )
     y = augment_cf(x, torch.Generator().manual_seed(0), cfg)
     assert torch.all(y[:, :, 0, 0] == -1) and torch.all(y[:, :, 16, 16] > 0)  # corner stopped
     checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2 * 2.0 - 1  # (32, 32)
     x = checker.expand(2, 3, 32, 32).clone()
-    cfg = AugmentConfig(rotate_deg=0, shift=0, scale=0, brightness=0, contrast=0, gamma=0,
-                        colour=0, blur_prob=0, aperture_prob=0, downscale_prob=1.0,
-                        downscale_min=0.5)  # fmt: skip
+    cfg = AugmentConfig(
+        rotate_deg=0,
+        shift=0,
+        scale=0,
+        brightness=0,
+        contrast=0,
+        gamma=0,
+        colour=0,
+        blur_prob=0,
+        aperture_prob=0,
+        downscale_prob=1.0,
+        downscale_min=0.5,
+    )
     y = augment_cf(x, torch.Generator().manual_seed(0), cfg)
     assert y.std() < 0.5 * x.std()  # the finest detail is lost at a lower resolution
 
@@ -204,13 +245,13 @@ def test_vote_probabilities_sum_to_one_and_abstain() -> None:
     p = vote(np.array([[0.9, 0.8, 0.1]]), np.array([["A", "B", "A"]]), classes, 0.1, 0.1)
     np.testing.assert_allclose(p.sum(1), 1.0)
     assert p[0].argmax() == 0 and p[0, 2] > 0  # smoothing: never certainty, never 0
-    model = SuggestionModel(classes=classes, k=3, temperature=0.1, smoothing=0.1,
-                            abstain_below=0.5)  # fmt: skip
+    model = SuggestionModel(classes=classes, k=3, temperature=0.1, smoothing=0.1, abstain_below=0.5)
     s = suggest(model, [0.9, 0.8, 0.1], ["A", "B", "A"], ["c1", "c2", "c3"])
     assert s.diagnosis == "A" and s.supporting_case_ids == ("c1", "c3") and not s.abstained
     assert sum(s.probabilities.values()) == pytest.approx(1.0)
-    strict = SuggestionModel(classes=classes, k=3, temperature=0.1, smoothing=0.1,
-                             abstain_below=0.99)  # fmt: skip
+    strict = SuggestionModel(
+        classes=classes, k=3, temperature=0.1, smoothing=0.1, abstain_below=0.99
+    )
     assert suggest(strict, [0.9, 0.8, 0.1], ["A", "B", "A"], ["c1", "c2", "c3"]).abstained
     with pytest.raises(ValueError, match="abstain_below"):
         SuggestionModel(classes=classes, abstain_below=1.5)

@@ -9,7 +9,7 @@ import pytest
 
 from index.atomic import atomic_dir
 from retrieval import CATALOG_SCHEMA, Cohort, CohortError, hash_split, patient_split
-from retrieval.cohort import catalog_from_rows, validate_catalog, write_catalog
+from retrieval.data.cohort import catalog_from_rows, validate_catalog, write_catalog
 
 
 def _row(i: int, **kw) -> dict:

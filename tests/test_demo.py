@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from retrieval import demo
+from retrieval.apps import demo
 
 
 def _fake_stages(monkeypatch, calls: list[str]) -> None:
     """Stand-ins for the heavy stages that write what the real ones would."""
-    import retrieval.embedding as embedding
-    import retrieval.generation as generation
-    import retrieval.phantom as phantom
+    import retrieval.data.phantom as phantom
+    import retrieval.models.embedding as embedding
+    import retrieval.models.generation as generation
 
     class Summary:
         iterations, elapsed_s = 7, 0.1

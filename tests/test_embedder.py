@@ -35,9 +35,17 @@ pytestmark = pytest.mark.usefixtures("deterministic_torch")
 
 S = 32  # image size of every test
 BACKBONES = ["generator", "scratch", "pixels", "openclip:ViT-S-32"]
-SMALL = EmbedderConfig(image_size=S, dim=16, grid=2, attn_hidden=8, pixel_size=8,
-                       pixel_components=8, time_freqs=4, clinical_dim=8,
-                       clinical_hidden=16)  # fmt: skip
+SMALL = EmbedderConfig(
+    image_size=S,
+    dim=16,
+    grid=2,
+    attn_hidden=8,
+    pixel_size=8,
+    pixel_components=8,
+    time_freqs=4,
+    clinical_dim=8,
+    clinical_hidden=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +192,18 @@ def test_generator_backbone_starts_from_the_run(run_dir, data) -> None:
 
 def test_pixels_pca_is_fitted_on_training_data_only(tmp_path, run_dir, data) -> None:
     other = toy_paired_videos(6, S, 6, seed=5)
-    s = embed_training_loop(run_dir=run_dir, out_dir=tmp_path / "px", data=data, val_data=other,
-                            backbone="pixels", dim=16, config=SMALL, iters=1, batch_size=4,
-                            progress=False)  # fmt: skip
+    s = embed_training_loop(
+        run_dir=run_dir,
+        out_dir=tmp_path / "px",
+        data=data,
+        val_data=other,
+        backbone="pixels",
+        dim=16,
+        config=SMALL,
+        iters=1,
+        batch_size=4,
+        progress=False,
+    )
     trained, _ = load_embedder(s.run_dir)
     ref = _embedder("pixels", run_dir, data)  # fitted on `data` alone
     for name in ("cf_mean", "cf_basis", "ffa_mean", "ffa_basis", "ffa_scale"):
@@ -229,8 +246,17 @@ def test_steps_reduce_the_clip_loss_and_train_the_heads(run_dir, data) -> None:
 
 def test_training_loop_writes_a_loadable_run(tmp_path, run_dir, data) -> None:
     ticks = []
-    kw = dict(data=data, val_data=data, dim=16, config=SMALL, iters=4, batch_size=4,
-              stats_every=2, val_every=2, progress=False)  # fmt: skip
+    kw = dict(
+        data=data,
+        val_data=data,
+        dim=16,
+        config=SMALL,
+        iters=4,
+        batch_size=4,
+        stats_every=2,
+        val_every=2,
+        progress=False,
+    )
     s = embed_training_loop(run_dir=run_dir, progress_fn=ticks.append, **kw)
     out = run_dir / "embedder"  # default folder
     assert s.run_dir == out and s.iterations == 4 and s.stop_reason == "iters"
@@ -257,8 +283,9 @@ def test_minutes_budget_and_abort(tmp_path, run_dir, data) -> None:
     s = embed_training_loop(out_dir=tmp_path / "m", minutes=0.001, **kw)
     assert s.stop_reason == "minutes"
     calls = iter(range(100))
-    s = embed_training_loop(out_dir=tmp_path / "a", iters=50, abort_fn=lambda: next(calls) >= 2,
-                            **kw)  # fmt: skip
+    s = embed_training_loop(
+        out_dir=tmp_path / "a", iters=50, abort_fn=lambda: next(calls) >= 2, **kw
+    )
     assert s.stop_reason == "abort" and s.iterations == 2
     with pytest.raises(ConfigError, match="iters or minutes"):
         embed_training_loop(out_dir=tmp_path / "x", **kw)
@@ -286,8 +313,10 @@ def test_checkpoint_round_trip(tmp_path, run_dir, data, backbone) -> None:
     assert len(ident) == 16 and ident == embedder_id(again)
     with torch.no_grad():
         next(iter(loaded.head_parameters())).add_(1.0)
-    assert embedder_id(save_embedder(tmp_path / "c", loaded, training={"note": "test"},
-                                     iteration=3)) != ident  # fmt: skip
+    assert (
+        embedder_id(save_embedder(tmp_path / "c", loaded, training={"note": "test"}, iteration=3))
+        != ident
+    )
 
 
 def test_generator_embedder_loads_without_the_run(tmp_path, data) -> None:
@@ -350,6 +379,7 @@ def test_feature_bank_keeps_the_newest_views_within_its_memory_cap() -> None:
     assert cf.shape == (5, 4) and ffa.shape == (5, 2, 4) and t.shape == (5, 2)
     roomy = _FeatureBank(cases=6, views=2, max_bytes=10**6)
     for step in range(3):
-        roomy.add(np.arange(6), torch.full((6, 4), float(step)), torch.zeros(6, 2, 4),
-                  torch.zeros(6, 2))  # fmt: skip
+        roomy.add(
+            np.arange(6), torch.full((6, 4), float(step)), torch.zeros(6, 2, 4), torch.zeros(6, 2)
+        )
     assert [[float(v[0][0]) for _, v in views] for views in roomy.items] == [[1.0, 2.0]] * 6

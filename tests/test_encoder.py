@@ -52,8 +52,12 @@ def test_bundled_scales() -> None:
     assert {"tiny", "paper"} <= set(list_scales())
     paper = get_scale("paper").generator
     assert (paper.image_size, paper.ngf, paper.n_downsampling, paper.n_blocks, paper.k) == (
-        512, 64, 4, 9, 3,
-    )  # fmt: skip
+        512,
+        64,
+        4,
+        9,
+        3,
+    )
     tiny = get_scale("tiny").generator
     assert tiny.image_size == 128 and tiny.n_downsampling == 3
     assert get_scale("paper").nce.num_patches == 256

@@ -21,7 +21,16 @@ import pytest
 import index.folder as folder_mod
 from index import load_index_folder, read_manifest
 from index.atomic import atomic_dir, recover_dir
-from retrieval.engine import (
+from retrieval.data.media import read_cf, read_ffa
+from retrieval.data.media_write import mp4_bytes, write_mp4
+from retrieval.errors import (
+    DuplicateCase,
+    IndexChanged,
+    PersistError,
+    QueryError,
+    UnknownCase,
+)
+from retrieval.search.engine import (
     MEDIA_DIR,
     CaseQuery,
     CFQuery,
@@ -32,16 +41,7 @@ from retrieval.engine import (
     normalize_filters,
     reciprocal_rank_fusion,
 )
-from retrieval.errors import (
-    DuplicateCase,
-    IndexChanged,
-    PersistError,
-    QueryError,
-    UnknownCase,
-)
-from retrieval.media import read_cf, read_ffa
-from retrieval.media_write import mp4_bytes, write_mp4
-from retrieval.suggestion import suggest
+from retrieval.search.suggestion import suggest
 from retrieval.testing import PixelEncoder
 
 
@@ -240,12 +240,15 @@ def test_default_similarity():
 @pytest.mark.parametrize(
     "modality,target,similarity,expected",
     [
-        ("cf", "cf", None, "clinical"), ("ffa", "ffa", None, "clinical"),
-        ("cf", "ffa", None, "clinical"), ("ffa", "cf", None, "clinical"),
+        ("cf", "cf", None, "clinical"),
+        ("ffa", "ffa", None, "clinical"),
+        ("cf", "ffa", None, "clinical"),
+        ("ffa", "cf", None, "clinical"),
         ("cf", "ffa", "combined", "combined"),
-        ("cf", "cf", "pair", "pair"), ("cf", "ffa", "clinical", "clinical"),
+        ("cf", "cf", "pair", "pair"),
+        ("cf", "ffa", "clinical", "clinical"),
     ],
-)  # fmt: skip
+)
 def test_similarity_reweights_the_query(split_engine, modality, target, similarity, expected):
     engine = split_engine
     case = engine.cases(0, 1)[1][0]
@@ -263,7 +266,7 @@ def test_similarity_reweights_the_query(split_engine, modality, target, similari
         similarity=similarity,
         blocking=True,
         filters={"split": ["train", "val", "test"]},
-    )  # fmt: skip  (the general path, with a filter that allows everything)
+    )  # the general path, with a filter that allows everything
     assert ranked(slow) == ranked(result)
 
 
@@ -273,9 +276,10 @@ def test_similarity_of_uploads_and_synthesis(split_engine):
     image = read_cf(case.cf_path)
     by_photo = engine.search(CFQuery(image), "cf", k=4)
     truth = brute_force(
-        engine, engine.encoder.embed_cf([image]) * engine.encoder.similarity_weights("clinical"),
+        engine,
+        engine.encoder.embed_cf([image]) * engine.encoder.similarity_weights("clinical"),
         "cf",
-    )  # fmt: skip
+    )
     assert by_photo.similarity == "clinical" and ranked(by_photo) == [c for c, _ in truth[:4]]
     frames, times = engine.encoder.synthesize_unmarked(image)
     synth = engine.encoder.embed_ffa([frames], [times])
@@ -304,9 +308,10 @@ def brute_force_vote(engine: Engine, model, modality: str, query: np.ndarray, ex
     """The suggestion by hand: the model.k nearest cases with a diagnosis, by inner product."""
     weighted = query * engine.encoder.similarity_weights(model.similarity)
     ranking = [
-        (cid, s) for cid, s in brute_force(engine, weighted, modality)
+        (cid, s)
+        for cid, s in brute_force(engine, weighted, modality)
         if cid != exclude and engine.case(cid).diagnosis in model.classes
-    ][: model.k]  # fmt: skip
+    ][: model.k]
     labels = [engine.case(cid).diagnosis for cid, _ in ranking]
     return suggest(model, np.array([s for _, s in ranking]), labels, [c for c, _ in ranking])
 
@@ -329,9 +334,12 @@ def test_suggestion_is_the_vote_of_the_nearest_labelled_cases(engine, modality):
     assert got.abstained == (got.probability < model.abstain_below)
     # filters, the target and exclude_self change the hits, not the suggestion
     filtered = engine.search(
-        CaseQuery(case.case_id, modality), "both", k=2, filters={"split": "test"},
+        CaseQuery(case.case_id, modality),
+        "both",
+        k=2,
+        filters={"split": "test"},
         exclude_self=False,
-    )  # fmt: skip
+    )
     assert filtered.suggestion == got
     assert engine.suggest(CaseQuery(case.case_id, modality)) == got
 
@@ -437,8 +445,11 @@ def test_stats_name_similarities_and_suggestion_models(engine, split_engine):
     model = engine.suggestion_model("cf")
     assert set(stats["suggestion"]) == {"cf", "ffa"}
     assert (cf["k"], cf["temperature"], cf["abstain_below"], cf["calibrated"]) == (
-        model.k, model.temperature, model.abstain_below, model.calibrated,
-    )  # fmt: skip
+        model.k,
+        model.temperature,
+        model.abstain_below,
+        model.calibrated,
+    )
     split = split_engine.stats()
     assert split["similarities"] == ["combined", "pair", "clinical"]
     assert split["default_similarity"] == {"same_modality": "clinical", "cross_modal": "clinical"}

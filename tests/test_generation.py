@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from encoder import create_generator, synthesize
-from retrieval.cli import app
-from retrieval.generation import mark_synthetic
-from retrieval.media import read_cf, read_ffa
-from retrieval.phantom import write_phantom_cohort
+from retrieval.apps.cli import app
+from retrieval.data.media import read_cf, read_ffa
+from retrieval.data.phantom import write_phantom_cohort
+from retrieval.models.generation import mark_synthetic
 
 runner = CliRunner()
 

@@ -331,8 +331,12 @@ def test_folder_roundtrip(folder, data):
     path, indexes = folder
     _, ids, q = data
     assert sorted(p.name for p in path.iterdir()) == [
-        "catalog.parquet", "cf.faiss", "ffa.faiss", "ffa.tombstones.npy", "manifest.json",
-    ]  # fmt: skip
+        "catalog.parquet",
+        "cf.faiss",
+        "ffa.faiss",
+        "ffa.tombstones.npy",
+        "manifest.json",
+    ]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["format_version"] == FORMAT_VERSION and manifest["dim"] == D_SMALL
     assert manifest["counts"] == {"cf": 3000, "ffa": 2995}
@@ -448,8 +452,9 @@ def test_hnsw_stays_on_cpu_with_a_note(data):
 def test_gpu_search_matches_cpu_and_filters(data, key):
     x, ids, q = data
     cpu = VectorIndex.build(x, ids, key=key, use_gpu=False)
-    gpu = VectorIndex(faiss.deserialize_index(cpu.serialize()), key, use_gpu=True,
-                      search_params=cpu.search_params)  # fmt: skip
+    gpu = VectorIndex(
+        faiss.deserialize_index(cpu.serialize()), key, use_gpu=True, search_params=cpu.search_params
+    )
     assert gpu.device == "gpu"
     _, Ic = cpu.search(q, 10)
     _, Ig = gpu.search(q, 10)

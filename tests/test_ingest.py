@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval import Cohort, ManifestError
-from retrieval import ingest as ingest_module
-from retrieval.cli import app
-from retrieval.cohort import validate_catalog
-from retrieval.ingest import ingest
-from retrieval.media_write import write_mp4, write_png
+from retrieval.apps.cli import app
+from retrieval.data import ingest as ingest_module
+from retrieval.data.cohort import validate_catalog
+from retrieval.data.ingest import ingest
+from retrieval.data.media_write import write_mp4, write_png
 
 SIZE = 48
 FRAMES = 4

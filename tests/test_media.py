@@ -15,8 +15,7 @@ import pytest
 import tifffile
 from PIL import ExifTags, Image, ImageFile
 
-from retrieval.errors import MediaTooLarge, UnreadableImage, UnreadableVideo
-from retrieval.media import (
+from retrieval.data.media import (
     CF_SUFFIXES,
     DEFAULT_MAX_PIXELS,
     FFA_SUFFIXES,
@@ -25,7 +24,8 @@ from retrieval.media import (
     read_cf,
     read_ffa,
 )
-from retrieval.media_write import mp4_bytes, png_bytes, write_mp4, write_png
+from retrieval.data.media_write import mp4_bytes, png_bytes, write_mp4, write_png
+from retrieval.errors import MediaTooLarge, UnreadableImage, UnreadableVideo
 
 H, W = 48, 64
 

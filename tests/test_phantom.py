@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from retrieval.cohort import DIAGNOSES, LESIONS, Cohort, hash_split, validate_catalog
-from retrieval.media_write import mp4_bytes
-from retrieval.phantom import (
+from retrieval.data.cohort import DIAGNOSES, LESIONS, Cohort, hash_split, validate_catalog
+from retrieval.data.media_write import mp4_bytes
+from retrieval.data.phantom import (
     PhantomCase,
     case_meta,
     catalog_row,
@@ -23,7 +23,7 @@ from retrieval.phantom import (
     write_phantom_cohort,
     write_preview,
 )
-from retrieval.phantom.meta import frame_times
+from retrieval.data.phantom.meta import frame_times
 
 SEED = 3
 
@@ -86,9 +86,14 @@ def by_diagnosis() -> dict[str, PhantomCase]:
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"size": 16}, "size"), ({"frames": 1}, "frames"), ({"cases": 0}, "cases"),
-     ({"seed": -1}, "seed"), ({"workers": 0}, "workers")],
-)  # fmt: skip
+    [
+        ({"size": 16}, "size"),
+        ({"frames": 1}, "frames"),
+        ({"cases": 0}, "cases"),
+        ({"seed": -1}, "seed"),
+        ({"workers": 0}, "workers"),
+    ],
+)
 def test_bad_parameters_are_named(tmp_path, kwargs, name):
     args = {"cases": 1, "size": 64, "frames": 4} | kwargs
     with pytest.raises(ValueError, match=name):
@@ -323,7 +328,7 @@ def test_contact_sheet_rows_per_diagnosis(tmp_path):
 
 
 def test_splat_matches_brute_force():
-    from retrieval.phantom.raster import Q_MAX, R_MIN_PX, splat
+    from retrieval.data.phantom.raster import Q_MAX, R_MIN_PX, splat
 
     rng = np.random.default_rng(0)
     x, y = rng.uniform(-4, 52, 120), rng.uniform(-4, 52, 120)

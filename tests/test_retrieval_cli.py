@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from index import load_index_folder, read_manifest
-from retrieval.cli import app
-from retrieval.cohort import Cohort
+from retrieval.apps.cli import app
+from retrieval.data.cohort import Cohort
 
 runner = CliRunner()
 
@@ -56,8 +56,9 @@ def test_search_by_cf_photo_and_by_video(tiny_index):
     suggestion = out["suggestion"]  # from the index's model, by the photo in the CF index
     assert suggestion["label"].endswith("(decision support, not a diagnosis)")
     assert sum(suggestion["probabilities"].values()) == pytest.approx(1.0)
-    assert set(suggestion["supporting_case_ids"]) <= set(pl.read_parquet(
-        tiny_index.cohort / "catalog.parquet")["case_id"])  # fmt: skip
+    assert set(suggestion["supporting_case_ids"]) <= set(
+        pl.read_parquet(tiny_index.cohort / "catalog.parquet")["case_id"]
+    )
     catalog = pl.read_parquet(tiny_index.cohort / "catalog.parquet")
     assert {r["case_id"] for r in out["results"]} <= set(catalog["case_id"])
 
@@ -68,9 +69,17 @@ def test_search_by_cf_photo_and_by_video(tiny_index):
     assert lines[-1].startswith("suggestion from similar cases: ")
 
     same = invoke(
-        "search", tiny_index.index, case.cf_path, "--target", "cf", "--k", 1, "--json",
-        "--similarity", "pair",
-    )  # fmt: skip
+        "search",
+        tiny_index.index,
+        case.cf_path,
+        "--target",
+        "cf",
+        "--k",
+        1,
+        "--json",
+        "--similarity",
+        "pair",
+    )
     assert same.exit_code == 0, same.output
     assert json.loads(same.output)["similarity"] == "pair"
     default = invoke("search", tiny_index.index, case.cf_path, "--target", "cf", "--json")
@@ -95,16 +104,33 @@ def test_search_reports_unreadable_query(tiny_index, tmp_path):
 def test_embed_stage_and_retrieval_report(tiny_index, tmp_path):
     pixels = tmp_path / "embedder-pixels"
     trained = invoke(
-        "train", tiny_index.cohort, "--out", tiny_index.run, "--stage", "embed",
-        "--backbone", "pixels", "--embedder-out", pixels, "--iters", 3,
-    )  # fmt: skip
+        "train",
+        tiny_index.cohort,
+        "--out",
+        tiny_index.run,
+        "--stage",
+        "embed",
+        "--backbone",
+        "pixels",
+        "--embedder-out",
+        pixels,
+        "--iters",
+        3,
+    )
     assert trained.exit_code == 0, trained.output
     assert (pixels / "config.json").is_file()
     report_path = tmp_path / "report.json"
     result = invoke(
-        "evaluate", tiny_index.run, tiny_index.cohort, "--out", report_path,
-        "--metrics", "retrieval", "--embedder", f"pixels={pixels}",
-    )  # fmt: skip
+        "evaluate",
+        tiny_index.run,
+        tiny_index.cohort,
+        "--out",
+        report_path,
+        "--metrics",
+        "retrieval",
+        "--embedder",
+        f"pixels={pixels}",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())["retrieval"]
     assert set(report["backbones"]) == {"model", "pixels"}
@@ -136,19 +162,34 @@ def test_embed_stage_and_retrieval_report(tiny_index, tmp_path):
 
 def test_retrieval_evaluate_refuses_an_embedder_trained_on_the_test_patients(tiny_index, tmp_path):
     from encoder.train import embed_training_loop
-    from retrieval.training_data import load_paired
+    from retrieval.data.training_data import load_paired
 
     every = load_paired(Cohort.open(tiny_index.cohort), size=32, progress=False)  # all splits
     leaky = tmp_path / "embedder-leaky"
-    embed_training_loop(run_dir=tiny_index.run, out_dir=leaky, data=every, backbone="pixels",
-                        iters=1, batch_size=2, dim=8, progress=False)  # fmt: skip
+    embed_training_loop(
+        run_dir=tiny_index.run,
+        out_dir=leaky,
+        data=every,
+        backbone="pixels",
+        iters=1,
+        batch_size=2,
+        dim=8,
+        progress=False,
+    )
     recorded = json.loads((leaky / "training_options.json").read_text())["data"]["patient_ids"]
     assert recorded == sorted(set(every.patient_ids))
     report_path = tmp_path / "leak.json"
     result = invoke(
-        "evaluate", tiny_index.run, tiny_index.cohort, "--out", report_path,
-        "--metrics", "retrieval", "--embedder", f"leaky={leaky}",
-    )  # fmt: skip
+        "evaluate",
+        tiny_index.run,
+        tiny_index.cohort,
+        "--out",
+        report_path,
+        "--metrics",
+        "retrieval",
+        "--embedder",
+        f"leaky={leaky}",
+    )
     assert result.exit_code == 2 and "shares" in result.output and "embedder-leaky" in result.output
     assert not report_path.exists()
 
@@ -156,7 +197,7 @@ def test_retrieval_evaluate_refuses_an_embedder_trained_on_the_test_patients(tin
 # -- over the pixel index (no model): Engine.open gets the PixelEncoder --------------------
 @pytest.fixture
 def pixel_cli(pixel_index, monkeypatch):
-    from retrieval.engine import Engine
+    from retrieval.search.engine import Engine
     from retrieval.testing import PixelEncoder
 
     opened = []
@@ -172,7 +213,7 @@ def pixel_cli(pixel_index, monkeypatch):
 
 
 def test_search_prints_the_suggestion_line(pixel_cli, monkeypatch):
-    from retrieval.engine import Engine
+    from retrieval.search.engine import Engine
 
     index, _ = pixel_cli
     case = Engine.open(index).cases(0, 1)[1][0]
@@ -199,7 +240,7 @@ def test_search_prints_the_suggestion_line(pixel_cli, monkeypatch):
 
 @pytest.mark.parametrize("abstain_below,expected", [(1.0, "abstained (top "), (0.0, "neighbours)")])
 def test_search_suggestion_abstains_or_answers(pixel_cli, monkeypatch, abstain_below, expected):
-    from retrieval.engine import Engine
+    from retrieval.search.engine import Engine
 
     index, _ = pixel_cli
     original = Engine._suggestion_models

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from retrieval.retrieval_eval import (
+from retrieval.evaluation.retrieval import (
     fuse_orders,
     pair_metrics,
     pair_ranks,

@@ -89,9 +89,17 @@ def test_client_reports_an_unreachable_server_by_its_url():
 
 
 def test_client_parses_search_results_and_synthetic_query():
-    row = {"rank": 1, "case_id": "ph0-00017", "score": 0.9, "modality": "ffa",
-           "diagnosis": "PDR", "eye": "OD", "lesions": ["leakage"],
-           "cf_url": "/cases/ph0-00017/cf", "ffa_url": "/cases/ph0-00017/ffa"}  # fmt: skip
+    row = {
+        "rank": 1,
+        "case_id": "ph0-00017",
+        "score": 0.9,
+        "modality": "ffa",
+        "diagnosis": "PDR",
+        "eye": "OD",
+        "lesions": ["leakage"],
+        "cf_url": "/cases/ph0-00017/cf",
+        "ffa_url": "/cases/ph0-00017/ffa",
+    }
     synthetic = {"synthetic": True, "video_url": "/synthetic/abc", "times_s": [0.0, 30.0]}
     seen = {}
 
@@ -328,21 +336,31 @@ def test_model_page_renders_a_report_as_tables(monkeypatch):
         "split": "test",
         "models": {"model": {"psnr": 19.2, "ssim": 0.33, "fvd_proxy": 0.5}},
         "baselines": {"mean": {"psnr": 19.9, "ssim": 0.4, "fvd_proxy": 6.0}},
-        "retrieval": {"backbones": {"model": {
-            "cf2ffa": {"R@1": 0.3, "R@5": 0.6, "R@10": 0.8, "mAP": 0.4},
-            "ffa2cf": {"R@1": 0.3, "R@5": 0.6, "R@10": 0.8, "mAP": 0.4},
-            "cf2cf": {"P@10": 0.5, "by_diagnosis": {"PDR": 0.6}},
-            "cf2ffa_via": {"direct": {"mAP": 0.4}, "synthesis": {"mAP": 0.3},
-                           "fused": {"mAP": 0.45}, "best_by_mAP": "fused"},
-        }}},
-    }  # fmt: skip
+        "retrieval": {
+            "backbones": {
+                "model": {
+                    "cf2ffa": {"R@1": 0.3, "R@5": 0.6, "R@10": 0.8, "mAP": 0.4},
+                    "ffa2cf": {"R@1": 0.3, "R@5": 0.6, "R@10": 0.8, "mAP": 0.4},
+                    "cf2cf": {"P@10": 0.5, "by_diagnosis": {"PDR": 0.6}},
+                    "cf2ffa_via": {
+                        "direct": {"mAP": 0.4},
+                        "synthesis": {"mAP": 0.3},
+                        "fused": {"mAP": 0.45},
+                        "best_by_mAP": "fused",
+                    },
+                }
+            }
+        },
+    }
     tables = components.report_tables({"report": json.loads(json.dumps(report))})
     generation, pairs, precision = tables.values()
     assert [r["name"] for r in generation] == ["model", "mean"]
     assert [(r["task"], r["via"]) for r in pairs] == [
-        ("CF → FFA", "direct"), ("FFA → CF", "direct"),
-        ("CF → FFA", "synthesis"), ("CF → FFA", "fused"),
-    ]  # fmt: skip
+        ("CF → FFA", "direct"),
+        ("FFA → CF", "direct"),
+        ("CF → FFA", "synthesis"),
+        ("CF → FFA", "fused"),
+    ]
     assert [r["diagnosis"] for r in precision] == ["all", "PDR"]
 
 
@@ -351,7 +369,7 @@ def test_ui_command_runs_streamlit_on_the_app_with_the_api_url(monkeypatch):
 
     from typer.testing import CliRunner
 
-    from retrieval.cli import app
+    from retrieval.apps.cli import app
 
     seen = {}
 
@@ -394,11 +412,15 @@ def test_result_buttons_open_the_case_and_the_comparison(live_api):
 
 # -- similarity and the diagnosis suggestion ---------------------------------------------
 SUGGESTION = {
-    "diagnosis": "PDR", "probability": 0.81, "abstained": False,
+    "diagnosis": "PDR",
+    "probability": 0.81,
+    "abstained": False,
     "probabilities": {"PDR": 0.81, "NPDR": 0.12, "normal": 0.05, "CSC": 0.02},
-    "supporting_case_ids": ["c-1", "c-7"], "neighbours": 10, "calibrated": True,
+    "supporting_case_ids": ["c-1", "c-7"],
+    "neighbours": 10,
+    "calibrated": True,
     "label": "suggestion from similar cases (decision support, not a diagnosis)",
-}  # fmt: skip
+}
 
 
 def texts(at: AppTest) -> str:
@@ -476,8 +498,7 @@ def test_search_page_says_when_the_suggestion_abstains(live_api, monkeypatch):
 
     def abstaining(self, *args, **kwargs):
         response = real(self, *args, **kwargs)
-        raw = {**response.raw, "suggestion": {**SUGGESTION, "abstained": True,
-                                               "probability": 0.41}}  # fmt: skip
+        raw = {**response.raw, "suggestion": {**SUGGESTION, "abstained": True, "probability": 0.41}}
         return client_mod.SearchResponse(response.results, raw)
 
     monkeypatch.setattr(client_mod.ApiClient, "search", abstaining)
@@ -513,13 +534,29 @@ def test_model_page_shows_the_reliability_diagram_and_suggestion_metrics(monkeyp
 
     png = _png()
     card = {
-        "encoder_id": "embedder-x", "dim": 48, "image_size": 32, "curves": {},
-        "report_name": "report.json", "reliability_url": "/model/reliability.png",
-        "report": {"retrieval": {"backbones": {"model": {"suggestion": {
-            "accuracy": 0.7, "macro_f1": 0.6, "ece": 0.05, "coverage": 0.9,
-            "accuracy_answered": 0.75, "reliability": [],
-        }}}}},
-    }  # fmt: skip
+        "encoder_id": "embedder-x",
+        "dim": 48,
+        "image_size": 32,
+        "curves": {},
+        "report_name": "report.json",
+        "reliability_url": "/model/reliability.png",
+        "report": {
+            "retrieval": {
+                "backbones": {
+                    "model": {
+                        "suggestion": {
+                            "accuracy": 0.7,
+                            "macro_f1": 0.6,
+                            "ece": 0.05,
+                            "coverage": 0.9,
+                            "accuracy_answered": 0.75,
+                            "reliability": [],
+                        }
+                    }
+                }
+            }
+        },
+    }
     monkeypatch.setattr(client_mod.ApiClient, "health", lambda self: {"loaded": True, "cases": 3})
     monkeypatch.setattr(client_mod.ApiClient, "model", lambda self: card)
     monkeypatch.setattr(client_mod.ApiClient, "reliability_png", lambda self, url="": png)
@@ -529,14 +566,20 @@ def test_model_page_shows_the_reliability_diagram_and_suggestion_metrics(monkeyp
     assert len(at.image) == 1 and "reliability" in texts(at)
     (table,) = [d for d in at.dataframe if "ece" in d.value.columns]
     assert table.value.iloc[0].to_dict() == {
-        "backbone": "model", "accuracy": 0.7, "macro_f1": 0.6, "ece": 0.05, "coverage": 0.9,
+        "backbone": "model",
+        "accuracy": 0.7,
+        "macro_f1": 0.6,
+        "ece": 0.05,
+        "coverage": 0.9,
         "accuracy_answered": 0.75,
-    }  # fmt: skip
+    }
     # a nested (per modality) or partial suggestion block, and none at all
     nested = {"backbones": {"m": {"suggestion": {"cf": {"accuracy": 0.5}, "ffa": {"ece": 0.1}}}}}
     rows = components.suggestion_rows(nested)
-    assert rows == [{"backbone": "m", "query": "cf", "accuracy": 0.5},
-                    {"backbone": "m", "query": "ffa", "ece": 0.1}]  # fmt: skip
+    assert rows == [
+        {"backbone": "m", "query": "cf", "accuracy": 0.5},
+        {"backbone": "m", "query": "ffa", "ece": 0.1},
+    ]
     assert components.suggestion_rows({"retrieval": {"backbones": {"m": {"cf2ffa": {}}}}}) == []
     assert components.suggestion_rows({}) == []
 
@@ -544,8 +587,14 @@ def test_model_page_shows_the_reliability_diagram_and_suggestion_metrics(monkeyp
 def test_model_page_without_a_reliability_diagram(monkeypatch):
     from ui import client as client_mod
 
-    card = {"encoder_id": "e", "dim": 8, "image_size": 32, "curves": {}, "report": None,
-            "reliability_url": None}  # fmt: skip
+    card = {
+        "encoder_id": "e",
+        "dim": 8,
+        "image_size": 32,
+        "curves": {},
+        "report": None,
+        "reliability_url": None,
+    }
     fetched = []
     monkeypatch.setattr(client_mod.ApiClient, "health", lambda self: {"loaded": True, "cases": 3})
     monkeypatch.setattr(client_mod.ApiClient, "model", lambda self: card)

@@ -23,14 +23,25 @@ def dashboard_command(
 ) -> list[str]:
     """The `streamlit run` command line that serves the dashboard against `api_url`."""
     return [
-        sys.executable, "-m", "streamlit", "run", str(APP_PATH),
-        "--server.port", str(port),
-        "--server.address", host,
-        "--server.headless", "true" if headless else "false",
-        "--browser.gatherUsageStats", "false",
-        "--server.maxUploadSize", str(MAX_UPLOAD_MB),
-        "--", "--api", api_url,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_PATH),
+        "--server.port",
+        str(port),
+        "--server.address",
+        host,
+        "--server.headless",
+        "true" if headless else "false",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.maxUploadSize",
+        str(MAX_UPLOAD_MB),
+        "--",
+        "--api",
+        api_url,
+    ]
 
 
 @contextlib.contextmanager

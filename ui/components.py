@@ -94,9 +94,12 @@ def similarity_control(
     """The Similarity selector → the API's `similarity` (None: the default for the query).
     Without `with_default` it offers the supported kinds only, clinical first."""
     chosen = st.selectbox(
-        label, similarity_options(with_default), format_func=SIMILARITY_NAMES.get,
-        help=help, key=f"{key}_similarity",
-    )  # fmt: skip
+        label,
+        similarity_options(with_default),
+        format_func=SIMILARITY_NAMES.get,
+        help=help,
+        key=f"{key}_similarity",
+    )
     return None if chosen == DEFAULT else chosen
 
 
@@ -363,12 +366,24 @@ def report_tables(card: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     for name, row in backbones.items():
         for key, label in DIRECTIONS.items():
             if isinstance(row.get(key), dict):
-                retrieval.append({"backbone": name, "task": label, "via": "direct",
-                                  **_numbers(row[key], RETRIEVAL_METRICS)})  # fmt: skip
+                retrieval.append(
+                    {
+                        "backbone": name,
+                        "task": label,
+                        "via": "direct",
+                        **_numbers(row[key], RETRIEVAL_METRICS),
+                    }
+                )
         for via, metrics in (row.get("cf2ffa_via") or {}).items():
             if isinstance(metrics, dict) and via != "direct":
-                retrieval.append({"backbone": name, "task": "CF → FFA", "via": via,
-                                  **_numbers(metrics, RETRIEVAL_METRICS)})  # fmt: skip
+                retrieval.append(
+                    {
+                        "backbone": name,
+                        "task": "CF → FFA",
+                        "via": via,
+                        **_numbers(metrics, RETRIEVAL_METRICS),
+                    }
+                )
         cf2cf = row.get("cf2cf") or {}
         overall = {k: v for k, v in cf2cf.items() if k.startswith("P@")}
         if overall:
@@ -402,8 +417,13 @@ def suggestion_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append({"backbone": name, **_numbers(found, SUGGESTION_METRICS)})
             for part, metrics in found.items():
                 if isinstance(metrics, dict) and any(k in metrics for k in SUGGESTION_METRICS):
-                    rows.append({"backbone": name, "query": str(part),
-                                 **_numbers(metrics, SUGGESTION_METRICS)})  # fmt: skip
+                    rows.append(
+                        {
+                            "backbone": name,
+                            "query": str(part),
+                            **_numbers(metrics, SUGGESTION_METRICS),
+                        }
+                    )
         if rows:
             break
     return rows

@@ -133,8 +133,10 @@ def embed_training_loop(
     if batch_size < 2:
         raise ConfigError(f"batch_size must be >= 2 for a contrastive loss, got {batch_size}")
     if train_frames < 1 or replay < 0 or bank_views < 1 or bank_gb <= 0:
-        raise ConfigError(f"need train_frames >= 1, replay >= 0, bank_views >= 1, bank_gb > 0, "
-                          f"got {train_frames}, {replay}, {bank_views}, {bank_gb}")  # fmt: skip
+        raise ConfigError(
+            f"need train_frames >= 1, replay >= 0, bank_views >= 1, bank_gb > 0, "
+            f"got {train_frames}, {replay}, {bank_views}, {bank_gb}"
+        )
     if len(data) < batch_size:
         raise DataError(f"{len(data)} training pairs, fewer than batch_size={batch_size}")
     if labels is not None and len(labels) != len(data):
@@ -200,13 +202,21 @@ def embed_training_loop(
             device=str(dev),
             code_version=code_version(),
             embedder=config.to_dict(),
-            data={"videos": len(data), "frames": data.frames, "size": data.size,
-                  "val_videos": len(val_data) if val_data is not None else 0,
-                  "patient_ids": sorted(set(data.patient_ids))},
-        )  # fmt: skip
+            data={
+                "videos": len(data),
+                "frames": data.frames,
+                "size": data.size,
+                "val_videos": len(val_data) if val_data is not None else 0,
+                "patient_ids": sorted(set(data.patient_ids)),
+            },
+        )
         atomic_write_text(out_dir / "training_options.json", json.dumps(info, indent=2) + "\n")
-        log.info("labels: %s (%d of %d training cases labelled)",
-                 options["labels"]["objective"], labelled, len(data))  # fmt: skip
+        log.info(
+            "labels: %s (%d of %d training cases labelled)",
+            options["labels"]["objective"],
+            labelled,
+            len(data),
+        )
         session = _EmbedSession(
             out_dir=out_dir,
             embedder=embedder,
@@ -232,9 +242,19 @@ def embed_training_loop(
 class _EmbedSession:
     """Optimizer, samplers, feature memory and bookkeeping of one embed_training_loop call."""
 
-    def __init__(self, *, out_dir: Path, embedder: Embedder, options: dict[str, Any],
-                 data: PairedVideos, val_data: PairedVideos | None, labels: CaseLabels | None,
-                 augment: AugmentConfig, device: torch.device, started: float):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        out_dir: Path,
+        embedder: Embedder,
+        options: dict[str, Any],
+        data: PairedVideos,
+        val_data: PairedVideos | None,
+        labels: CaseLabels | None,
+        augment: AugmentConfig,
+        device: torch.device,
+        started: float,
+    ):
         self.out_dir, self.embedder, self.options = out_dir, embedder, options
         self.affinity = None  # label affinity of every pair of training cases, (N, N)
         if labels is not None:
@@ -245,11 +265,15 @@ class _EmbedSession:
         backbone = list(embedder.backbone.parameters()) if not self.frozen else []
         wd = options["weight_decay"]
         groups = [  # CLIP's rule: no weight decay on gains, biases and the logit scale
-            {"params": [p for p in ps if (p.ndim >= 2) == decay], "lr": options[base],
-             "weight_decay": wd if decay else 0.0, "base": base}
+            {
+                "params": [p for p in ps if (p.ndim >= 2) == decay],
+                "lr": options[base],
+                "weight_decay": wd if decay else 0.0,
+                "base": base,
+            }
             for ps, base in ((heads, "lr"), (backbone, "backbone_lr"))
             for decay in (True, False)
-        ]  # fmt: skip
+        ]
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]])
         self.loss_fn = ClipLoss()
         self.np_rng = np.random.default_rng(options["seed"])
@@ -334,8 +358,12 @@ class _EmbedSession:
         if self.val_feats is not None:
             f_cf, f_ffa, t = self.val_feats
             z_cf = torch.cat([e.cf_head_embed(f_cf[i : i + 64]) for i in range(0, len(f_cf), 64)])
-            z_ffa = torch.cat([e.ffa_head_embed(f_ffa[i : i + 64], t[i : i + 64])
-                               for i in range(0, len(f_ffa), 64)])  # fmt: skip
+            z_ffa = torch.cat(
+                [
+                    e.ffa_head_embed(f_ffa[i : i + 64], t[i : i + 64])
+                    for i in range(0, len(f_ffa), 64)
+                ]
+            )
         else:
             from ..embedder import embed_cf_array, embed_ffa_array
 
@@ -361,8 +389,13 @@ class _EmbedSession:
         return min(1.0, max(parts))
 
     def save(self) -> None:
-        save_embedder(self.out_dir, self.embedder, training=self.options,
-                      iteration=self.iteration, source=self.options["run_dir"])  # fmt: skip
+        save_embedder(
+            self.out_dir,
+            self.embedder,
+            training=self.options,
+            iteration=self.iteration,
+            source=self.options["run_dir"],
+        )
 
     def _maybe_keep(self, val: dict[str, float]) -> None:
         score = (val["Val/cf2ffa_R@1"], val["Val/cf2ffa_R@5"])
@@ -370,9 +403,17 @@ class _EmbedSession:
             self.best = score
             self.save()
 
-    def train(self, *, iters: int | None, minutes: float | None, stats_every: int,
-              val_every: int, progress: bool, progress_fn: Callable | None,
-              abort_fn: Callable | None) -> TrainingSummary:  # fmt: skip
+    def train(
+        self,
+        *,
+        iters: int | None,
+        minutes: float | None,
+        stats_every: int,
+        val_every: int,
+        progress: bool,
+        progress_fn: Callable | None,
+        abort_fn: Callable | None,
+    ) -> TrainingSummary:
         o = self.options
         acc: dict[str, list[float]] = defaultdict(list)
         tick = time.monotonic(), 0
@@ -429,12 +470,24 @@ class _EmbedSession:
             last = self._tick(acc, frac, o["lr"], tick, end_val, progress_fn)
         if self.val_data is None or not o["keep_best"]:
             self.save()
-        log.info("stopped (%s) at iteration %d after %.0f s; %s", stop_reason, self.iteration,
-                 self.elapsed(), {k: round(v, 3) for k, v in val.items()})  # fmt: skip
+        log.info(
+            "stopped (%s) at iteration %d after %.0f s; %s",
+            stop_reason,
+            self.iteration,
+            self.elapsed(),
+            {k: round(v, 3) for k, v in val.items()},
+        )
         return TrainingSummary(self.out_dir, self.iteration, self.elapsed(), stop_reason, last)
 
-    def _tick(self, acc: dict[str, list[float]], frac: float, lr: float, tick: tuple[float, int],
-              val: dict[str, float], progress_fn: Callable | None) -> dict[str, float]:  # fmt: skip
+    def _tick(
+        self,
+        acc: dict[str, list[float]],
+        frac: float,
+        lr: float,
+        tick: tuple[float, int],
+        val: dict[str, float],
+        progress_fn: Callable | None,
+    ) -> dict[str, float]:
         """Append the means since the last tick (and any val recalls) to stats.jsonl."""
         sec = (time.monotonic() - tick[0]) / max(tick[1], 1)
         row: dict[str, Any] = {
@@ -446,15 +499,26 @@ class _EmbedSession:
             "Embed/logit_scale": float(self.embedder.logit_scale.detach().exp()),
         }
         row |= {k: float(np.mean(v)) for k, v in sorted(acc.items())} | val
-        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-               for k, v in row.items()}  # fmt: skip
+        row = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
         with open(self.out_dir / "stats.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        log.info("iter %d  %.0fs  %.2f s/it  clip %.4f  label %.4f  scale %.1f%s", self.iteration,
-                 row["Timing/total_s"], sec, row.get("Loss/clip") or 0,
-                 row.get("Loss/label") or 0, row["Embed/logit_scale"],
-                 "".join(f"  {k.removeprefix('Val/')} {v:.3f}" for k, v in val.items()
-                         if k.endswith(("R@1", "R@10"))))  # fmt: skip
+        log.info(
+            "iter %d  %.0fs  %.2f s/it  clip %.4f  label %.4f  scale %.1f%s",
+            self.iteration,
+            row["Timing/total_s"],
+            sec,
+            row.get("Loss/clip") or 0,
+            row.get("Loss/label") or 0,
+            row["Embed/logit_scale"],
+            "".join(
+                f"  {k.removeprefix('Val/')} {v:.3f}"
+                for k, v in val.items()
+                if k.endswith(("R@1", "R@10"))
+            ),
+        )
         if progress_fn is not None:
             progress_fn(row)
         return row
@@ -493,9 +557,7 @@ class _FeatureBank:
         while self.bytes > self.max_bytes and len(self.filled) > 1:  # the oldest view goes
             self._drop_oldest(min(self.filled, key=lambda case: self.items[case][0][0]))
 
-    def sample(
-        self, n: int, g: torch.Generator
-    ) -> tuple[np.ndarray, tuple[torch.Tensor, ...]]:
+    def sample(self, n: int, g: torch.Generator) -> tuple[np.ndarray, tuple[torch.Tensor, ...]]:
         """n distinct cases (fewer if the bank holds fewer); per case a random CF view and an
         independently chosen FFA view → case indices (n,), (cf (n, C, g, g),
         ffa (n, T', C, g, g), times (n, T'))."""

@@ -15,13 +15,21 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
-from ..engine import MODALITIES, CaseInfo, SearchResult, suggestion_record
+from retrieval.search.engine import MODALITIES, CaseInfo, SearchResult, suggestion_record
+
 from .schemas import SYNTHETIC_LABEL
 from .synthetic import SyntheticStore
 
 _QUERY_FIELDS = (
-    "kind", "modality", "similarity", "case_id", "width", "height", "frames", "bytes",
-)  # fmt: skip
+    "kind",
+    "modality",
+    "similarity",
+    "case_id",
+    "width",
+    "height",
+    "frames",
+    "bytes",
+)
 _FILTER_FIELDS = ("diagnosis", "eye", "split", "lesion")
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -35,13 +43,22 @@ def case_urls(case_id: str) -> tuple[str, str]:
 def case_record(case: CaseInfo) -> dict[str, Any]:
     cf_url, ffa_url = case_urls(case.case_id)
     return {
-        "case_id": case.case_id, "patient_id": case.patient_id, "eye": case.eye,
-        "age": case.age, "sex": case.sex, "diagnosis": case.diagnosis,
-        "lesions": list(case.lesions), "split": case.split, "source": case.source,
+        "case_id": case.case_id,
+        "patient_id": case.patient_id,
+        "eye": case.eye,
+        "age": case.age,
+        "sex": case.sex,
+        "diagnosis": case.diagnosis,
+        "lesions": list(case.lesions),
+        "split": case.split,
+        "source": case.source,
         "ffa_times_s": list(case.ffa_times_s) if case.ffa_times_s is not None else None,
-        "modalities": list(MODALITIES), "added": case.added,
-        "cf_url": cf_url, "ffa_url": ffa_url, "synthetic": False,
-    }  # fmt: skip
+        "modalities": list(MODALITIES),
+        "added": case.added,
+        "cf_url": cf_url,
+        "ffa_url": ffa_url,
+        "synthetic": False,
+    }
 
 
 def _number(x: float) -> str:
@@ -91,10 +108,15 @@ class SearchJSON:
         filters = dict.fromkeys(_FILTER_FIELDS)
         filters.update((k, list(v)) for k, v in result.filters.items())
         head = {
-            "query": query, "target": result.target, "via": result.via,
-            "similarity": result.similarity, "k": result.k, "filters": filters,
-            "score_kind": result.score_kind, "candidates": result.candidates,
-        }  # fmt: skip
+            "query": query,
+            "target": result.target,
+            "via": result.via,
+            "similarity": result.similarity,
+            "k": result.k,
+            "filters": filters,
+            "score_kind": result.score_kind,
+            "candidates": result.candidates,
+        }
         tail = {
             "synthetic_query": _synthetic(result, store),
             "suggestion": suggestion_record(result),
@@ -112,8 +134,13 @@ def _synthetic(result: SearchResult, store: SyntheticStore) -> dict[str, Any] | 
     frames, times = result.synthetic.frames, result.synthetic.times_s
     token = store.put(frames, times)
     return {
-        "synthetic": True, "label": SYNTHETIC_LABEL, "frames": int(frames.shape[0]),
-        "width": int(frames.shape[2]), "height": int(frames.shape[1]),
-        "times_s": [round(float(t), 3) for t in times], "video_url": f"/synthetic/{token}",
-        "media_type": "video/mp4", "expires_in_s": int(store.ttl_s),
-    }  # fmt: skip
+        "synthetic": True,
+        "label": SYNTHETIC_LABEL,
+        "frames": int(frames.shape[0]),
+        "width": int(frames.shape[2]),
+        "height": int(frames.shape[1]),
+        "times_s": [round(float(t), 3) for t in times],
+        "video_url": f"/synthetic/{token}",
+        "media_type": "video/mp4",
+        "expires_in_s": int(store.ttl_s),
+    }

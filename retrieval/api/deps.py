@@ -12,7 +12,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery
 
-from ..engine import Engine
+from retrieval.search.engine import Engine
+
 from .convert import SearchJSON
 from .settings import Settings
 from .synthetic import SyntheticStore

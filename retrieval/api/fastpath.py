@@ -19,7 +19,8 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..engine import MODALITIES, SIMILARITIES, TARGETS, CaseQuery, WouldBlock
+from retrieval.search.engine import MODALITIES, SIMILARITIES, TARGETS, CaseQuery, WouldBlock
+
 from ..errors import Fundus2VideoError
 from .deps import api_key_ok
 
@@ -38,7 +39,7 @@ _BOOL = {
     "n": False,
     "off": False,
     "0": False,
-}  # fmt: skip  (what pydantic accepts for a bool, case-insensitively)
+}  # what pydantic accepts for a bool, case-insensitively
 _K = re.compile(r"[0-9]{1,4}")
 _HEADERS = [(b"content-type", b"application/json")]
 
@@ -86,9 +87,13 @@ class SimilarFastPath:
             return None
         try:
             result = engine.search(
-                CaseQuery(case_id, modality), target, k, exclude_self=exclude, blocking=False,
+                CaseQuery(case_id, modality),
+                target,
+                k,
+                exclude_self=exclude,
+                blocking=False,
                 similarity=similarity,
-            )  # fmt: skip
+            )
         except (WouldBlock, Fundus2VideoError):
             return None  # the route waits for the update, or explains the error
         return state.search_json.dumps(result, engine.encoder_id, state.synthetic)

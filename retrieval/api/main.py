@@ -32,8 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index import IndexStoreError
 from index.errors import FilterError
+from retrieval.search.engine import Engine
 
-from ..engine import Engine
 from ..errors import (
     DuplicateCase,
     Fundus2VideoError,
@@ -126,9 +126,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.include_router(module.router, dependencies=secured)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-            allow_headers=["*"], expose_headers=["X-Request-ID", "X-Synthetic", "X-Frame-Times"],
-        )  # fmt: skip
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "X-Synthetic", "X-Frame-Times"],
+        )
     if settings.fast_path:
         app.add_middleware(SimilarFastPath, api=app)  # inside the guard: logged, limited
     app.add_middleware(RequestGuard, max_body=settings.max_upload_bytes)
@@ -189,9 +192,15 @@ class RequestGuard:
     def _log(scope: Scope, rid: str, sizes: dict[str, int], t0: float) -> None:
         route = getattr(scope.get("route"), "path", None) or "(unrouted)"
         log.info(
-            "%s %s %s %d %.1fms in=%dB out=%dB", rid, scope["method"], route, sizes["status"],
-            (time.perf_counter() - t0) * 1000, sizes["in"], sizes["out"],
-        )  # fmt: skip
+            "%s %s %s %d %.1fms in=%dB out=%dB",
+            rid,
+            scope["method"],
+            route,
+            sizes["status"],
+            (time.perf_counter() - t0) * 1000,
+            sizes["in"],
+            sizes["out"],
+        )
 
 
 async def _empty_receive() -> Message:

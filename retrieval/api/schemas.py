@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..queries import SUGGESTION_LABEL
+from retrieval.search.queries import SUGGESTION_LABEL
 
 Modality = Literal["cf", "ffa"]
 Target = Literal["cf", "ffa", "both"]
@@ -72,12 +72,19 @@ _SUGGESTION_EXAMPLE = {
     "probability": 0.93,
     "abstained": False,
     "probabilities": {"PDR": 0.93, "NPDR": 0.05, "normal": 0.02},
-    "supporting_case_ids": ["ph0-00017", "ph0-00042", "ph0-00051", "ph0-00060", "ph0-00071",
-                            "ph0-00088", "ph0-00093"],
+    "supporting_case_ids": [
+        "ph0-00017",
+        "ph0-00042",
+        "ph0-00051",
+        "ph0-00060",
+        "ph0-00071",
+        "ph0-00088",
+        "ph0-00093",
+    ],
     "neighbours": 10,
     "calibrated": True,
     "label": SUGGESTION_LABEL,
-}  # fmt: skip
+}
 
 
 class _Model(BaseModel):
@@ -174,8 +181,15 @@ class Stats(_Model):
                 "catalog_rows": 128,
                 "added_cases": 1,
                 "modalities": {
-                    "cf": {"count": 128, "key": "Flat", "dim": 256, "device": "cpu",
-                           "tombstones": 0, "recall_estimate": 1.0, "search_params": {}},
+                    "cf": {
+                        "count": 128,
+                        "key": "Flat",
+                        "dim": 256,
+                        "device": "cpu",
+                        "tombstones": 0,
+                        "recall_estimate": 1.0,
+                        "search_params": {},
+                    },
                 },
                 "device": "cpu",
                 "dim": 256,
@@ -185,17 +199,30 @@ class Stats(_Model):
                 "index_created_at": "2025-01-01T12:00:00+00:00",
                 "similarities": ["combined", "pair", "clinical"],
                 "default_similarity": {"same_modality": "clinical", "cross_modal": "clinical"},
-                "suggestion": {"cf": {"calibrated": True, "k": 10, "temperature": 0.05,
-                                      "smoothing": 0.1, "abstain_below": 0.5,
-                                      "similarity": "clinical", "classes": ["normal", "PDR"],
-                                      "fitted_on": {"split": "val", "queries": 19}}},
-                "limits": {"max_k": 100, "max_page": 500, "max_upload_bytes": 67108864,
-                           "max_pixels": 40000000, "max_frames": 512,
-                           "max_video_pixels": 268435456,
-                           "accepted_types": {"cf": ["image/png"], "ffa": ["video/mp4"]}},
+                "suggestion": {
+                    "cf": {
+                        "calibrated": True,
+                        "k": 10,
+                        "temperature": 0.05,
+                        "smoothing": 0.1,
+                        "abstain_below": 0.5,
+                        "similarity": "clinical",
+                        "classes": ["normal", "PDR"],
+                        "fitted_on": {"split": "val", "queries": 19},
+                    }
+                },
+                "limits": {
+                    "max_k": 100,
+                    "max_page": 500,
+                    "max_upload_bytes": 67108864,
+                    "max_pixels": 40000000,
+                    "max_frames": 512,
+                    "max_video_pixels": 268435456,
+                    "accepted_types": {"cf": ["image/png"], "ffa": ["video/mp4"]},
+                },
             }
         }
-    )  # fmt: skip
+    )
     encoder_id: str
     catalog_rows: int
     added_cases: int = Field(description="Cases added through POST /cases (still present).")
@@ -309,8 +336,12 @@ class SearchResponse(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
-                "query": {"kind": "case", "modality": "cf", "case_id": "ph0-00003",
-                          "similarity": "combined"},
+                "query": {
+                    "kind": "case",
+                    "modality": "cf",
+                    "case_id": "ph0-00003",
+                    "similarity": "combined",
+                },
                 "target": "ffa",
                 "via": "direct",
                 "similarity": "combined",
@@ -325,7 +356,7 @@ class SearchResponse(_Model):
                 "timings_ms": {"embed": 0.0, "search": 0.4, "total": 0.6},
             }
         }
-    )  # fmt: skip
+    )
     query: QueryInfo
     target: Target
     via: Via
@@ -414,12 +445,17 @@ class MapResponse(_Model):
                 "sampled": False,
                 "explained_variance": [0.31, 0.12],
                 "points": [
-                    {"case_id": "ph0-00001", "modality": "cf", "diagnosis": "normal",
-                     "x": 0.12, "y": -0.4},
+                    {
+                        "case_id": "ph0-00001",
+                        "modality": "cf",
+                        "diagnosis": "normal",
+                        "x": 0.12,
+                        "y": -0.4,
+                    },
                 ],
             }
         }
-    )  # fmt: skip
+    )
     similarity: Similarity = Field(
         description="The space projected: that similarity's part of each vector (clinical: "
         "the same disease, pair: the same eye, combined: as stored)."
@@ -451,15 +487,18 @@ class ModelInfo(_Model):
                 "run": "full",
                 "embedder": {"backbone": "generator"},
                 "curves": {
-                    "generator": {"source": "generator", "iters": [10, 20],
-                                  "series": {"Loss/G_l1": [0.42, 0.31]}},
+                    "generator": {
+                        "source": "generator",
+                        "iters": [10, 20],
+                        "series": {"Loss/G_l1": [0.42, 0.31]},
+                    },
                 },
                 "report": None,
                 "report_name": None,
                 "reliability_url": None,
             }
         }
-    )  # fmt: skip
+    )
     encoder_id: str
     dim: int
     image_size: int

@@ -16,9 +16,15 @@ HARD_MAX_PAGE = 1000
 
 CF_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/pjpeg", "image/tiff")
 FFA_TYPES = (
-    "video/mp4", "video/x-msvideo", "video/avi", "video/msvideo", "video/quicktime",
-    "video/x-matroska", "video/webm", "image/tiff",
-)  # fmt: skip
+    "video/mp4",
+    "video/x-msvideo",
+    "video/avi",
+    "video/msvideo",
+    "video/quicktime",
+    "video/x-matroska",
+    "video/webm",
+    "image/tiff",
+)
 ANY_TYPES = ("application/octet-stream",)  # clients that do not say: the content decides
 
 

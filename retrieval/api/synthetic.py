@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..media_write import mp4_bytes
+from retrieval.data.media_write import mp4_bytes
 
 
 @dataclass

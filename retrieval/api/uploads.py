@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import HTTPException, UploadFile
 
+from retrieval.data.media import probe_cf, probe_ffa, read_cf, read_ffa
+
 from ..errors import MediaTooLarge, UnreadableMedia
-from ..media import probe_cf, probe_ffa, read_cf, read_ffa
 from .settings import Settings
 
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")

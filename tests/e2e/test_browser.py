@@ -40,7 +40,7 @@ def settle(page) -> None:
 @contextlib.contextmanager
 def dashboard_for(api_url: str) -> Iterator[str]:
     """`streamlit run ui/app.py -- --api URL` on a free port, as `fundus2video ui` starts it."""
-    from retrieval.demo import free_port, start_dashboard
+    from retrieval.apps.demo import free_port, start_dashboard
     from ui import stop_process
 
     proc, url = start_dashboard(api_url, "127.0.0.1", free_port(0))

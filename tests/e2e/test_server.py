@@ -29,9 +29,9 @@ import pytest
 import uvicorn
 
 from retrieval.api import Settings, create_app
-from retrieval.engine import Engine
-from retrieval.media import read_cf, read_ffa
-from retrieval.media_write import mp4_bytes, png_bytes
+from retrieval.data.media import read_cf, read_ffa
+from retrieval.data.media_write import mp4_bytes, png_bytes
+from retrieval.search.engine import Engine
 from retrieval.testing import PixelEncoder
 
 CLIENTS, REQUESTS = 16, 25
@@ -61,9 +61,13 @@ def uvicorn_thread(app) -> Iterator[str]:
     by the caller answers ~40 ms late, as if Nagle's algorithm met delayed ACKs)."""
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=2,
-    )  # fmt: skip
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -79,12 +83,24 @@ def uvicorn_thread(app) -> Iterator[str]:
 @contextlib.contextmanager
 def serve_subprocess(index: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     port = free_port()
-    cmd = [sys.executable, "-c", "from retrieval.cli import app; app()", "serve", str(index),
-           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "from retrieval.apps.cli import app; app()",
+        "serve",
+        str(index),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     process = subprocess.Popen(
-        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
@@ -113,9 +129,10 @@ def test_fundus2video_serve_answers_over_http(tiny_index, tmp_path):
         case = page["items"][0]
         photo = http.get(case["cf_url"]).content
         body = http.post(
-            "/search", files={"file": ("q.png", photo, "image/png")},
+            "/search",
+            files={"file": ("q.png", photo, "image/png")},
             data={"target": "ffa", "k": "5"},
-        ).json()  # fmt: skip
+        ).json()
         assert len(body["results"]) == 5 and body["encoder_id"] == health["encoder_id"]
         similar = http.get(f"/cases/{case['case_id']}/similar", params={"target": "ffa"}).json()
         assert case["case_id"] not in [r["case_id"] for r in similar["results"]]
@@ -125,9 +142,10 @@ def test_fundus2video_serve_answers_over_http(tiny_index, tmp_path):
         assert case["case_id"] not in suggestion["supporting_case_ids"]
         assert sum(suggestion["probabilities"].values()) == pytest.approx(1.0)
         fused = http.post(
-            "/search", files={"file": ("q.png", photo, "image/png")},
+            "/search",
+            files={"file": ("q.png", photo, "image/png")},
             data={"target": "ffa", "via": "fused", "k": "3"},
-        ).json()  # fmt: skip
+        ).json()
         video = http.get(fused["synthetic_query"]["video_url"])
         assert video.headers["x-synthetic"] == "true" and len(read_ffa(video.content)) > 1
         part = http.get(case["ffa_url"], headers={"Range": "bytes=0-1023"})
@@ -142,10 +160,17 @@ def test_fundus2video_serve_answers_over_http(tiny_index, tmp_path):
 
 def test_serve_refuses_a_missing_index(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", "from retrieval.cli import app; app()", "serve",
-         str(tmp_path / "nowhere")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "from retrieval.apps.cli import app; app()",
+            "serve",
+            str(tmp_path / "nowhere"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "nowhere" in result.stderr
 
 
@@ -171,8 +196,11 @@ def test_concurrent_clients_match_serial_runs(pixel_server):
         case = cases[i % len(cases)]
         if i % 3 == 2:  # by upload
             cid = list(photos)[i % len(photos)]
-            r = http.post("/search", files={"file": ("q.png", photos[cid], "image/png")},
-                          data={"k": "5", "target": "ffa"})  # fmt: skip
+            r = http.post(
+                "/search",
+                files={"file": ("q.png", photos[cid], "image/png")},
+                data={"k": "5", "target": "ffa"},
+            )
             key = ("upload", cid)
         else:
             target = ("cf", "ffa")[i % 2]
@@ -191,9 +219,14 @@ def test_concurrent_clients_match_serial_runs(pixel_server):
             for j in range(REQUESTS):
                 if worker == 0:  # the writer: add and delete one case, over and over
                     if j % 2 == 0:
-                        r = http.post("/cases", data={"case_id": "churn", "split": "val"},
-                                      files={"cf": ("c.png", churn_cf, "image/png"),
-                                             "ffa": ("f.mp4", churn_ffa, "video/mp4")})  # fmt: skip
+                        r = http.post(
+                            "/cases",
+                            data={"case_id": "churn", "split": "val"},
+                            files={
+                                "cf": ("c.png", churn_cf, "image/png"),
+                                "ffa": ("f.mp4", churn_ffa, "video/mp4"),
+                            },
+                        )
                         assert r.status_code == 201, r.text
                     else:
                         assert http.delete("/cases/churn").status_code == 200

@@ -25,9 +25,11 @@ if first is None:
     st.stop()
 pages = max(1, -(-first.total // limit))
 page = b.number_input(f"Page (of {pages})", 1, pages, 1, key="browse_page")
-listing = first if page == 1 else state.fetch(
-    "Loading the catalog", state.cases, base, (page - 1) * limit, limit, **filters
-)  # fmt: skip
+listing = (
+    first
+    if page == 1
+    else state.fetch("Loading the catalog", state.cases, base, (page - 1) * limit, limit, **filters)
+)
 if listing is None:
     st.stop()
 
@@ -96,9 +98,14 @@ with st.form("browse_similar", border=True):
 if go:
     with st.spinner(f"Searching with case {case_id}…"):
         response = state.fetch(
-            "Find similar", state.client().similar, case_id, target=target, k=int(k), via=via,
+            "Find similar",
+            state.client().similar,
+            case_id,
+            target=target,
+            k=int(k),
+            via=via,
             query_modality=modality,
-        )  # fmt: skip
+        )
     if response is not None:
         state.remember_search({"kind": modality, "name": case_id, "case_id": case_id}, response)
         st.switch_page(ui.PAGE_SEARCH)

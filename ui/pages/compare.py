@@ -18,20 +18,24 @@ with st.container(border=True):
         ids = [r.case_id for r in response.results]
         chosen = st.session_state.get(state.COMPARE)
         right_id = st.selectbox(
-            "Compare the query with", ids, index=ids.index(chosen) if chosen in ids else 0,
+            "Compare the query with",
+            ids,
+            index=ids.index(chosen) if chosen in ids else 0,
             format_func=lambda c: next(
                 f"#{r.rank} {c} · {r.diagnosis} · score {r.score:.3f}"
-                for r in response.results if r.case_id == c
+                for r in response.results
+                if r.case_id == c
             ),
             key="compare_pick",
-        )  # fmt: skip
+        )
         left_id = None
     else:
         st.caption("No search yet: compare any two catalog cases.")
         a, b = st.columns(2)
         left_id = a.text_input("Left case id", key="compare_left")
-        right_id = b.text_input("Right case id", value=st.session_state.get(state.COMPARE, ""),
-                                key="compare_right")  # fmt: skip
+        right_id = b.text_input(
+            "Right case id", value=st.session_state.get(state.COMPARE, ""), key="compare_right"
+        )
 
 if not right_id or (query is None and not left_id):
     st.info("Search first (or give two case ids) to compare.", icon=":material/info:")
@@ -65,10 +69,12 @@ times = [
 ]
 stops = sorted({round(x, 1) for ts, _ in times for x in ts}) or [0.0]
 t = st.select_slider(
-    "Seconds after injection (each stop is a frame of one of the videos)", stops,
-    value=stops[nearest(stops, ui.DEFAULT_COMPARE_S)], format_func=lambda x: f"{x:g} s",
+    "Seconds after injection (each stop is a frame of one of the videos)",
+    stops,
+    value=stops[nearest(stops, ui.DEFAULT_COMPARE_S)],
+    format_func=lambda x: f"{x:g} s",
     key="compare_t",
-)  # fmt: skip
+)
 for col, side, fr, (ts, exact) in zip(st.columns(2), (left, right), frames, times, strict=True):
     with col:
         video = side["ffa"]

@@ -35,9 +35,12 @@ st.caption(
 
 points["modality"] = points["modality"].map(ui.MODALITY_NAMES).fillna(points["modality"])
 show = st.segmented_control(
-    "Show", list(ui.MODALITY_NAMES.values()), default=list(ui.MODALITY_NAMES.values()),
-    selection_mode="multi", key="map_modalities",
-)  # fmt: skip
+    "Show",
+    list(ui.MODALITY_NAMES.values()),
+    default=list(ui.MODALITY_NAMES.values()),
+    selection_mode="multi",
+    key="map_modalities",
+)
 points = points[points["modality"].isin(show or [])]
 x, y = alt.X("x:Q", axis=None), alt.Y("y:Q", axis=None)
 pick = alt.selection_point(name="pick", fields=["case_id"], on="click")
@@ -47,13 +50,14 @@ dots = (
     alt.Chart(points)
     .mark_point(filled=True, size=80, opacity=0.85)
     .encode(
-        x=x, y=y,
+        x=x,
+        y=y,
         color=alt.Color("diagnosis:N", title="diagnosis"),
         shape=alt.Shape("modality:N", title="modality"),
         tooltip=["case_id", "diagnosis", "modality"],
     )
     .add_params(pick)
-)  # fmt: skip
+)
 event = st.altair_chart(
     pairs + dots, height=560, on_select="rerun", selection_mode="pick", key="map_chart"
 )

@@ -48,9 +48,11 @@ for title, rows in tables.items():
     st.dataframe(rows, hide_index=True)
 if card.get("reliability_url"):
     png = state.fetch(
-        "Loading the reliability diagram", state.reliability_png, state.api_url(),
+        "Loading the reliability diagram",
+        state.reliability_png,
+        state.api_url(),
         card["reliability_url"],
-    )  # fmt: skip
+    )
     if png is not None:
         st.markdown(f"**{ui.SUGGESTION_TITLE}: reliability**")
         st.image(png, width=420)

@@ -30,9 +30,12 @@ with st.container(border=True):
         left, right = st.columns([2, 1])
         case_id = left.text_input("Case id", key="search_case_id", placeholder="e.g. ph0-00017")
         case_modality = right.radio(
-            "Query with its", ["cf", "ffa"], format_func=ui.MODALITY_NAMES.get,
-            horizontal=True, key="search_case_modality",
-        )  # fmt: skip
+            "Query with its",
+            ["cf", "ffa"],
+            format_func=ui.MODALITY_NAMES.get,
+            horizontal=True,
+            key="search_case_modality",
+        )
     else:
         upload = st.file_uploader(
             "A colour fundus photo (PNG, JPEG, TIFF) or an FFA video (MP4, AVI, MOV, MKV)",
@@ -41,14 +44,21 @@ with st.container(border=True):
         )
     left, mid, right = st.columns([2, 1, 2])
     target = left.radio(
-        "Find", list(ui.TARGET_NAMES), format_func=ui.TARGET_NAMES.get, horizontal=True,
+        "Find",
+        list(ui.TARGET_NAMES),
+        format_func=ui.TARGET_NAMES.get,
+        horizontal=True,
         key="search_target",
-    )  # fmt: skip
+    )
     k = mid.number_input("k", min_value=1, max_value=100, value=9, key="search_k")
     via = right.radio(
-        "Via", list(VIAS), horizontal=True, help=VIA_HELP, key="search_via",
+        "Via",
+        list(VIAS),
+        horizontal=True,
+        help=VIA_HELP,
+        key="search_via",
         disabled=target != "ffa",  # synthesis and fused: a CF photo → angiograms
-    )  # fmt: skip
+    )
     via = via if target == "ffa" else "direct"
     similarity = ui.similarity_control("search")
     with st.expander("Filters"):
@@ -62,9 +72,17 @@ if go and upload is not None:
     query = {"kind": kind, "name": name, "data": data, "content_type": content_type(name)}
     with st.spinner(f"Searching {ui.TARGET_NAMES[target].lower()} for {name}…"):
         response = state.fetch(
-            "Search", api.search, data, name, target=target, k=int(k), via=via,
-            similarity=similarity, content_type=query["content_type"], **filters,
-        )  # fmt: skip
+            "Search",
+            api.search,
+            data,
+            name,
+            target=target,
+            k=int(k),
+            via=via,
+            similarity=similarity,
+            content_type=query["content_type"],
+            **filters,
+        )
     if response is not None:
         if kind == "cf":
             with st.spinner("Synthesizing the angiogram of this photo…"):
@@ -73,9 +91,16 @@ if go and upload is not None:
 elif go and case_id:
     with st.spinner(f"Searching with case {case_id}…"):
         response = state.fetch(
-            "Search", api.similar, case_id.strip(), target=target, k=int(k), via=via,
-            query_modality=case_modality, similarity=similarity, **filters,
-        )  # fmt: skip
+            "Search",
+            api.similar,
+            case_id.strip(),
+            target=target,
+            k=int(k),
+            via=via,
+            query_modality=case_modality,
+            similarity=similarity,
+            **filters,
+        )
     if response is not None:
         query = {"kind": case_modality, "name": case_id.strip(), "case_id": case_id.strip()}
         state.remember_search(query, response)

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
 
-from ...engine import NewCase
+from retrieval.search.engine import NewCase
+
 from ..convert import case_record
 from ..deps import EngineDep, SettingsDep
 from ..schemas import CasePage, CaseRecord, DeletedCase, ErrorResponse
@@ -31,9 +32,11 @@ def list_cases(
     if limit > settings.max_page:
         raise HTTPException(422, f"limit: at most {settings.max_page} cases per page (got {limit})")
     filters = {
-        "diagnosis": split_values(diagnosis), "eye": split_values(eye),
-        "split": split_values(split), "lesion": split_values(lesion),
-    }  # fmt: skip
+        "diagnosis": split_values(diagnosis),
+        "eye": split_values(eye),
+        "split": split_values(split),
+        "lesion": split_values(lesion),
+    }
     total, page = engine.cases(offset, limit, filters)
     return {
         "total": total,
@@ -85,11 +88,17 @@ def add_case(
     video = read_upload(ffa, settings, field="ffa", expect="ffa")
     times = parse_times(ffa_times_s, "ffa_times_s")
     new = NewCase(
-        case_id=case_id, patient_id=patient_id or None, eye=eye or None, age=age,
-        sex=sex or None, diagnosis=diagnosis or None,
-        lesions=tuple(split_values(lesions) or ()), split=split, source=source,
+        case_id=case_id,
+        patient_id=patient_id or None,
+        eye=eye or None,
+        age=age,
+        sex=sex or None,
+        diagnosis=diagnosis or None,
+        lesions=tuple(split_values(lesions) or ()),
+        split=split,
+        source=source,
         ffa_times_s=tuple(times) if times is not None else None,
-    )  # fmt: skip
+    )
     record = case_record(engine.add_case(new, image.array, video.array))
     response.headers["Location"] = record["cf_url"].removesuffix("/cf")
     return record

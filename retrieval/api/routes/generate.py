@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.responses import Response
 
-from ...media_write import mp4_bytes
+from retrieval.data.media_write import mp4_bytes
+
 from ..deps import EngineDep, SettingsDep
 from ..uploads import parse_times, read_upload
 from .media import MP4
@@ -45,7 +46,7 @@ def generate(
             description="Frame times, comma-separated seconds (default: the model's).",
             examples=["0,12,15,20,30,60,300,600"],
         ),
-    ] = None,  # fmt: skip
+    ] = None,
 ) -> Response:
     parsed = parse_times(times)
     if parsed is not None and len(parsed) > settings.max_synth_frames:

@@ -10,8 +10,15 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from ...engine import check_similarity, default_similarity
-from ...insights import find_report, project_2d, read_curves, read_json, umap_available
+from retrieval.search.engine import check_similarity, default_similarity
+from retrieval.search.insights import (
+    find_report,
+    project_2d,
+    read_curves,
+    read_json,
+    umap_available,
+)
+
 from ..deps import EngineDep, SettingsDep
 from ..schemas import ErrorResponse, MapResponse, ModelInfo, Similarity
 
@@ -73,10 +80,15 @@ def _map(engine, modality: str, method: str, limit: int, similarity: str) -> dic
     cases, mods, vectors, total = engine.snapshot_vectors(modalities, limit, similarity=similarity)
     xy, used, explained = project_2d(vectors, method)
     points = [
-        {"case_id": c.case_id, "modality": m, "diagnosis": c.diagnosis,
-         "x": float(x), "y": float(y)}
+        {
+            "case_id": c.case_id,
+            "modality": m,
+            "diagnosis": c.diagnosis,
+            "x": float(x),
+            "y": float(y),
+        }
         for c, m, (x, y) in zip(cases, mods, xy.tolist(), strict=True)
-    ]  # fmt: skip
+    ]
     return {
         "similarity": similarity,
         "method": used,

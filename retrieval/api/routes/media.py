@@ -17,8 +17,9 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 
-from ...media import read_cf, read_ffa
-from ...media_write import mp4_bytes, png_bytes
+from retrieval.data.media import read_cf, read_ffa
+from retrieval.data.media_write import mp4_bytes, png_bytes
+
 from ..deps import EngineDep, SyntheticDep
 from ..ranges import RANGE_RESPONSES, range_response
 from ..schemas import ErrorResponse

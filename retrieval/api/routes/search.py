@@ -10,7 +10,8 @@ from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFil
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from ...engine import CaseQuery, CFQuery, FFAQuery, WouldBlock
+from retrieval.search.engine import CaseQuery, CFQuery, FFAQuery, WouldBlock
+
 from ..deps import EngineDep, SearchJSONDep, SettingsDep, SyntheticDep
 from ..schemas import ErrorResponse, Modality, SearchResponse, Similarity, Target, Via
 from ..settings import HARD_MAX_K, Settings
@@ -70,7 +71,7 @@ def search_upload(
             description="A CF photo (PNG, JPEG, TIFF) or an FFA video (MP4, MOV, AVI, MKV, "
             "multi-frame TIFF); processed in memory, never stored."
         ),
-    ],  # fmt: skip
+    ],
     target: Annotated[Target, Form(description=TARGET_HELP)] = "cf",
     k: Annotated[int, Form(ge=1, le=HARD_MAX_K, description="Number of results.")] = 10,
     via: Annotated[Via, Form(description=VIA_HELP)] = "direct",
@@ -84,7 +85,7 @@ def search_upload(
             description="An FFA upload's frame times, comma-separated seconds.",
             examples=["0,15,30"],
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     diagnosis: Annotated[list[str] | None, Form(description=FILTER_HELP)] = None,
     eye: Annotated[list[str] | None, Form(description="OD and/or OS.")] = None,
     split: Annotated[list[str] | None, Form(description="train, val and/or test.")] = None,
@@ -134,9 +135,15 @@ async def similar(
     filters = _filters(diagnosis, eye, split, lesion)
     query = CaseQuery(case_id, modality)
     search = partial(
-        engine.search, query, target, k, via, filters, exclude_self=exclude_self,
+        engine.search,
+        query,
+        target,
+        k,
+        via,
+        filters,
+        exclude_self=exclude_self,
         similarity=similarity,
-    )  # fmt: skip
+    )
     result = None
     if via == "direct" and not any(filters.values()):
         # index work only (sub-millisecond): inline, unless an update holds the index

@@ -16,8 +16,7 @@ import numpy as np
 import polars as pl
 
 from index.atomic import atomic_write_bytes
-
-from .errors import CohortError
+from retrieval.errors import CohortError
 
 CATALOG_NAME = "catalog.parquet"
 DIAGNOSES = ("normal", "NPDR", "PDR", "BRVO", "CRVO", "wet-AMD", "CSC")

@@ -132,13 +132,27 @@ def _trunks(rng: np.random.Generator, eye: Eye, root_r: float) -> Level:
         rows.append(_arcade(rng, eye, sign, rng.uniform(0.36, 0.46)))
     for sign in (-1, 1):  # nasal: up/down then bending nasally (+x)
         h0 = np.array([sign * rng.uniform(0.9, 1.35)])
-        x, y, _, _ = walk(rng, np.array([dx]), np.array([dy]), h0, np.array([0.9]),
-                           np.array([-sign * rng.uniform(0.6, 1.6)]), curv_sd=1.0)  # fmt: skip
+        x, y, _, _ = walk(
+            rng,
+            np.array([dx]),
+            np.array([dy]),
+            h0,
+            np.array([0.9]),
+            np.array([-sign * rng.uniform(0.6, 1.6)]),
+            curv_sd=1.0,
+        )
         rows.append(np.stack([x[0], y[0]]))
     fx, fy = eye.fovea
     h0 = np.arctan2(fy - dy, fx - dx) + rng.uniform(-0.25, 0.25)
-    x, y, _, _ = walk(rng, np.array([dx]), np.array([dy]), np.array([h0]), np.array([0.5]),
-                       np.zeros(1), curv_sd=1.5)  # fmt: skip
+    x, y, _, _ = walk(
+        rng,
+        np.array([dx]),
+        np.array([dy]),
+        np.array([h0]),
+        np.array([0.5]),
+        np.zeros(1),
+        curv_sd=1.5,
+    )
     rows.append(np.stack([x[0], y[0]]))
     steps = max(r.shape[1] for r in rows)
     xy = np.full((len(rows), 2, steps), np.nan)

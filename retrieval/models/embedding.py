@@ -1,6 +1,6 @@
 """Cohort-level embedding jobs: a run's query encoder, and cohort → index folder.
 
-`QueryEncoder` joins decoded media (any size, from `retrieval.media`) with the run's
+`QueryEncoder` joins decoded media (any size, from `retrieval.data.media`) with the run's
 embedder (and generator, for synthesis). `build_index` embeds every case of a cohort
 and writes an index folder (`index.save_index_folder`) with one FAISS index per
 modality (`cf`, `ffa`) whose ids are catalog row ids.
@@ -28,13 +28,13 @@ from encoder.embedder import (
     similarity_weights,
 )
 from index import ROW_ID, VectorIndex, save_index_folder, with_row_ids
+from retrieval.data.cohort import Cohort
+from retrieval.data.media import read_cf, read_ffa
+from retrieval.data.training_data import DEFAULT_TIMES_S, load_paired
+from retrieval.errors import Fundus2VideoError
+from retrieval.search.suggestion import suggestion_models
 
-from .cohort import Cohort
-from .errors import Fundus2VideoError
 from .generation import mark_synthetic, training_data_info
-from .media import read_cf, read_ffa
-from .suggestion import suggestion_models
-from .training_data import DEFAULT_TIMES_S, load_paired
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,6 @@ def build_index(
     return save_index_folder(out, indexes, catalog, encoder.encoder_id, extra)
 
 
-
 def absolute_media_paths(catalog: pl.DataFrame, root: Path) -> pl.DataFrame:
     """cf_path / ffa_path resolved against the cohort root, so the index folder stands alone."""
     root = root.resolve()
@@ -243,11 +242,18 @@ def train_embedder(
         val = load_paired(opened, size=size, split="val", frames=train.frames, progress=False)
     labels = case_labels(opened, train.case_ids)  # the train split's labels only
     return embed_training_loop(
-        run_dir=run, out_dir=Path(out) if out is not None else default_embedder_dir(run),
-        data=train, val_data=val, labels=labels,
-        backbone=backbone, minutes=minutes, iters=iters,
-        batch_size=min(EMBED_BATCH_SIZE, len(train)), seed=seed, progress=progress,
-    )  # fmt: skip
+        run_dir=run,
+        out_dir=Path(out) if out is not None else default_embedder_dir(run),
+        data=train,
+        val_data=val,
+        labels=labels,
+        backbone=backbone,
+        minutes=minutes,
+        iters=iters,
+        batch_size=min(EMBED_BATCH_SIZE, len(train)),
+        seed=seed,
+        progress=progress,
+    )
 
 
 def case_labels(cohort: Cohort, case_ids: Sequence[str]):

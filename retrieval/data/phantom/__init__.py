@@ -11,6 +11,14 @@ from .sheet import PHASES_S, contact_sheet, first_of_each, write_preview
 from .writer import catalog_row, write_phantom_cohort
 
 __all__ = [
-    "PHASES_S", "CaseMeta", "PhantomCase", "case_meta", "catalog_row", "contact_sheet",
-    "first_of_each", "phantom_case", "write_phantom_cohort", "write_preview",
-]  # fmt: skip
+    "PHASES_S",
+    "CaseMeta",
+    "PhantomCase",
+    "case_meta",
+    "catalog_row",
+    "contact_sheet",
+    "first_of_each",
+    "phantom_case",
+    "write_phantom_cohort",
+    "write_preview",
+]

@@ -30,7 +30,7 @@ import numpy as np
 import tifffile
 from PIL import ExifTags, Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-from .errors import MediaTooLarge, UnreadableImage, UnreadableMedia, UnreadableVideo
+from retrieval.errors import MediaTooLarge, UnreadableImage, UnreadableMedia, UnreadableVideo
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,10 @@ class SuggestionModel:
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.temperature <= 0 or self.smoothing < 0:
-            raise ValueError(f"suggestion needs k >= 1, temperature > 0, smoothing >= 0, got "
-                             f"{self.k}, {self.temperature}, {self.smoothing}")  # fmt: skip
+            raise ValueError(
+                f"suggestion needs k >= 1, temperature > 0, smoothing >= 0, got "
+                f"{self.k}, {self.temperature}, {self.smoothing}"
+            )
         if not 0 <= self.abstain_below <= 1:
             raise ValueError(f"abstain_below must be in [0, 1], got {self.abstain_below}")
 
@@ -162,10 +164,14 @@ def fit_suggestion(
     assert best is not None
     nll, temperature, smoothing = best
     return SuggestionModel(
-        classes=classes, k=k, temperature=temperature, smoothing=smoothing,
-        abstain_below=abstain_below, calibrated=True,
+        classes=classes,
+        k=k,
+        temperature=temperature,
+        smoothing=smoothing,
+        abstain_below=abstain_below,
+        calibrated=True,
         fitted_on={"split": split, "queries": int(known.sum()), "nll": round(nll, 4)},
-    )  # fmt: skip
+    )
 
 
 def suggestion_metrics(
@@ -191,8 +197,15 @@ def suggestion_metrics(
         if m.any():
             acc, mean_conf = float(correct[m].mean()), float(conf[m].mean())
             ece += m.mean() * abs(acc - mean_conf)
-            bins.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(m.sum()),
-                         "confidence": mean_conf, "accuracy": acc})  # fmt: skip
+            bins.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "count": int(m.sum()),
+                    "confidence": mean_conf,
+                    "accuracy": acc,
+                }
+            )
     answered = conf >= abstain_below
     return {
         "queries": int(len(truth)),
@@ -219,10 +232,16 @@ def reliability_png(metrics: dict[str, Any], title: str = "diagnosis suggestion"
         return x0 + cx * (x1 - x0), y0 - cy * (y0 - y1)
 
     for b in metrics["reliability"]:
-        d.rectangle([xy(b["low"], b["accuracy"]), xy(b["high"], 0)], fill=(90, 140, 210),
-                    outline=(40, 70, 130))  # fmt: skip
-        d.line([xy(b["low"], b["confidence"]), xy(b["high"], b["confidence"])],
-               fill=(220, 80, 40), width=2)  # fmt: skip
+        d.rectangle(
+            [xy(b["low"], b["accuracy"]), xy(b["high"], 0)],
+            fill=(90, 140, 210),
+            outline=(40, 70, 130),
+        )
+        d.line(
+            [xy(b["low"], b["confidence"]), xy(b["high"], b["confidence"])],
+            fill=(220, 80, 40),
+            width=2,
+        )
     d.line([xy(0, 0), xy(1, 1)], fill=(120, 120, 120), width=1)
     d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
     for t in (0, 0.5, 1):
@@ -230,11 +249,18 @@ def reliability_png(metrics: dict[str, Any], title: str = "diagnosis suggestion"
         d.text((x0 - 24, xy(0, t)[1] - 6), f"{t:g}", fill="black")
     d.text((x0, y0 + 22), "confidence (top probability)", fill="black")
     d.text((6, y1 - 16), "accuracy", fill="black")
-    d.text((6, 6), f"{title}: accuracy {metrics['accuracy']:.3f}, ECE {metrics['ece']:.3f}, "
-                   f"n={metrics['queries']}", fill="black")  # fmt: skip
+    d.text(
+        (6, 6),
+        f"{title}: accuracy {metrics['accuracy']:.3f}, ECE {metrics['ece']:.3f}, "
+        f"n={metrics['queries']}",
+        fill="black",
+    )
     d.text((x0, y0 + 42), "bars: accuracy of the queries in each bin", fill=(40, 70, 130))
-    d.text((x0, y0 + 56), "lines: their mean confidence; diagonal: perfect calibration",
-           fill=(220, 80, 40))  # fmt: skip
+    d.text(
+        (x0, y0 + 56),
+        "lines: their mean confidence; diagonal: perfect calibration",
+        fill=(220, 80, 40),
+    )
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
@@ -266,11 +292,9 @@ def fit_for_archive(
     return fit_suggestion(scores, labels, diag[val], classes, k=k, abstain_below=abstain_below)
 
 
-def suggestion_models(
-    encoder: Any, catalog: Any, vectors: dict[str, np.ndarray]
-) -> dict[str, Any]:
+def suggestion_models(encoder: Any, catalog: Any, vectors: dict[str, np.ndarray]) -> dict[str, Any]:
     """Per modality, the diagnosis-suggestion model fitted on the catalog's val split
-    against its train split (`retrieval.suggestion.fit_for_archive`), as dicts."""
+    against its train split (`retrieval.search.suggestion.fit_for_archive`), as dicts."""
     kind = default_similarity(encoder.similarities)
     weights = encoder.similarity_weights(kind)
     out = {}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cohort import hash_split
+from retrieval.data.cohort import hash_split
 
 BOTH_EYES_P = 0.45
 # Patient conditions and how often they occur; each maps to eye-level diagnoses.

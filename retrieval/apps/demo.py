@@ -31,8 +31,7 @@ from typing import Any
 import httpx
 
 from index.atomic import atomic_write_text
-
-from .errors import Fundus2VideoError
+from retrieval.errors import Fundus2VideoError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def _write_state(paths: DemoPaths, state: dict[str, Any]) -> None:
 
 def _invalidate(paths: DemoPaths, state: dict[str, Any], *stages: str) -> None:
     """Forget stages built from something about to be redone, and remove their files."""
-    from .embedding import default_embedder_dir
+    from retrieval.models.embedding import default_embedder_dir
 
     files = {"embedder": default_embedder_dir(paths.run), "index": paths.index}
     for stage in stages:
@@ -90,9 +89,9 @@ def prepare_demo(
     say: Callable[[str], None] = print,
 ) -> DemoPaths:
     """Build (or reuse) the demo's cohort, model and index (the report: `ensure_report`)."""
-    from .embedding import build_index, default_embedder_dir, train_embedder
-    from .generation import train_run
-    from .phantom import write_phantom_cohort
+    from retrieval.data.phantom import write_phantom_cohort
+    from retrieval.models.embedding import build_index, default_embedder_dir, train_embedder
+    from retrieval.models.generation import train_run
 
     paths = DemoPaths.under(workdir)
     paths.workdir.mkdir(parents=True, exist_ok=True)
@@ -113,9 +112,14 @@ def prepare_demo(
         say(f"[2/4] generator: training the tiny model for {generator_minutes:g} min")
         _invalidate(paths, state, "embedder", "index", "report")
         summary = train_run(
-            paths.cohort, paths.run, scale="tiny", minutes=generator_minutes, seed=seed,
-            resume=paths.run.exists(), progress=progress,
-        )  # fmt: skip
+            paths.cohort,
+            paths.run,
+            scale="tiny",
+            minutes=generator_minutes,
+            seed=seed,
+            resume=paths.run.exists(),
+            progress=progress,
+        )
         state["generator"] = {"iterations": summary.iterations, "elapsed_s": summary.elapsed_s}
         _write_state(paths, state)
 
@@ -168,14 +172,17 @@ def ensure_report(
 
 
 def _evaluate(paths: DemoPaths, *, progress: bool) -> None:
-    from .generation import evaluate_runs, write_report
-    from .retrieval_eval import evaluate_retrieval, write_reliability
+    from retrieval.evaluation.retrieval import evaluate_retrieval, write_reliability
+    from retrieval.models.generation import evaluate_runs, write_report
 
     report = evaluate_runs({"model": paths.run}, paths.cohort, split="test", progress=progress)
     report["retrieval"] = evaluate_retrieval(
-        {"model": (paths.run, None)}, paths.cohort, split="test", synthesis_for="model",
+        {"model": (paths.run, None)},
+        paths.cohort,
+        split="test",
+        synthesis_for="model",
         progress=progress,
-    )  # fmt: skip
+    )
     write_reliability(report, paths.report)
     write_report(report, paths.report)
 
@@ -217,9 +224,13 @@ class ApiThread:
 
         self.url = f"http://{host}:{port or free_port(0, host)}"
         config = uvicorn.Config(
-            app, host=host, port=int(self.url.rsplit(":", 1)[1]), log_config=None,
-            access_log=False, timeout_graceful_shutdown=2,
-        )  # fmt: skip
+            app,
+            host=host,
+            port=int(self.url.rsplit(":", 1)[1]),
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
 
@@ -235,7 +246,7 @@ class ApiThread:
 
 def demo_app(paths: DemoPaths) -> Any:
     """The API over the demo's index; /model finds the run's report.json once written."""
-    from .api import Settings, create_app
+    from retrieval.api import Settings, create_app
 
     return create_app(Settings(index=paths.index))
 
@@ -286,11 +297,15 @@ def serve_demo(
             say(f"  API        {api.url}   (OpenAPI: {api.url}/docs)")
             say(f"  dashboard  {ui_url}")
             say("")
-            say(f"Open the dashboard, upload a CF photo from {paths.cohort / 'cf'} and press "
-                "Search. Ctrl-C stops both.")  # fmt: skip
+            say(
+                f"Open the dashboard, upload a CF photo from {paths.cohort / 'cf'} and press "
+                "Search. Ctrl-C stops both."
+            )
             if not has_report(paths):
-                say("Computing the evaluation report in the background (a few minutes); "
-                    "the Model page shows it once written.")  # fmt: skip
+                say(
+                    "Computing the evaluation report in the background (a few minutes); "
+                    "the Model page shows it once written."
+                )
                 threading.Thread(
                     target=_report_quietly, args=(paths, say), name="evaluate", daemon=True
                 ).start()

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import Fundus2VideoError
+from retrieval.errors import Fundus2VideoError
 
 app = typer.Typer(
     name="fundus2video",
@@ -49,7 +49,7 @@ def phantom(
     ] = None,
 ):
     """Write a procedural retinal phantom cohort of paired CF photos and FFA videos."""
-    from .phantom import write_phantom_cohort, write_preview
+    from retrieval.data.phantom import write_phantom_cohort, write_preview
 
     try:
         write_phantom_cohort(out, cases=cases, size=size, frames=frames, seed=seed, workers=workers)
@@ -77,7 +77,7 @@ def ingest(
     ] = 50_000_000,
 ):
     """Validate a user manifest and build a cohort from it (nothing written if a row is bad)."""
-    from .ingest import ingest as ingest_manifest
+    from retrieval.data.ingest import ingest as ingest_manifest
 
     try:
         result = ingest_manifest(
@@ -103,8 +103,8 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Summarise a cohort: counts by diagnosis, eye and split; frame counts; sizes."""
-    from .cohort import Cohort
-    from .info import cohort_summary, format_summary
+    from retrieval.data.cohort import Cohort
+    from retrieval.data.info import cohort_summary, format_summary
 
     try:
         summary = cohort_summary(Cohort.open(cohort), progress=sys.stderr.isatty())
@@ -141,9 +141,13 @@ def demo(
 
     try:
         paths = prepare_demo(
-            workdir, cases=cases, seed=seed, generator_minutes=minutes,
-            embed_minutes=embed_minutes, say=typer.echo,
-        )  # fmt: skip
+            workdir,
+            cases=cases,
+            seed=seed,
+            generator_minutes=minutes,
+            embed_minutes=embed_minutes,
+            say=typer.echo,
+        )
         if serve:
             serve_demo(paths, host=host, api_port=api_port, ui_port=ui_port, say=typer.echo)
         else:
@@ -211,9 +215,8 @@ def train(
     embedder the rest. With --stage embed, --minutes / --iters are the embedder's.
     """
     from encoder import EncoderError, list_scales
-
-    from .embedding import EMBED_SHARE, train_embedder
-    from .generation import VARIANTS, train_run
+    from retrieval.models.embedding import EMBED_SHARE, train_embedder
+    from retrieval.models.generation import VARIANTS, train_run
 
     if scale not in list_scales():
         raise typer.BadParameter(f"--scale must be one of {list_scales()}, got {scale!r}")
@@ -227,20 +230,31 @@ def train(
     try:
         if stage in (None, "generator"):
             summary = train_run(
-                cohort, out, scale=scale, iters=iters, resume=resume, variant=variant,
+                cohort,
+                out,
+                scale=scale,
+                iters=iters,
+                resume=resume,
+                variant=variant,
                 minutes=minutes * (1 - EMBED_SHARE) if both and minutes else minutes,
-                batch_size=batch_size, seed=seed, vgg_weights=vgg_weights,
-            )  # fmt: skip
+                batch_size=batch_size,
+                seed=seed,
+                vgg_weights=vgg_weights,
+            )
             typer.echo(
                 f"{summary.run_dir}: generator {summary.iterations} iterations in "
                 f"{summary.elapsed_s / 60:.1f} min (stopped by {summary.stop_reason})"
             )
         if stage in (None, "embed"):
             embed = train_embedder(
-                out, cohort, backbone=backbone, out=embedder_out, seed=seed,
+                out,
+                cohort,
+                backbone=backbone,
+                out=embedder_out,
+                seed=seed,
                 minutes=minutes * EMBED_SHARE if both and minutes else minutes,
                 iters=(embed_iters or iters) if both else iters,
-            )  # fmt: skip
+            )
             typer.echo(
                 f"{embed.run_dir}: embedder ({backbone}) {embed.iterations} iterations in "
                 f"{embed.elapsed_s / 60:.1f} min (stopped by {embed.stop_reason})"
@@ -261,9 +275,8 @@ def generate(
 ):
     """Synthesize an FFA video from a CF photo (every frame is marked SYNTHETIC)."""
     from encoder import EncoderError
-
-    from .generation import generate_video
-    from .media_write import write_mp4
+    from retrieval.data.media_write import write_mp4
+    from retrieval.models.generation import generate_video
 
     try:
         frames, used = generate_video(run, cf_image, times_s=_parse_times(times))
@@ -298,10 +311,13 @@ def evaluate(
 ):
     """Generation and retrieval metrics on held-out patients, with baselines."""
     from encoder import EncoderError
-
-    from .embedding import default_embedder_dir
-    from .generation import evaluate_runs, generation_table, write_report
-    from .retrieval_eval import evaluate_retrieval, retrieval_table, write_reliability
+    from retrieval.evaluation.retrieval import (
+        evaluate_retrieval,
+        retrieval_table,
+        write_reliability,
+    )
+    from retrieval.models.embedding import default_embedder_dir
+    from retrieval.models.generation import evaluate_runs, generation_table, write_report
 
     if metrics not in ("all", "generation", "retrieval"):
         raise typer.BadParameter(f"--metrics must be all, generation or retrieval, got {metrics!r}")
@@ -353,8 +369,7 @@ def index(
     """Embed every case of a cohort and write an index folder (FAISS per modality + catalog)."""
     from encoder import EncoderError
     from index import IndexStoreError
-
-    from .embedding import build_index
+    from retrieval.models.embedding import build_index
 
     try:
         manifest = build_index(run, cohort, out, embedder_dir=embedder)
@@ -390,9 +405,8 @@ def search(
 
     from encoder import EncoderError
     from index import IndexStoreError
-
-    from .engine import SIMILARITIES, CFQuery, Engine, FFAQuery, suggestion_record
-    from .media import CF_SUFFIXES, read_cf, read_ffa
+    from retrieval.data.media import CF_SUFFIXES, read_cf, read_ffa
+    from retrieval.search.engine import SIMILARITIES, CFQuery, Engine, FFAQuery, suggestion_record
 
     if similarity is not None and similarity not in SIMILARITIES:
         raise typer.BadParameter(
@@ -417,19 +431,23 @@ def search(
             "eye": h.case.eye,
             "lesions": list(h.case.lesions),
             "split": h.case.split,
-        }  # fmt: skip
+        }
         for h in result.hits
     ]
     if as_json:
         out = {
-            "query": result.query, "target": target, "via": via,
-            "similarity": result.similarity, "results": rows,
+            "query": result.query,
+            "target": target,
+            "via": via,
+            "similarity": result.similarity,
+            "results": rows,
             "suggestion": suggestion_record(result),
-        }  # fmt: skip
+        }
         if result.synthetic is not None:
             out["synthetic_query"] = {
-                "synthetic": True, "times_s": result.synthetic.times_s.tolist()
-            }  # fmt: skip
+                "synthetic": True,
+                "times_s": result.synthetic.times_s.tolist(),
+            }
         typer.echo(json.dumps(out, indent=2))
         return
     if result.synthetic is not None:
@@ -455,8 +473,6 @@ def suggestion_line(suggestion) -> str:
     )
 
 
-
-
 @app.command()
 def serve(
     index: Annotated[Path, typer.Argument(help="Index folder (from `fundus2video index`).")],
@@ -480,9 +496,8 @@ def serve(
 
     from encoder import EncoderError
     from index import IndexStoreError
-
-    from .api import Settings, create_app
-    from .engine import Engine
+    from retrieval.api import Settings, create_app
+    from retrieval.search.engine import Engine
 
     torch.set_num_threads(os.cpu_count() or 1)
     try:
@@ -497,6 +512,10 @@ def serve(
         f"(docs: /docs{'; API key required' if settings.api_key else ''})"
     )
     uvicorn.run(
-        create_app(settings, engine=engine), host=host, port=port, access_log=False,
-        log_config=None, timeout_graceful_shutdown=5,
-    )  # fmt: skip
+        create_app(settings, engine=engine),
+        host=host,
+        port=port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+    )

@@ -64,8 +64,15 @@ def phantom_case(seed: int, index: int, *, size: int = 128, frames: int = 16) ->
     geom = Geometry(size, meta.eye == "OS", float(rot), (d * np.cos(a), d * np.sin(a)))
     plan = plan_vessels(r_geo, meta.diagnosis)
     arteries = grow_tree(r_geo, eye, "artery", r_geo.uniform(0.0095, 0.011))
-    veins = grow_tree(r_geo, eye, "vein", r_geo.uniform(0.012, 0.0135), plan.dilate,
-                      plan.tortuous, plan.occlusion_s)  # fmt: skip
+    veins = grow_tree(
+        r_geo,
+        eye,
+        "vein",
+        r_geo.uniform(0.012, 0.0135),
+        plan.dilate,
+        plan.tortuous,
+        plan.occlusion_s,
+    )
     times = frame_times(r_geo, frames, meta.arrival_s)
     ph = make_phases(r_geo, meta.arrival_s)
     anat = build_anatomy(r_tex, geom, eye, cup_ratio, ovality, arteries, veins)

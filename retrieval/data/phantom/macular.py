@@ -38,8 +38,10 @@ def wet_amd(ctx: Ctx) -> None:
     ctx.out.cf_ops.append(CfOp("blend", (0.42, 0.45, 0.33), 0.6 * body, under_vessels=True))
     ring = np.clip(body - ctx.blob([c[0]], [c[1]], [radius * 0.85], soft=0.8), 0, 1)
     ctx.out.cf_ops.append(CfOp("absorb", (0.55, 0.5, 0.5), ring, under_vessels=True))  # pigment
-    ctx.fixed(np.maximum(net, 0.3 * body),
-              1.5 * bolus(t, ctx.t_choroid + 0.3) + 0.25 * rise(t, ctx.t_choroid, 60))  # fmt: skip
+    ctx.fixed(
+        np.maximum(net, 0.3 * body),
+        1.5 * bolus(t, ctx.t_choroid + 0.3) + 0.25 * rise(t, ctx.t_choroid, 60),
+    )
     late = ctx.spreading(
         np.maximum(net, 0.5 * body),
         max(2.0, 0.05 * ctx.ppu),
@@ -99,8 +101,12 @@ def central_serous(ctx: Ctx) -> None:
     progress = np.linspace(0.0, 1.0, 5)
     if rng.random() < 0.6:  # ink blot
         r_max = r_sd * rng.uniform(0.35, 0.6)
-        snaps = np.stack([ctx.blob([p[0]], [p[1]], [max(f * r_max, 0.01)], soft=0.9, min_px=0.8)
-                          for f in progress])  # fmt: skip
+        snaps = np.stack(
+            [
+                ctx.blob([p[0]], [p[1]], [max(f * r_max, 0.01)], soft=0.9, min_px=0.8)
+                for f in progress
+            ]
+        )
     else:
         snaps = _plume(ctx, p, (r_sd + off) * rng.uniform(0.6, 0.9), progress)
     snaps = ndimage.gaussian_filter(snaps, (0, 0.6, 0.6)) * np.clip(sd * 1.3, 0, 1)[None]

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ..cohort import LESIONS
+from retrieval.data.cohort import LESIONS
+
 from .anatomy import Anatomy
 from .raster import blob_map
 

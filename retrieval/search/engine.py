@@ -14,10 +14,10 @@ combined, the pair or the clinical cosine. `similarity=None` takes
 for an encoder without a clinical part.
 
 Diagnosis suggestion. When the index manifest holds suggestion models
-(`extra["suggestion"]`, one per modality, `retrieval.suggestion.SuggestionModel`), a
+(`extra["suggestion"]`, one per modality, `retrieval.search.suggestion.SuggestionModel`), a
 search also asks the query's own modality index for the model's k nearest cases with a
 diagnosis the model knows (by the model's similarity, ignoring the search's filters,
-never the query case itself) and turns their diagnoses into `retrieval.suggestion.
+never the query case itself) and turns their diagnoses into `retrieval.search.suggestion.
 suggest`'s probabilities: decision support, not a diagnosis. One more index search.
 
 Concurrency. Searches share a readers-writer lock (`index.sync.RWLock`); an update
@@ -56,9 +56,10 @@ import polars as pl
 from index import ROW_ID, IndexFolder, catalog_allowed_ids, load_index_folder, read_manifest
 from index.atomic import atomic_write_bytes
 from index.sync import RWLock
-
-from .cohort import EYES, SPLITS
-from .errors import (
+from retrieval.data.cohort import EYES, SPLITS
+from retrieval.data.media import read_cf
+from retrieval.data.media_write import mp4_bytes, png_bytes
+from retrieval.errors import (
     DuplicateCase,
     Fundus2VideoError,
     IndexChanged,
@@ -67,8 +68,7 @@ from .errors import (
     UnknownCase,
     UnreadableMedia,
 )
-from .media import read_cf
-from .media_write import mp4_bytes, png_bytes
+
 from .queries import (
     FILTER_KEYS,
     MODALITIES,
@@ -97,12 +97,35 @@ from .queries import (
 from .suggestion import Suggestion, SuggestionModel, suggest
 
 __all__ = [
-    "FILTER_KEYS", "MODALITIES", "RRF_K", "SIMILARITIES", "SUGGESTION_LABEL", "TARGETS",
-    "VIAS", "CFQuery", "CaseInfo", "CaseQuery", "Engine", "FFAQuery", "Hit", "NewCase",
-    "Query", "QueryEncoder", "SearchResult", "Suggestion", "SuggestionModel",
-    "SyntheticQuery", "WouldBlock", "as_query", "check_similarity", "check_times",
-    "default_similarity", "normalize_filters", "reciprocal_rank_fusion", "suggestion_record",
-]  # fmt: skip
+    "FILTER_KEYS",
+    "MODALITIES",
+    "RRF_K",
+    "SIMILARITIES",
+    "SUGGESTION_LABEL",
+    "TARGETS",
+    "VIAS",
+    "CFQuery",
+    "CaseInfo",
+    "CaseQuery",
+    "Engine",
+    "FFAQuery",
+    "Hit",
+    "NewCase",
+    "Query",
+    "QueryEncoder",
+    "SearchResult",
+    "Suggestion",
+    "SuggestionModel",
+    "SyntheticQuery",
+    "WouldBlock",
+    "as_query",
+    "check_similarity",
+    "check_times",
+    "default_similarity",
+    "normalize_filters",
+    "reciprocal_rank_fusion",
+    "suggestion_record",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +142,7 @@ class WouldBlock(Exception):
 
 
 class QueryEncoder(Protocol):
-    """What the engine needs from `retrieval.embedding.QueryEncoder` (or a stand-in)."""
+    """What the engine needs from `retrieval.models.embedding.QueryEncoder` (or a stand-in)."""
 
     encoder_id: str
     dim: int
@@ -170,7 +193,7 @@ class Engine:
                     f"{path}: the manifest names no run (extra.run_dir); "
                     "build it with `fundus2video index RUN COHORT --out INDEX`"
                 )
-            from .embedding import QueryEncoder as RunEncoder  # imports torch
+            from retrieval.models.embedding import QueryEncoder as RunEncoder  # imports torch
 
             encoder = RunEncoder.open(extra["run_dir"], extra.get("embedder_dir"))
         folder = load_index_folder(path, expected_encoder_id=encoder.encoder_id, use_gpu=use_gpu)
@@ -206,8 +229,12 @@ class Engine:
                 log.warning("%s: unreadable %s suggestion model (%s)", folder.path, modality, err)
                 continue
             if modality not in MODALITIES or model.similarity not in self._weights:
-                log.warning("%s: %s suggestion model (similarity %s) not servable; skipped",
-                            folder.path, modality, model.similarity)  # fmt: skip
+                log.warning(
+                    "%s: %s suggestion model (similarity %s) not servable; skipped",
+                    folder.path,
+                    modality,
+                    model.similarity,
+                )
                 continue
             models[modality] = model
         return models
@@ -356,11 +383,19 @@ class Engine:
                 suggested = self._suggest_locked(model, qmod, raw_vec, case.row_id)
             timings["search"] = timings["total"] = _ms(t0)
             return SearchResult(
-                hits=hits, target=target, via=via, k=k, query=info, filters=flt,
-                score_kind="cosine", candidates=candidates, timings_ms=timings,
-                similarity=similarity, suggestion=suggested,
+                hits=hits,
+                target=target,
+                via=via,
+                k=k,
+                query=info,
+                filters=flt,
+                score_kind="cosine",
+                candidates=candidates,
+                timings_ms=timings,
+                similarity=similarity,
+                suggestion=suggested,
                 suggestion_model=model if suggested is not None else None,
-            )  # fmt: skip
+            )
         query_row = None
         if isinstance(query, CaseQuery):
             info["case_id"] = query.case_id
@@ -412,11 +447,20 @@ class Engine:
         timings["search"] = _ms(t)
         timings["total"] = _ms(t0)
         return SearchResult(
-            hits=hits, target=target, via=via, k=k, query=info, filters=flt,
-            score_kind="rrf" if via == "fused" else "cosine", candidates=candidates,
-            synthetic=synthetic, timings_ms=timings, similarity=similarity,
-            suggestion=suggested, suggestion_model=model if suggested is not None else None,
-        )  # fmt: skip
+            hits=hits,
+            target=target,
+            via=via,
+            k=k,
+            query=info,
+            filters=flt,
+            score_kind="rrf" if via == "fused" else "cosine",
+            candidates=candidates,
+            synthetic=synthetic,
+            timings_ms=timings,
+            similarity=similarity,
+            suggestion=suggested,
+            suggestion_model=model if suggested is not None else None,
+        )
 
     def suggest(self, query: Query | str | np.ndarray) -> Suggestion | None:
         """The diagnosis suggested for a query by its nearest labelled cases in the query's
@@ -466,9 +510,10 @@ class Engine:
         def votes(D: np.ndarray, I: np.ndarray) -> list[tuple[float, CaseInfo]]:  # noqa: E741
             rows = [self._rows.get(i) for i in I[0].tolist()]
             return [
-                (d, r) for d, r in zip(D[0].tolist(), rows, strict=True)
+                (d, r)
+                for d, r in zip(D[0].tolist(), rows, strict=True)
                 if r is not None and r.row_id != exclude and r.diagnosis in known
-            ][: model.k]  # fmt: skip
+            ][: model.k]
 
         depth = min(index.ntotal, math.ceil(want * index.ntotal / n_labelled * 1.5))
         found = votes(*index.search(query, max(depth, 1)))
@@ -477,9 +522,11 @@ class Engine:
         if not found:
             return None
         return suggest(
-            model, np.asarray([d for d, _ in found]), [r.diagnosis or "" for _, r in found],
+            model,
+            np.asarray([d for d, _ in found]),
+            [r.diagnosis or "" for _, r in found],
             [r.case_id for _, r in found],
-        )  # fmt: skip
+        )
 
     def _labelled(self, modality: str, model: SuggestionModel) -> np.ndarray | None:
         """Row ids of `modality`'s index whose diagnosis `model` knows (None: every one).
@@ -532,7 +579,9 @@ class Engine:
         return self.encoder.embed_ffa([query.frames], times)
 
     def _synthesize_and_embed(self, image, times, timings) -> tuple[SyntheticQuery, np.ndarray]:
-        from .generation import mark_synthetic  # imports the training code: only when needed
+        from retrieval.models.generation import (
+            mark_synthetic,  # imports the training code: only when needed
+        )
 
         if times is not None:
             times = check_times(times, "synthesis times")
@@ -571,7 +620,7 @@ class Engine:
         self, image: np.ndarray, times_s: Sequence[float] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """A CF photo's synthesized FFA video, SYNTHETIC burned into every frame, and its times."""
-        from .generation import mark_synthetic
+        from retrieval.models.generation import mark_synthetic
 
         times = None if times_s is None else check_times(times_s)
         with self._model:
@@ -600,10 +649,11 @@ class Engine:
             atomic_write_bytes(media / "cf.png", png)
             atomic_write_bytes(media / "ffa.mp4", mp4)
             row = {
-                **meta, ROW_ID: row_id,
+                **meta,
+                ROW_ID: row_id,
                 "cf_path": f"{MEDIA_DIR}/{row_id}/cf.png",
                 "ffa_path": f"{MEDIA_DIR}/{row_id}/ffa.mp4",
-            }  # fmt: skip
+            }
             catalog = self._folder.catalog
             new = pl.DataFrame([{c: row.get(c) for c in catalog.columns}], schema=catalog.schema)
             info = self._case_info(row)
@@ -657,11 +707,17 @@ class Engine:
             if len(times) != len(ffa):
                 raise QueryError(f"ffa_times_s has {len(times)} values for {len(ffa)} frames")
         return {
-            "case_id": case.case_id, "patient_id": case.patient_id or case.case_id,
-            "eye": case.eye, "age": case.age, "sex": case.sex, "diagnosis": case.diagnosis,
-            "lesions": list(case.lesions), "split": case.split, "source": case.source,
+            "case_id": case.case_id,
+            "patient_id": case.patient_id or case.case_id,
+            "eye": case.eye,
+            "age": case.age,
+            "sex": case.sex,
+            "diagnosis": case.diagnosis,
+            "lesions": list(case.lesions),
+            "split": case.split,
+            "source": case.source,
             "ffa_times_s": times,
-        }  # fmt: skip
+        }
 
     def _changed(self) -> None:
         """After an in-memory update (write lock held): drop what was derived from the old state."""

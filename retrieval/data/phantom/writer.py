@@ -15,9 +15,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from index.atomic import atomic_dir
+from retrieval.data.cohort import CATALOG_NAME, catalog_from_rows, write_catalog
+from retrieval.data.media_write import write_mp4, write_png
 
-from ..cohort import CATALOG_NAME, catalog_from_rows, write_catalog
-from ..media_write import write_mp4, write_png
 from .case import PhantomCase, check_params, phantom_case
 from .meta import check_seed
 
@@ -87,8 +87,9 @@ def write_phantom_cohort(
     check_seed(seed)
     out = Path(out)
     workers = min(workers, cases)
-    log.info("phantom cohort: %d cases, %d px, %d frames, seed %d -> %s",
-             cases, size, frames, seed, out)  # fmt: skip
+    log.info(
+        "phantom cohort: %d cases, %d px, %d frames, seed %d -> %s", cases, size, frames, seed, out
+    )
     with atomic_dir(out) as tmp:
         (tmp / "cf").mkdir()
         (tmp / "ffa").mkdir()

@@ -182,8 +182,9 @@ def diabetic(ctx: Ctx, proliferative: bool) -> None:
         nve -= 1
     for x0, y0 in zip(cx[:nve], cy[:nve], strict=False):  # at the edge of the dropout
         a = rng.uniform(0, 2 * np.pi)
-        neovascularisation(ctx, (x0 + 0.2 * np.cos(a), y0 + 0.2 * np.sin(a)),
-                           rng.uniform(0.045, 0.08))  # fmt: skip
+        neovascularisation(
+            ctx, (x0 + 0.2 * np.cos(a), y0 + 0.2 * np.sin(a)), rng.uniform(0.045, 0.08)
+        )
 
 
 def vein_occlusion(ctx: Ctx, plan: VesselPlan, central: bool) -> None:

@@ -25,8 +25,13 @@ class Phases:
     venous: float  # veins full
 
     def as_dict(self) -> dict[str, float]:
-        return {"choroidal": self.choroid, "arterial": self.artery, "laminar": self.vein,
-                "venous": self.venous, "late": 420.0}  # fmt: skip
+        return {
+            "choroidal": self.choroid,
+            "arterial": self.artery,
+            "laminar": self.vein,
+            "venous": self.venous,
+            "late": 420.0,
+        }
 
 
 def make_phases(rng: np.random.Generator, arrival_s: float) -> Phases:
@@ -73,14 +78,20 @@ def _background(anat: Anatomy, les: Lesions, ph: Phases, t: np.ndarray) -> np.nd
     disc_in = np.clip((1.05 - anat.rho_disc) / 0.15, 0, 1)
     rim = np.exp(-(((anat.rho_disc - 0.9) / 0.25) ** 2))
     cup = np.clip((anat.cup_ratio - anat.rho_cup) / 0.1, 0, 1)
-    layers = np.stack([
-        0.13 * anat.capillary_tex * perf * faz,
-        0.35 * disc_in,
-        0.12 * rim + 0.2 * disc_in + 0.12 * cup,
-        0.1 * (1.1 - 0.3 * anat.tigroid) * np.sqrt(macula),
-    ]).astype(np.float32)  # fmt: skip
-    curves = [bolus(t, ph.artery + 1.2), bolus(t, ph.artery + 0.2),
-              rise(t, ph.artery, 200), rise(t, ph.choroid, 180)]  # fmt: skip
+    layers = np.stack(
+        [
+            0.13 * anat.capillary_tex * perf * faz,
+            0.35 * disc_in,
+            0.12 * rim + 0.2 * disc_in + 0.12 * cup,
+            0.1 * (1.1 - 0.3 * anat.tigroid) * np.sqrt(macula),
+        ]
+    ).astype(np.float32)
+    curves = [
+        bolus(t, ph.artery + 1.2),
+        bolus(t, ph.artery + 0.2),
+        rise(t, ph.artery, 200),
+        rise(t, ph.choroid, 180),
+    ]
     weights = np.stack(curves, axis=1).astype(np.float32)  # (T, 4)
     bg = np.einsum("tk,khw->thw", weights, layers)  # (T, H, W); no BLAS threads
     chor = (0.33 * anat.choroid_tex * macula * (1 - 0.6 * (1 - perf))).astype(np.float32)

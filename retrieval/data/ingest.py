@@ -23,9 +23,9 @@ import polars as pl
 from tqdm import tqdm
 
 from index.atomic import atomic_dir, atomic_write_text
+from retrieval.errors import ManifestError, RowProblem, UnreadableMedia
 
 from .cohort import CATALOG_NAME, SPLITS, catalog_from_rows, patient_split, write_catalog
-from .errors import ManifestError, RowProblem, UnreadableMedia
 from .media import DEFAULT_MAX_PIXELS, read_cf, read_ffa
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..cohort import DIAGNOSES
-from ..media_write import write_png
+from retrieval.data.cohort import DIAGNOSES
+from retrieval.data.media_write import write_png
+
 from .case import PhantomCase, check_params, phantom_case
 from .meta import case_meta, check_seed
 
@@ -26,8 +27,12 @@ def _case_phases(case: PhantomCase) -> list[float]:
     """The case's own phase onsets (its dye arrives 8-15 s after injection), else typical times."""
     if not all(k in case.phases_s for k in CASE_PHASES):
         return list(PHASES_S)
-    return [case.phases_s["arterial"] + 0.5, case.phases_s["laminar"] + 0.5,
-            case.phases_s["venous"] + 10.0, 600.0]  # fmt: skip
+    return [
+        case.phases_s["arterial"] + 0.5,
+        case.phases_s["laminar"] + 0.5,
+        case.phases_s["venous"] + 10.0,
+        600.0,
+    ]
 
 
 def contact_sheet(cases: list[PhantomCase], phases_s: Sequence[float] | None = None) -> np.ndarray:

@@ -22,11 +22,10 @@ from encoder import (
 )
 from encoder.train import training_loop
 from index.atomic import atomic_write_text
-
-from .cohort import Cohort
-from .errors import Fundus2VideoError
-from .media import read_cf
-from .training_data import load_paired
+from retrieval.data.cohort import Cohort
+from retrieval.data.media import read_cf
+from retrieval.data.training_data import load_paired
+from retrieval.errors import Fundus2VideoError
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +70,19 @@ def train_run(
             opened, size=size, split="val", frames=train.frames, limit=4, progress=False
         )
     return training_loop(
-        run_dir=out, data=train, val_data=val, scale=scale, iters=iters, minutes=minutes,
-        batch_size=batch_size, seed=seed, resume=resume, vgg_weights=vgg_weights,
-        progress=progress, **VARIANTS[variant],
-    )  # fmt: skip
+        run_dir=out,
+        data=train,
+        val_data=val,
+        scale=scale,
+        iters=iters,
+        minutes=minutes,
+        batch_size=batch_size,
+        seed=seed,
+        resume=resume,
+        vgg_weights=vgg_weights,
+        progress=progress,
+        **VARIANTS[variant],
+    )
 
 
 def training_data_info(run: str | Path) -> dict[str, Any]:

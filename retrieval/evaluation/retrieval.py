@@ -14,7 +14,7 @@ diagnosis), the mean lesion-set Jaccard of the top 10 (two lesion-free cases: 1)
 share of the top 10 with the query's eye side (chance ~0.5), and precision@10 per
 diagnosis. Each similarity the embedder supports (combined / pair / clinical) is
 measured. The diagnosis suggestion is fitted on val queries against the train cases
-(`retrieval.suggestion.fit_for_archive`) and scored on the held-out queries against the
+(`retrieval.search.suggestion.fit_for_archive`) and scored on the held-out queries against the
 whole archive.
 """
 
@@ -30,14 +30,19 @@ import numpy as np
 from tqdm import tqdm
 
 from encoder.embedder import embed_ffa_array
-
-from .cohort import Cohort
-from .embedding import QueryEncoder
-from .engine import reciprocal_rank_fusion
-from .generation import check_no_leak
-from .queries import default_similarity
-from .suggestion import fit_for_archive, neighbours, reliability_png, suggestion_metrics, vote
-from .training_data import load_paired
+from retrieval.data.cohort import Cohort
+from retrieval.data.training_data import load_paired
+from retrieval.models.embedding import QueryEncoder
+from retrieval.models.generation import check_no_leak
+from retrieval.search.engine import reciprocal_rank_fusion
+from retrieval.search.queries import default_similarity
+from retrieval.search.suggestion import (
+    fit_for_archive,
+    neighbours,
+    reliability_png,
+    suggestion_metrics,
+    vote,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +194,9 @@ def evaluate_retrieval(
         if name == synthesis_for:
             cross = enc.similarity_weights("pair")  # finding the photo's own angiogram
             cf, ffa = vectors["cf"][test], vectors["ffa"][test]
-            row["cf2ffa_via"] = via_synthesis(enc, everything.subset(test), cf * cross, ffa,
-                                              progress)  # fmt: skip
+            row["cf2ffa_via"] = via_synthesis(
+                enc, everything.subset(test), cf * cross, ffa, progress
+            )
         report["backbones"][name] = row
     return report
 
@@ -216,8 +222,10 @@ def _pair_rows(enc: QueryEncoder, vectors: dict[str, np.ndarray], test: np.ndarr
     per = {}
     for kind in enc.similarities:
         w = enc.similarity_weights(kind)
-        per[kind] = {"cf2ffa": pair_metrics(pair_ranks((cf * w) @ ffa.T)),
-                     "ffa2cf": pair_metrics(pair_ranks((ffa * w) @ cf.T))}  # fmt: skip
+        per[kind] = {
+            "cf2ffa": pair_metrics(pair_ranks((cf * w) @ ffa.T)),
+            "ffa2cf": pair_metrics(pair_ranks((ffa * w) @ cf.T)),
+        }
     return {"pair": per, **per["pair"]}
 
 

@@ -1,7 +1,7 @@
 """What a search takes and gives: queries, results, filters, and reciprocal-rank fusion.
 
-Plain data and pure functions (no index, no model), shared by `retrieval.engine`, the
-API and the evaluation. `retrieval.engine` re-exports them.
+Plain data and pure functions (no index, no model), shared by `retrieval.search.engine`, the
+API and the evaluation. `retrieval.search.engine` re-exports them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cohort import EYES, SPLITS
-from .errors import QueryError
+from retrieval.data.cohort import EYES, SPLITS
+from retrieval.errors import QueryError
 
 if TYPE_CHECKING:
     from .suggestion import Suggestion, SuggestionModel
@@ -157,12 +157,15 @@ def suggestion_record(result: SearchResult) -> dict[str, Any] | None:
         return None
     s, model = result.suggestion, result.suggestion_model
     return {
-        "diagnosis": s.diagnosis, "probability": float(s.probability),
+        "diagnosis": s.diagnosis,
+        "probability": float(s.probability),
         "abstained": bool(s.abstained),
         "probabilities": {str(d): float(p) for d, p in s.probabilities.items()},
-        "supporting_case_ids": list(s.supporting_case_ids), "neighbours": int(s.neighbours),
-        "calibrated": bool(model is not None and model.calibrated), "label": SUGGESTION_LABEL,
-    }  # fmt: skip
+        "supporting_case_ids": list(s.supporting_case_ids),
+        "neighbours": int(s.neighbours),
+        "calibrated": bool(model is not None and model.calibrated),
+        "label": SUGGESTION_LABEL,
+    }
 
 
 @dataclass(frozen=True)

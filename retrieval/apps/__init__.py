@@ -1,0 +1,1 @@
+"""The applications: the `fundus2video` CLI and the demo. Only they may import `ui`."""

@@ -1,0 +1,2 @@
+"""Search over an index folder: the engine, query planning, the diagnosis suggestion
+and the cohort insights."""
