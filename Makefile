@@ -26,6 +26,7 @@ chromium:
 # The default run: every test group, as CI runs it.
 test: $(STAMP) chromium
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
 test-fast: $(STAMP)

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from index_bench import clustered_vectors  # noqa: E402, I001  (benchmarks/ is on sys.path)
 
 from index import VectorIndex, load_index_folder, read_manifest, save_index_folder  # noqa: E402
+from retrieval.apps.processes import free_port  # noqa: E402
 from retrieval.data.cohort import CATALOG_SCHEMA, DIAGNOSES  # noqa: E402
 from retrieval.data.phantom import write_phantom_cohort  # noqa: E402
 from retrieval.testing import PixelEncoder  # noqa: E402
@@ -135,12 +136,6 @@ def build_index(cache: Path, n: int, d: int, seed: int) -> Path:
 
 
 # --------------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from index import (  # noqa: E402
     default_memory_budget,
     estimate_index_bytes,
     gpu_count,
+    neighbour_recall,
 )
 from index.keys import HNSW_M, PQ_NBITS, pq_m_choices  # noqa: E402
 
@@ -102,11 +103,6 @@ def qps(search: Callable[[np.ndarray], object], q: np.ndarray, batch: int, budge
     return done / (time.perf_counter() - t0)
 
 
-def recall_at_k(I: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(set(a).intersection(b)) for a, b in zip(I, truth, strict=True))
-    return hits / truth.size
-
-
 def bench_baseline(x, q, truth, budget_s, use_gpu) -> dict:
     t0 = time.perf_counter()
     flat = faiss.IndexFlatIP(x.shape[1])
@@ -122,7 +118,7 @@ def bench_baseline(x, q, truth, budget_s, use_gpu) -> dict:
         "tune_s": 0.0,
         "qps_b1": qps(lambda b: flat.search(b, K), q, 1, budget_s),
         "qps_b64": qps(lambda b: flat.search(b, K), q, 64, budget_s),
-        "recall@10": recall_at_k(I, truth),
+        "recall@10": neighbour_recall(I, truth),
         "bytes_per_vector": size / len(x),
         "est_bytes_per_vector": 4 * x.shape[1],
         "search_params": {},
@@ -143,7 +139,7 @@ def bench_key(key, x, q, truth, budget_s, use_gpu, target_recall) -> dict:
         "tune_s": tune,
         "qps_b1": qps(lambda b: vi.search(b, K), q, 1, budget_s),
         "qps_b64": qps(lambda b: vi.search(b, K), q, 64, budget_s),
-        "recall@10": recall_at_k(I, truth),
+        "recall@10": neighbour_recall(I, truth),
         "bytes_per_vector": len(vi.serialize()) / len(x),
         "est_bytes_per_vector": estimate_index_bytes(vi.key, len(x), x.shape[1]) / len(x),
         "search_params": vi.search_params,

@@ -30,17 +30,13 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoder.embedder import embed_ffa_array  # noqa: E402
+from encoder.ranking import clinical_metrics, pair_metrics, pair_ranks  # noqa: E402
 from retrieval.data.cohort import Cohort  # noqa: E402
 from retrieval.data.media import read_cf  # noqa: E402
 from retrieval.data.training_data import load_paired  # noqa: E402
-from retrieval.evaluation.retrieval import (  # noqa: E402
-    clinical_metrics,
-    label_arrays,
-    pair_metrics,
-    pair_ranks,
-)
+from retrieval.evaluation.retrieval import label_arrays  # noqa: E402
 from retrieval.models.embedding import QueryEncoder  # noqa: E402
-from retrieval.search.queries import default_similarity  # noqa: E402
+from retrieval.models.similarity import default_similarity  # noqa: E402
 
 MAX_R1_DROP = 0.05
 

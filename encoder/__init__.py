@@ -33,7 +33,6 @@ from .embedder import (
     fit_pixels,
     load_embedder,
     read_embedder_config,
-    recall_at_k,
     save_embedder,
 )
 from .errors import CheckpointError, ConfigError, DataError, EncoderError, UnknownModel
@@ -62,6 +61,7 @@ from .metrics import (
     temporal_consistency_gap,
 )
 from .networks import Generator, count_parameters, gem_pool
+from .ranking import recall_at_k
 from .synthesis import synthesize, synthesize_batch, synthesize_tensor
 
 __all__ = [

@@ -575,14 +575,3 @@ def similarity_weights(config: EmbedderConfig, similarity: str) -> np.ndarray:
     else:
         out[d:] = 1 / w
     return out
-
-
-def recall_at_k(
-    queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, ks=(1, 5, 10)
-) -> dict[int, float]:
-    """Paired retrieval: query i's true hit is gallery i; cosine on unit vectors; ties count
-    against the query. → {k: fraction of queries whose hit is in the top k}."""
-    q, g = torch.as_tensor(queries).float(), torch.as_tensor(gallery).float()
-    sim = q @ g.T  # (N, N)
-    rank = (sim > sim.diagonal()[:, None]).sum(1) + (sim == sim.diagonal()[:, None]).sum(1) - 1
-    return {k: float((rank < k).float().mean()) for k in ks}

@@ -25,6 +25,10 @@ class ConfigError(EncoderError, ValueError):
     """A model or training configuration value is out of range or inconsistent."""
 
 
+class OutputExists(EncoderError, FileExistsError):
+    """The output folder already holds what a call would write (a run, an embedder)."""
+
+
 class CheckpointError(EncoderError):
     """A checkpoint folder or file is missing, incomplete, or does not match its config."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .data import PairedVideos, fit_square
+from .errors import ConfigError, DataError
 from .losses import knowledge_mask
 from .metrics import (
     frechet_distance,
@@ -109,9 +110,9 @@ def evaluate_generation(
     (default: the first model) — one extractor for every row, so rows are comparable.
     """
     if not models:
-        raise ValueError("evaluate_generation needs at least one generator in `models`")
+        raise ConfigError("evaluate_generation needs at least one generator in `models`")
     if len(test) < 2:
-        raise ValueError(f"evaluate_generation needs >= 2 test videos for FVD, got {len(test)}")
+        raise DataError(f"evaluate_generation needs >= 2 test videos for FVD, got {len(test)}")
     fakes: dict[str, np.ndarray] = {}
     for name, gen in models.items():
         cf = np.stack([fit_square(c, gen.config.image_size) for c in test.cf])
@@ -122,22 +123,9 @@ def evaluate_generation(
         "train_mean": _resize_stack(train_mean_videos(train, test.times_s), test.size),
         "cf_green": cf_green_videos(test),
     }
-
-    if i3d_path is not None:
-        i3d = load_i3d(i3d_path)
-        metric, extractor = "fvd", f"i3d:{Path(i3d_path).name}"
-
-        def features(v: np.ndarray) -> np.ndarray:
-            return i3d_features(i3d, v, batch_size=batch_size)
-    else:
-        pname = proxy_generator if proxy_generator is not None else next(iter(models))
-        if pname not in models:
-            raise ValueError(f"proxy_generator {pname!r} is not one of {list(models)}")
-        metric, extractor = "fvd_proxy", f"generator-encoder:{pname}"
-
-        def features(v: np.ndarray) -> np.ndarray:
-            return proxy_features(models[pname], v, test.times_s, batch_size=batch_size)
-
+    metric, extractor, features = _distribution_features(
+        models, test, i3d_path, proxy_generator, batch_size
+    )
     real_feats = features(test.ffa)
     report: dict[str, Any] = {
         "n_test": len(test),
@@ -146,9 +134,7 @@ def evaluate_generation(
         "size": test.size,
         "distribution_metric": metric,
         "feature_extractor": extractor,
-        "lesion_mask": "knowledge mask, FOV-median centred"
-        if knowledge_centred
-        else "knowledge mask",
+        "lesion_mask": "knowledge mask" + (", FOV-median centred" if knowledge_centred else ""),
         "models": {},
         "baselines": {},
     }
@@ -159,3 +145,30 @@ def evaluate_generation(
             report[group][name] = row
             log.info("%s %s: %s", group, name, row)
     return report
+
+
+def _distribution_features(
+    models: Mapping[str, Generator],
+    test: PairedVideos,
+    i3d_path: str | Path | None,
+    proxy_generator: str | None,
+    batch_size: int,
+) -> tuple[str, str, Callable[[np.ndarray], np.ndarray]]:
+    """The distribution metric's name, its feature extractor's name and the extractor
+    (uint8 videos (N, T, S, S) → features (N, F)): I3D when `i3d_path` is given, else
+    the encoder of `models[proxy_generator]` (default: the first model)."""
+    if i3d_path is not None:
+        i3d = load_i3d(i3d_path)
+        return (
+            "fvd",
+            f"i3d:{Path(i3d_path).name}",
+            lambda v: i3d_features(i3d, v, batch_size=batch_size),
+        )
+    pname = proxy_generator if proxy_generator is not None else next(iter(models))
+    if pname not in models:
+        raise ConfigError(f"proxy_generator {pname!r} is not one of {list(models)}")
+    return (
+        "fvd_proxy",
+        f"generator-encoder:{pname}",
+        lambda v: proxy_features(models[pname], v, test.times_s, batch_size=batch_size),
+    )

@@ -33,9 +33,10 @@ from .keys import (
     estimate_index_bytes,
     parse_index_key,
 )
-from .vector_index import VectorIndex
+from .vector_index import VectorIndex, neighbour_recall
 
 __all__ = [
+    "neighbour_recall",
     "FORMAT_VERSION",
     "ROW_ID",
     "DimensionMismatch",

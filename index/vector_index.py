@@ -42,6 +42,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,18 @@ def _is_member(I: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     return sorted_ids[pos] == I
 
 
+def _trained_index(spec: IndexSpec, x: np.ndarray, rng: np.random.Generator) -> faiss.Index:
+    """A new, empty FAISS index for `spec`; IVF quantizers trained on a seeded sample of `x`."""
+    index = new_faiss_index(spec, x.shape[1])
+    if spec.is_ivf:
+        n = len(x)
+        if n < spec.nlist:
+            raise ValueError(f"{spec.key} needs >= {spec.nlist} vectors to train, got {n}")
+        n_train = min(n, max(TRAIN_POINTS_PER_LIST * spec.nlist, PQ_MIN_TRAIN))
+        index.train(x[np.sort(rng.choice(n, n_train, replace=False))])
+    return index
+
+
 class VectorIndex:
     """One modality's vectors in FAISS. See the module docstring for the guarantees."""
 
@@ -261,14 +274,9 @@ class VectorIndex:
             budget = mem_bytes if mem_bytes is not None else default_memory_budget()
             key = choose_index_key(n, d, budget, use_gpu=gpu)
         spec = parse_index_key(key)
-        index = new_faiss_index(spec, d)
         rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
-        if spec.is_ivf:
-            if n < spec.nlist:
-                raise ValueError(f"{spec.key} needs >= {spec.nlist} vectors to train, got {n}")
-            n_train = min(n, max(TRAIN_POINTS_PER_LIST * spec.nlist, PQ_MIN_TRAIN))
-            index.train(x[np.sort(rng.choice(n, n_train, replace=False))])
+        index = _trained_index(spec, x, rng)
         t1 = time.perf_counter()
         n_hold = 0 if target_recall is None or spec.exact else min(TUNE_QUERIES, n // 10)
         held = np.zeros(n, bool)
@@ -280,12 +288,7 @@ class VectorIndex:
         vi = cls(index, spec.key, use_gpu=gpu, **options)
         t2 = time.perf_counter()
         if n_hold:
-            q = x[held]
-            # exact neighbours among the indexed rows: over-fetch, drop held-out ones
-            _, rows = faiss.knn(q, x, min(n, 10 + n_hold), faiss.METRIC_INNER_PRODUCT)
-            truth = [ids[r[~held[r]]][:10] for r in rows]
-            vi.tune(q, truth, target_recall=target_recall)
-            vi.add(q, ids[held])
+            vi._tune_on_held_out(x, ids, held, target_recall)
         vi.build_timings = {
             "train_s": t1 - t0,
             "add_s": t2 - t1,
@@ -293,6 +296,15 @@ class VectorIndex:
         }
         log.info("built %s over %d vectors of dimension %d", spec.key, n, d)
         return vi
+
+    def _tune_on_held_out(self, x, ids, held, target_recall: float) -> None:
+        """Tune on the held-out rows (exact neighbours among the indexed ones), then add them."""
+        q = x[held]
+        # over-fetch, then drop held-out rows from the exact neighbours
+        _, rows = faiss.knn(q, x, min(len(x), 10 + int(held.sum())), faiss.METRIC_INNER_PRODUCT)
+        truth = [ids[r[~held[r]]][:10] for r in rows]
+        self.tune(q, truth, target_recall=target_recall)
+        self.add(q, ids[held])
 
     def tune(
         self,
@@ -326,7 +338,7 @@ class VectorIndex:
         with self._lock.write():
             for value in ladder:
                 _, I = self._search_selector(q, k, None, {name: value})
-                trials.append((value, _recall(I, truth)))
+                trials.append((value, neighbour_recall(I, truth)))
                 if trials[-1][1] >= aim:
                     break
             best = max(r for _, r in trials)
@@ -413,12 +425,9 @@ class VectorIndex:
     def search(self, queries: Any, k: int, *, allowed: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` ids and scores per query row, only among `allowed` ids when given."""
         if allowed is None and type(k) is int and _plain_matrix(queries, self.dim):
-            with self._lock.read():  # the common case, without the general path's checks
-                if 0 < k <= self._ids.size and not (self._tombstones.size or self._use_gpu):
-                    if not self.overfetch:
-                        D, I = self._index.search(queries, k, params=self._params(None))
-                        if I[:, k - 1].min() >= 0:
-                            return D, I
+            found = self._search_plain(queries, k)
+            if found is not None:
+                return found
         q = as_matrix(queries, self.dim, "queries")
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -428,21 +437,32 @@ class VectorIndex:
             n_avail = self._ids.size if subset is None else subset.size
             if n_avail == 0 or len(q) == 0:
                 return _padded(len(q), k)
-            on_gpu = False
-            if self._use_gpu and k <= GPU_MAX_K:
-                with self._gpu_mutex:
-                    gpu_index = self._gpu_mirror()
-                    if gpu_index is not None:
-                        D, I = self._search_overfetch(gpu_index.search, q, k, subset, GPU_MAX_K)
-                        on_gpu = True
-            if not on_gpu:
-                D, I = self._search_cpu(q, k, subset)
+            D, I = self._search_any(q, k, subset)
             if I[:, min(k, n_avail) - 1].min() >= 0:
                 return D, I  # every row full (results are packed to the left)
             short = (I >= 0).sum(1) < min(k, n_avail)
             if short.any():
                 D[short], I[short] = self._search_exhaustive(q[short], k, subset)
         return D, I
+
+    def _search_plain(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The common case without the general path's checks; None when it does not apply."""
+        with self._lock.read():
+            if not 0 < k <= self._ids.size or self._tombstones.size or self._use_gpu:
+                return None
+            if self.overfetch:
+                return None
+            D, I = self._index.search(queries, k, params=self._params(None))
+        return (D, I) if I[:, k - 1].min() >= 0 else None
+
+    def _search_any(self, q, k, subset):
+        """On the GPU mirror when there is one and `k` fits, else on the CPU index."""
+        if self._use_gpu and k <= GPU_MAX_K:
+            with self._gpu_mutex:
+                gpu_index = self._gpu_mirror()
+                if gpu_index is not None:
+                    return self._search_overfetch(gpu_index.search, q, k, subset, GPU_MAX_K)
+        return self._search_cpu(q, k, subset)
 
     def _search_cpu(self, q, k, subset):
         if self.overfetch:
@@ -647,8 +667,9 @@ def _repeated(ids: np.ndarray) -> np.ndarray:
     return s[1:][s[1:] == s[:-1]]
 
 
-def _recall(I: np.ndarray, truth: list[np.ndarray]) -> float:
-    """Mean recall of result rows `I` against the exact ids `truth` (row by row)."""
-    pairs = zip(I.tolist(), truth, strict=True)
-    hits = sum(len(set(row).intersection(t.tolist())) for row, t in pairs)
-    return hits / max(sum(t.size for t in truth), 1)
+def neighbour_recall(found: np.ndarray, truth: Sequence[np.ndarray] | np.ndarray) -> float:
+    """Recall of an approximate search against the exact one: the share of the exact
+    neighbours (`truth`, one id array per query) that the result rows `found` hold."""
+    pairs = zip(np.asarray(found).tolist(), truth, strict=True)
+    hits = sum(len(set(row).intersection(np.asarray(t).tolist())) for row, t in pairs)
+    return hits / max(sum(np.asarray(t).size for t in truth), 1)

@@ -67,6 +67,10 @@ class ManifestError(Fundus2VideoError):
         super().__init__(f"{self.manifest}: {len(problems)} problem(s)\n{lines}")
 
 
+class OutputExists(Fundus2VideoError, FileExistsError):
+    """The output folder the user named already exists or holds files."""
+
+
 class QueryError(Fundus2VideoError, ValueError):
     """A search or generation request that cannot be answered as asked (names the parameter)."""
 
@@ -93,3 +97,7 @@ class IndexChanged(Fundus2VideoError):
 
 class PersistError(Fundus2VideoError):
     """An update could not be written to disk; the index is back to its last saved state."""
+
+
+class ServerError(Fundus2VideoError):
+    """A server (the API, the dashboard) could not start, or did not answer in time."""

@@ -18,7 +18,7 @@ from PIL import Image
 from index import VectorIndex, save_index_folder, with_row_ids
 from retrieval.data.cohort import Cohort
 from retrieval.data.media import read_cf, read_ffa
-from retrieval.search.suggestion import suggestion_models
+from retrieval.models.suggestion import suggestion_models
 
 GRID = 8  # embeddings project a GRID x GRID thumbnail
 DEFAULT_TIMES = (0.0, 10.0, 14.0, 20.0, 30.0, 60.0, 300.0, 600.0)

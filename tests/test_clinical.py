@@ -18,14 +18,13 @@ from encoder.embedder import similarity_weights
 from encoder.losses import label_affinity, label_contrastive_loss
 from encoder.testing import toy_paired_videos
 from encoder.train import CaseLabels, embed_training_loop
-from retrieval.search.suggestion import (
+from retrieval.evaluation.suggestion import reliability_png, suggestion_metrics
+from retrieval.models.suggestion import (
     SuggestionModel,
     fit_for_archive,
     fit_suggestion,
     neighbours,
-    reliability_png,
     suggest,
-    suggestion_metrics,
     vote,
 )
 

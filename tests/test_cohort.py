@@ -57,6 +57,8 @@ def test_catalog_round_trip(tmp_path):
             "span more than one split",
         ),
         ([_row(0, cf_path=None)], "cf_path has empty values"),
+        ([{k: v for k, v in _row(0).items() if k != "source"}], r"missing field\(s\) \['source'\]"),
+        ([_row(0, visit="baseline")], r"unknown field\(s\) \['visit'\]"),
     ],
 )
 def test_contract_violations_are_named(rows, message):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from retrieval.apps import demo
+from retrieval.apps import demo, processes
 
 
 def _fake_stages(monkeypatch, calls: list[str]) -> None:
@@ -93,7 +93,34 @@ def test_free_port_moves_off_a_taken_port():
         s.bind(("127.0.0.1", 0))
         s.listen()
         taken = s.getsockname()[1]
-        assert demo.free_port(taken) != taken
+        assert processes.free_port(taken) != taken
+    assert processes.free_port() > 0  # any port the OS picks
+
+
+def test_wait_http_names_a_server_that_exited_or_never_answered():
+    from retrieval.errors import ServerError
+
+    url = f"http://127.0.0.1:{processes.free_port()}/health"  # nothing listens there
+    with pytest.raises(ServerError, match="exited before it answered"):
+        processes.wait_http(url, alive=lambda: False)
+    with pytest.raises(ServerError, match="did not answer within"):
+        processes.wait_http(url, timeout=0.5)
+
+
+def test_a_workdir_that_cannot_be_created_is_named(tmp_path):
+    from retrieval.errors import Fundus2VideoError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(Fundus2VideoError, match="demo work folder .*file/d"):
+        demo.prepare_demo(blocker / "d", say=lambda _: None, progress=False)
+
+
+def test_the_dashboard_command_serves_ui_app():
+    command = processes.dashboard_command("http://api:1", 8600, host="0.0.0.0")
+    assert command[command.index("run") + 1] == str(processes.APP_PATH)
+    assert processes.APP_PATH.parts[-2:] == ("ui", "app.py") and processes.APP_PATH.is_file()
+    assert command[-2:] == ["--api", "http://api:1"] and "8600" in command
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 from open_clip.loss import ClipLoss
 
 from encoder import (
+    AugmentConfig,
     BackboneSpec,
     CheckpointError,
     ConfigError,
@@ -29,7 +30,7 @@ from encoder import (
 )
 from encoder.data import cf_tensor, to_model
 from encoder.testing import micro_scale, toy_paired_videos
-from encoder.train import embed_training_loop
+from encoder.train import EmbedderTrainOptions, embed_training_loop
 
 pytestmark = pytest.mark.usefixtures("deterministic_torch")
 
@@ -262,6 +263,9 @@ def test_training_loop_writes_a_loadable_run(tmp_path, run_dir, data) -> None:
     assert s.run_dir == out and s.iterations == 4 and s.stop_reason == "iters"
     opts = json.loads((out / "training_options.json").read_text())
     assert opts["backbone"] == "generator" and opts["embedder"]["dim"] == 16
+    assert opts["run_dir"] == str(run_dir) and opts["data"]["val_videos"] == len(data)
+    expected = EmbedderTrainOptions(dim=16, iters=4, batch_size=4, stats_every=2, val_every=2)
+    assert EmbedderTrainOptions.from_dict(opts) == expected  # the options round-trip
     rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [r["Progress/iter"] for r in rows] == [2, 4] and len(ticks) == 2
     for key in ("Loss/clip", "Embed/logit_scale", "Val/cf2ffa_R@1", "Val/ffa2cf_R@10"):
@@ -289,6 +293,13 @@ def test_minutes_budget_and_abort(tmp_path, run_dir, data) -> None:
     assert s.stop_reason == "abort" and s.iterations == 2
     with pytest.raises(ConfigError, match="iters or minutes"):
         embed_training_loop(out_dir=tmp_path / "x", **kw)
+    with pytest.raises(ConfigError, match=">= 2 for a contrastive loss"):
+        EmbedderTrainOptions(iters=1, batch_size=1)
+    with pytest.raises(ConfigError, match="replay >= 0"):
+        EmbedderTrainOptions(iters=1, replay=-1)
+    augment = AugmentConfig(rotate_deg=0.0)
+    options = EmbedderTrainOptions(iters=1, augment=augment)
+    assert EmbedderTrainOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -357,6 +368,8 @@ def test_recall_at_k() -> None:
     r = recall_at_k(q, g, ks=(1, 2))
     assert r == {1: 0.5, 2: 0.5}  # the hits of 1 and 2 score 0: tied with the rest
     assert recall_at_k(q, q, ks=(1,)) == {1: 1.0}
+    grad = torch.from_numpy(g).requires_grad_()  # as the validation hands it tensors
+    assert recall_at_k(torch.from_numpy(q), grad, ks=(1, 2)) == r
 
 
 def test_feature_bank_keeps_the_newest_views_within_its_memory_cap() -> None:

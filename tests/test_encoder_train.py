@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 
 import numpy as np
@@ -10,11 +12,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from encoder import create_generator, read_checkpoint_config, synthesize
+from encoder import ConfigError, create_generator, read_checkpoint_config, synthesize
 from encoder.testing import micro_scale, toy_paired_videos
 from encoder.train import (
+    GeneratorTrainOptions,
+    LossWeights,
     Nets,
     StepOptions,
+    TrainingSession,
+    TrainOptions,
     WindowSampler,
     make_optimizers,
     schedule,
@@ -22,6 +28,7 @@ from encoder.train import (
     train_step,
     training_loop,
 )
+from encoder.train.step import discriminator_phase, generator_phase, previous_frames
 
 RUN = dict(scale=micro_scale(), batch_size=2, progress=False, stats_every=2, preview_every=0)
 
@@ -163,3 +170,101 @@ def test_window_sampler_frames() -> None:
     assert torch.allclose(b.times[1], torch.from_numpy(data.times_s[1, 4:7]))
     assert torch.allclose(b.prev_times[1], torch.from_numpy(data.times_s[1, 1:4]))
     assert b.mask.shape == (2, 1, 16, 16) and b.cf.shape == (2, 3, 16, 16)
+
+
+def test_options_round_trip_through_the_run_folder(tmp_path, data) -> None:
+    options = GeneratorTrainOptions(
+        scale=micro_scale(),
+        iters=2,
+        batch_size=2,
+        betas=(0.4, 0.9),
+        loss_weights=LossWeights(gan=0.5, vgg=3.0),
+        knowledge_mask=False,
+        preview_every=0,
+    )
+    training_loop(options, run_dir=tmp_path / "r", data=data, progress=False)
+    recorded = json.loads((tmp_path / "r" / "training_options.json").read_text())
+    assert recorded["scale"] == "micro" and recorded["loss_weights"]["gan"] == 0.5
+    assert recorded["data"]["videos"] == len(data) and recorded["device"] == "cpu"
+    expected = dataclasses.replace(options, scale="micro")
+    assert GeneratorTrainOptions.from_dict(recorded) == expected
+    saved = read_checkpoint_config(tmp_path / "r")["training"]
+    assert GeneratorTrainOptions.from_dict(saved) == expected
+    # keywords replace fields of the options; an unknown one is refused
+    s = training_loop(options, run_dir=tmp_path / "k", data=data, progress=False, iters=1)
+    assert s.iterations == 1
+    with pytest.raises(TypeError, match="nonsense"):
+        training_loop(options, run_dir=tmp_path / "n", data=data, nonsense=1)
+
+
+def test_options_are_checked_when_made() -> None:
+    with pytest.raises(ConfigError, match="iters or minutes"):
+        GeneratorTrainOptions()
+    with pytest.raises(ConfigError, match="iters must be >= 0"):
+        GeneratorTrainOptions(minutes=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainOptions(iters=1, batch_size=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GeneratorTrainOptions(iters=1).iters = 2  # type: ignore[misc]
+
+
+def test_session_stop_reasons_stats_and_log(tmp_path) -> None:
+    rows = []
+    folder = tmp_path / "s"
+    with TrainingSession(
+        folder, TrainOptions(iters=3), progress=False, progress_fn=rows.append
+    ) as s:
+        assert s.device.type in ("cpu", "cuda")
+        while s.running():
+            s.record({"Loss/a": float(s.iteration), "Loss/bad": float("nan")})
+            s.advance()
+            if s.due(2):
+                s.tick({"Progress/lr": 0.1})
+        assert s.stop_reason == "iters" and s.pending
+        s.tick({})
+        summary = s.finish("; done")
+    assert summary.iterations == 3 and summary.stop_reason == "iters"
+    lines = [json.loads(x) for x in (folder / "stats.jsonl").read_text().splitlines()]
+    assert lines == rows and [r["Progress/iter"] for r in rows] == [2, 3]
+    assert rows[0]["Loss/a"] == 0.5 and rows[0]["Loss/bad"] is None  # NaN is written as null
+    assert rows[1]["Loss/a"] == 2.0 and rows[1]["Progress/fraction"] == 1.0
+    assert summary.last_stats == rows[-1]
+    assert "stopped (iters) at iteration 3" in (folder / "log.txt").read_text()
+
+    calls = iter(range(100))
+    abort = dict(progress=False, abort_fn=lambda: next(calls) >= 1)
+    with TrainingSession(tmp_path / "a", TrainOptions(iters=9), **abort) as s:
+        while s.running():
+            s.advance()
+    assert s.stop_reason == "abort" and s.iteration == 1
+    with TrainingSession(tmp_path / "m", TrainOptions(minutes=1e-9), progress=False) as s:
+        s.start(iteration=5, elapsed_s=30.0)  # a resumed run: its past time counts
+        assert not s.running() and s.stop_reason == "minutes" and s.fraction() == 1.0
+    assert not s.due(0) and s.due(5)
+
+
+def test_step_phases_update_their_own_networks(data) -> None:
+    nets = Nets.build(micro_scale())
+    opt_g, opt_d = make_optimizers(nets)
+    batch, opts, ctx = _fixed_batch(data), StepOptions(), contextlib.nullcontext()
+    black, stats = previous_frames(nets, batch, False, 1.0, ctx)
+    assert torch.all(black == -1) and stats == {}
+    prev, stats = previous_frames(nets, batch, True, 0.0, ctx)
+    assert torch.equal(prev, batch.prev) and stats == {"Progress/ss_used": 0.0}
+    cond = torch.cat([batch.cf, prev], 1)
+    fake = nets.G(batch.cf, prev, batch.times)
+
+    def params(name):
+        return [p.detach().clone() for p in nets.modules()[name].parameters()]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    g_before, d_before = params("G"), params("D")
+    d_losses = discriminator_phase(nets, opt_d, batch, cond, fake.detach(), opts, ctx)
+    assert set(d_losses) == {"D_real", "D_fake", "D_total", "D_knowledge_real", "D_knowledge_fake"}
+    assert same(g_before, params("G")) and not same(d_before, params("D"))
+    d_after = params("D")
+    g_losses = generator_phase(nets, opt_g, batch, cond, fake, opts, ctx)
+    assert g_losses["G_total"] > 0 and "G_nce" in g_losses
+    assert same(d_after, params("D")) and not same(g_before, params("G"))

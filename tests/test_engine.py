@@ -30,6 +30,7 @@ from retrieval.errors import (
     QueryError,
     UnknownCase,
 )
+from retrieval.models.suggestion import suggest
 from retrieval.search.engine import (
     MEDIA_DIR,
     CaseQuery,
@@ -41,7 +42,6 @@ from retrieval.search.engine import (
     normalize_filters,
     reciprocal_rank_fusion,
 )
-from retrieval.search.suggestion import suggest
 from retrieval.testing import PixelEncoder
 
 
@@ -558,42 +558,58 @@ def test_updates_refused_when_another_process_rewrote_the_folder(engine):
 
 
 def test_concurrent_searches_during_updates_match_serial_runs(engine):
+    """Searches from 8 threads while another adds and removes a case: each matches its
+    serial run (the added case aside), and at least 50 of them began during an update."""
     cases = [c.case_id for c in engine.cases(0, 24)[1]]
     queries = [(cid, target) for cid in cases for target in ("cf", "ffa")]
     serial = {
         q: [(h.case.case_id, h.score) for h in engine.search(q[0], q[1], k=5).hits] for q in queries
     }
     new, image, video = a_new_case(engine, "churn")
-    stop = threading.Event()
+    stop, updating = threading.Event(), threading.Event()
     errors: list[BaseException] = []
+    cycles: list[int] = []
+    began_during_update: list[bool] = []  # one per search
 
-    cycles = []
+    def update(change, *args):
+        updating.set()  # from before the update takes the index until after it let go
+        try:
+            change(*args)
+        finally:
+            updating.clear()
 
     def churn():
         try:
             while not stop.is_set():
-                engine.add_case(new, image, video)
-                engine.remove_case("churn")
+                update(engine.add_case, new, image, video)
+                update(engine.remove_case, "churn")
                 cycles.append(1)
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
     def search(i: int):
         q = queries[i % len(queries)]
+        during = updating.is_set()
         got = [(h.case.case_id, h.score) for h in engine.search(q[0], q[1], k=5).hits]
         others = [g for g in got if g[0] != "churn"]
         assert others == serial[q][: len(others)] and len(others) >= 4
-        return len(others) < len(got)
+        began_during_update.append(during)
 
     writer = threading.Thread(target=churn)
     writer.start()
     try:
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(search, range(400)))
+            i = 0
+            done = began_during_update
+            while (len(done) < 400 or sum(done) < 50) and i < 20_000:
+                list(pool.map(search, range(i, i + 100)))
+                i += 100
     finally:
         stop.set()
         writer.join()
     assert not errors and cycles
+    overlapped = sum(began_during_update)
+    assert overlapped >= 50, f"{overlapped} of {i} searches began during an update"
 
 
 # --------------------------------------------------------------------------- persistence helpers

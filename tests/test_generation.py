@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from encoder import create_generator, synthesize
 from retrieval.apps.cli import app
 from retrieval.data.media import read_cf, read_ffa
+from retrieval.data.media_write import mark_synthetic
 from retrieval.data.phantom import write_phantom_cohort
-from retrieval.models.generation import mark_synthetic
 
 runner = CliRunner()
 

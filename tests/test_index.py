@@ -508,3 +508,11 @@ def test_read_lock_can_refuse_instead_of_waiting():
         t.join()
     assert refused.is_set()  # another thread was refused at once, not blocked
     assert lock._readers == 0
+
+
+def test_neighbour_recall_against_exact_search():
+    from index import neighbour_recall
+
+    truth = np.array([[0, 1], [2, 3]])
+    assert neighbour_recall(np.array([[1, 0], [2, 9]]), truth) == 0.75
+    assert neighbour_recall(np.array([[1, 0]]), [np.array([1])]) == 1.0  # ragged truth

@@ -41,7 +41,7 @@ def open_page(api_url: str, page: str = "search") -> AppTest:
     at.session_state["api_url"] = api_url
     at.run()
     if page != "search":
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     return at
 
 
@@ -223,7 +223,7 @@ def test_search_page_shows_the_servers_message_for_a_bad_upload(live_api):
 def test_compare_page_puts_query_and_result_on_one_clock(live_api):
     _, data = a_cf_photo(live_api.cohort)
     at = search_upload(open_page(live_api.url), "query.png", data)
-    at.switch_page("pages/compare.py").run()
+    at.switch_page("views/compare.py").run()
     no_exception(at)
     assert not at.error, [e.value for e in at.error]
     assert [s.value for s in at.subheader] == ["Colour fundus photos", "Angiograms on one clock"]
@@ -403,7 +403,7 @@ def test_result_buttons_open_the_case_and_the_comparison(live_api):
     assert at.text_input(key="browse_case_input").value == second
     assert any(second in s.value for s in at.subheader)
 
-    at.switch_page("pages/search.py").run()  # the results are still there
+    at.switch_page("views/search.py").run()  # the results are still there
     at.button(key="res_0_1_compare").click().run()  # "Compare" on the 2nd → Compare
     no_exception(at)
     assert at.title[0].value == "Compare"

@@ -8,7 +8,7 @@ import streamlit as st
 
 from ui import state
 
-PAGES = Path(__file__).resolve().parent / "pages"
+PAGES = Path(__file__).resolve().parent / "views"
 
 
 def sidebar_status(base: str) -> None:
@@ -42,24 +42,7 @@ def run(api_url: str | None = None) -> None:
         }
     )
     sidebar_status(base)
-    st.session_state[state.IN_APP] = True
-    try:
-        nav.run()
-    finally:
-        st.session_state[state.IN_APP] = False
-
-
-def page_guard() -> None:
-    """Every page's first line: when Streamlit ran the page file on its own, run the app.
-
-    With a `pages/` folder beside the entry script, Streamlit's legacy multipage mode
-    runs `pages/x.py` directly for a browser that opens `/x` first after the server
-    starts (before any `st.navigation` call). The app then builds the navigation and
-    runs the page itself.
-    """
-    if not st.session_state.get(state.IN_APP):
-        run()
-        st.stop()
+    nav.run()
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Result:
-    """One ranked case, as `POST /search` and `GET /cases/{id}/similar` return it."""
+    """One ranked case, as `POST /search` and `GET /cases/{id}/similar` return it (the
+    API's `ResultRow`; tests/test_catalog_record.py keeps the two alike)."""
 
     rank: int
     case_id: str

@@ -10,15 +10,17 @@ from . import state
 from .client import ApiError, Result, SearchResponse, Video, content_type
 
 # paths relative to ui/app.py, as st.switch_page wants them
-PAGE_SEARCH = "pages/search.py"
-PAGE_COMPARE = "pages/compare.py"
-PAGE_BROWSE = "pages/browse.py"
+PAGE_SEARCH = "views/search.py"
+PAGE_COMPARE = "views/compare.py"
+PAGE_BROWSE = "views/browse.py"
 
 ANY = "any"
 COMPARE_WIDTH = 420  # px of each image on the Compare page
 DEFAULT_COMPARE_S = 30.0  # the venous peak: where the Compare page's clock starts
 EYES = ("OD", "OS")
 SPLITS = ("train", "val", "test")
+# the Browse table's columns: fields of the API's case record (GET /cases items)
+CASE_COLUMNS = ("case_id", "patient_id", "eye", "age", "sex", "diagnosis", "lesions", "split")
 # the phantom's diagnoses; a server that reports its own (in /stats) replaces them
 DEFAULT_DIAGNOSES = ("normal", "NPDR", "PDR", "BRVO", "CRVO", "wet-AMD", "CSC")
 MODALITY_NAMES = {"cf": "CF photo", "ffa": "FFA angiogram"}
@@ -351,56 +353,52 @@ def _numbers(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
 def report_tables(card: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """The evaluation report's generation and retrieval tables, as rows for st.dataframe."""
     report = card.get("report") or {}
-    tables: dict[str, list[dict[str, Any]]] = {}
-    generation = [
+    split = report.get("split", "held-out")
+    backbones = (report.get("retrieval") or {}).get("backbones") or {}
+    tables = {
+        f"Generation ({split} split: PSNR/SSIM on [0, 1] frames)": generation_rows(report),
+        "Retrieval: paired CF ↔ FFA (Recall@k, mAP)": [
+            r for name, row in backbones.items() for r in pair_rows(name, row)
+        ],
+        "Retrieval: similar fundus photos (CF → CF precision by diagnosis)": [
+            r for name, row in backbones.items() for r in precision_rows(name, row)
+        ],
+        "Diagnosis suggestion from similar cases (held-out queries)": suggestion_rows(report),
+    }
+    return {title: rows for title, rows in tables.items() if rows}
+
+
+def generation_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per generator model and baseline of a generation report."""
+    return [
         {"": kind, "name": name, **_numbers(row, GENERATION_COLUMNS)}
         for group, kind in (("models", "model"), ("baselines", "baseline"))
         for name, row in (report.get(group) or {}).items()
         if isinstance(row, dict)
     ]
-    if generation:
-        split = report.get("split", "held-out")
-        tables[f"Generation ({split} split: PSNR/SSIM on [0, 1] frames)"] = generation
-    backbones = (report.get("retrieval") or {}).get("backbones") or {}
-    retrieval, precision = [], []
-    for name, row in backbones.items():
-        for key, label in DIRECTIONS.items():
-            if isinstance(row.get(key), dict):
-                retrieval.append(
-                    {
-                        "backbone": name,
-                        "task": label,
-                        "via": "direct",
-                        **_numbers(row[key], RETRIEVAL_METRICS),
-                    }
-                )
-        for via, metrics in (row.get("cf2ffa_via") or {}).items():
-            if isinstance(metrics, dict) and via != "direct":
-                retrieval.append(
-                    {
-                        "backbone": name,
-                        "task": "CF → FFA",
-                        "via": via,
-                        **_numbers(metrics, RETRIEVAL_METRICS),
-                    }
-                )
-        cf2cf = row.get("cf2cf") or {}
-        overall = {k: v for k, v in cf2cf.items() if k.startswith("P@")}
-        if overall:
-            precision.append(
-                {"backbone": name, "diagnosis": "all", **_numbers(cf2cf, tuple(overall))}
-            )
-            for diagnosis, p in (cf2cf.get("by_diagnosis") or {}).items():
-                key = next(iter(overall))
-                precision.append({"backbone": name, "diagnosis": diagnosis, key: round(p, 4)})
-    if retrieval:
-        tables["Retrieval: paired CF ↔ FFA (Recall@k, mAP)"] = retrieval
-    if precision:
-        tables["Retrieval: similar fundus photos (CF → CF precision by diagnosis)"] = precision
-    suggestion = suggestion_rows(report)
-    if suggestion:
-        tables["Diagnosis suggestion from similar cases (held-out queries)"] = suggestion
-    return tables
+
+
+def pair_rows(backbone: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A backbone's paired-retrieval rows: each direction, then CF → FFA by each route."""
+    direct = [(label, "direct", row.get(key)) for key, label in DIRECTIONS.items()]
+    routes = [("CF → FFA", via, m) for via, m in (row.get("cf2ffa_via") or {}).items()]
+    return [
+        {"backbone": backbone, "task": task, "via": via, **_numbers(m, RETRIEVAL_METRICS)}
+        for task, via, m in direct + [r for r in routes if r[1] != "direct"]
+        if isinstance(m, dict)
+    ]
+
+
+def precision_rows(backbone: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A backbone's CF → CF precision: overall, then by diagnosis."""
+    cf2cf = row.get("cf2cf") or {}
+    overall = tuple(k for k in cf2cf if k.startswith("P@"))
+    if not overall:
+        return []
+    rows = [{"backbone": backbone, "diagnosis": "all", **_numbers(cf2cf, overall)}]
+    for diagnosis, p in (cf2cf.get("by_diagnosis") or {}).items():
+        rows.append({"backbone": backbone, "diagnosis": diagnosis, overall[0]: round(p, 4)})
+    return rows
 
 
 def suggestion_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

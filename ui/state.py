@@ -23,7 +23,6 @@ RESULTS = "results"  # SearchResponse of the last search
 SEARCH_ERROR = "search_error"
 CASE = "case_id"  # the case the Browse page shows
 COMPARE = "compare_case"  # the result the Compare page shows
-IN_APP = "_in_app"  # true while ui/app.py runs a page (see ui.app.page_guard)
 
 
 def _api_from_argv(argv: list[str]) -> str | None:

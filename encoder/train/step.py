@@ -158,10 +158,6 @@ class StepOptions:
     weights: LossWeights = LossWeights()
 
 
-def _f(x: torch.Tensor) -> float:
-    return float(x.detach())
-
-
 def _set_requires_grad(modules: list[nn.Module], flag: bool) -> None:
     for m in modules:
         for p in m.parameters():
@@ -215,98 +211,134 @@ def train_step(
     scaler_d: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One D update then one G (+ PatchNCE head) update; returns the losses by stats name."""
-    w, know = options.weights, options.knowledge_mask
     ctx = autocast if autocast is not None else contextlib.nullcontext()
-    g_cfg = nets.G.config
-    stats: dict[str, float] = {}
-
-    # previous frames: teacher forcing, scheduled sampling, or black (non-autoregressive)
-    if not options.autoregressive:
-        prev = torch.full_like(batch.prev, -1.0)
-    else:
-        prev = batch.prev
-        use = torch.rand(prev.shape[0], device=prev.device) < ss_prob  # (B,)
-        if use.any():
-            with torch.no_grad(), ctx:
-                gen = nets.G(batch.cf[use], batch.prev2[use], batch.prev_times[use]).float()
-            valid = batch.prev_valid[use][..., None, None]  # (b, K, 1, 1)
-            prev = prev.clone()
-            prev[use] = torch.where(valid, gen, -1.0)
-        stats["Progress/ss_used"] = float(use.float().mean())
+    prev, sampling = previous_frames(nets, batch, options.autoregressive, ss_prob, ctx)
     cond = torch.cat([batch.cf, prev], 1)  # (B, 3 + K, S, S)
-    m = batch.mask
-
     with ctx:
         fake = nets.G(batch.cf, prev, batch.times)  # (B, K, S, S)
+    d_losses = discriminator_phase(nets, opt_d, batch, cond, fake.detach(), options, ctx, scaler_d)
+    g_losses = generator_phase(nets, opt_g, batch, cond, fake, options, ctx, scaler_g)
+    return sampling | loss_stats(d_losses | g_losses)
 
-    # ---- discriminators
+
+def previous_frames(
+    nets: Nets,
+    batch: Batch,
+    autoregressive: bool,
+    ss_prob: float,
+    ctx: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The previous frames G is conditioned on → (B, K, S, S) and their stats: real ones
+    (teacher forcing), G's own with probability ss_prob (scheduled sampling), or black
+    without autoregression."""
+    if not autoregressive:
+        return torch.full_like(batch.prev, -1.0), {}
+    prev = batch.prev
+    use = torch.rand(prev.shape[0], device=prev.device) < ss_prob  # (B,)
+    if use.any():
+        with torch.no_grad(), ctx:
+            gen = nets.G(batch.cf[use], batch.prev2[use], batch.prev_times[use]).float()
+        valid = batch.prev_valid[use][..., None, None]  # (b, K, 1, 1)
+        prev = prev.clone()
+        prev[use] = torch.where(valid, gen, -1.0)
+    return prev, {"Progress/ss_used": float(use.float().mean())}
+
+
+def discriminator_phase(
+    nets: Nets,
+    opt_d: torch.optim.Optimizer,
+    batch: Batch,
+    cond: torch.Tensor,
+    fake: torch.Tensor,
+    options: StepOptions,
+    ctx: contextlib.AbstractContextManager,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, torch.Tensor]:
+    """One update of D (and the knowledge-aware D) on real vs `fake` (detached) windows
+    → the D losses by name."""
+    m, losses = batch.mask, {}
     _set_requires_grad(nets.discriminators(), True)
     with ctx:
-        real_in = torch.cat([cond, batch.target], 1)
-        fake_in = torch.cat([cond, fake.detach()], 1)
-        d_real = lsgan_loss(nets.D(real_in), True)
-        d_fake = lsgan_loss(nets.D(fake_in), False)
-        d_total = 0.5 * (d_real + d_fake)
-        if know:
-            dk_real = lsgan_loss(nets.D_knowledge(_blacken(real_in, m)), True)
-            dk_fake = lsgan_loss(nets.D_knowledge(_blacken(fake_in, m)), False)
-            d_total = d_total + 0.5 * w.knowledge * (dk_real + dk_fake)
-            stats |= {
-                "Loss/D_knowledge_real": _f(dk_real),
-                "Loss/D_knowledge_fake": _f(dk_fake),
-            }
+        real_in, fake_in = torch.cat([cond, batch.target], 1), torch.cat([cond, fake], 1)
+        losses["D_real"] = lsgan_loss(nets.D(real_in), True)
+        losses["D_fake"] = lsgan_loss(nets.D(fake_in), False)
+        total = 0.5 * (losses["D_real"] + losses["D_fake"])
+        if options.knowledge_mask:
+            losses["D_knowledge_real"] = lsgan_loss(nets.D_knowledge(_blacken(real_in, m)), True)
+            losses["D_knowledge_fake"] = lsgan_loss(nets.D_knowledge(_blacken(fake_in, m)), False)
+            knowledge = losses["D_knowledge_real"] + losses["D_knowledge_fake"]
+            total = total + 0.5 * options.weights.knowledge * knowledge
+    losses["D_total"] = total
     opt_d.zero_grad(set_to_none=True)
-    _backward_step(d_total, opt_d, scaler_d)
-    stats |= {
-        "Loss/D_real": _f(d_real),
-        "Loss/D_fake": _f(d_fake),
-        "Loss/D_total": _f(d_total),
-    }
+    _backward_step(total, opt_d, scaler)
+    return losses
 
-    # ---- generator and PatchNCE head
+
+def _adversarial_losses(
+    nets: Nets, batch: Batch, cond: torch.Tensor, fake: torch.Tensor, knowledge: bool
+) -> dict[str, torch.Tensor]:
+    """G's GAN and feature-matching losses against D (and the knowledge-aware D)."""
+    real_in, fake_in = torch.cat([cond, batch.target], 1), torch.cat([cond, fake], 1)
+    pred_fake = nets.D(fake_in)
+    with torch.no_grad():
+        pred_real = nets.D(real_in)
+    losses = {
+        "G_gan": lsgan_loss(pred_fake, True),
+        "G_feat": feature_matching_loss(pred_fake, pred_real),
+    }
+    if knowledge:
+        pk_fake = nets.D_knowledge(_blacken(fake_in, batch.mask))
+        with torch.no_grad():
+            pk_real = nets.D_knowledge(_blacken(real_in, batch.mask))
+        losses["G_gan_knowledge"] = lsgan_loss(pk_fake, True)
+        losses["G_feat_knowledge"] = feature_matching_loss(pk_fake, pk_real)
+    else:
+        losses["G_gan_knowledge"] = losses["G_feat_knowledge"] = fake.new_zeros(())
+    return losses
+
+
+def generator_phase(
+    nets: Nets,
+    opt_g: torch.optim.Optimizer,
+    batch: Batch,
+    cond: torch.Tensor,
+    fake: torch.Tensor,
+    options: StepOptions,
+    ctx: contextlib.AbstractContextManager,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, torch.Tensor]:
+    """One update of G and the PatchNCE head on `fake` (with its graph) → the G losses."""
+    w, know = options.weights, options.knowledge_mask
     _set_requires_grad(nets.discriminators(), False)
     with ctx:
-        fake_in = torch.cat([cond, fake], 1)
-        pred_fake = nets.D(fake_in)
-        with torch.no_grad():
-            pred_real = nets.D(real_in)
-        g_gan = lsgan_loss(pred_fake, True)
-        g_feat = feature_matching_loss(pred_fake, pred_real)
-        if know:
-            pk_fake = nets.D_knowledge(_blacken(fake_in, m))
-            with torch.no_grad():
-                pk_real = nets.D_knowledge(_blacken(real_in, m))
-            g_gan_k = lsgan_loss(pk_fake, True)
-            g_feat_k = feature_matching_loss(pk_fake, pk_real)
-        else:
-            g_gan_k = g_feat_k = fake.new_zeros(())
-        nce = nce_loss(nets, batch, fake, know)
-        vgg = nets.vgg(fake, batch.target) if nets.vgg is not None else fake.new_zeros(())
+        losses = _adversarial_losses(nets, batch, cond, fake, know)
+        losses["G_nce"] = nce_loss(nets, batch, fake, know)
+        losses["G_vgg"] = (
+            nets.vgg(fake, batch.target) if nets.vgg is not None else fake.new_zeros(())
+        )
     # pixel losses in float32, outside autocast
-    l1 = masked_l1(fake.float(), batch.target, m if know else None, w.mask_alpha)
-    gv = gradient_variance_loss(fake.float(), batch.target, min(w.gv_patch, g_cfg.image_size))
-    g_total = (
-        w.gan * (g_gan + w.knowledge * g_gan_k)
-        + w.feat * (g_feat + w.knowledge * g_feat_k)
-        + w.l1 * l1
-        + w.gv * gv
-        + w.nce * nce
-        + w.vgg * vgg
+    losses["G_l1"] = masked_l1(
+        fake.float(), batch.target, batch.mask if know else None, w.mask_alpha
     )
+    patch = min(w.gv_patch, nets.G.config.image_size)
+    losses["G_gv"] = gradient_variance_loss(fake.float(), batch.target, patch)
+    total = (
+        w.gan * (losses["G_gan"] + w.knowledge * losses["G_gan_knowledge"])
+        + w.feat * (losses["G_feat"] + w.knowledge * losses["G_feat_knowledge"])
+        + w.l1 * losses["G_l1"]
+        + w.gv * losses["G_gv"]
+        + w.nce * losses["G_nce"]
+        + w.vgg * losses["G_vgg"]
+    )
+    losses["G_total"] = total
     opt_g.zero_grad(set_to_none=True)
-    _backward_step(g_total, opt_g, scaler_g)
-    stats |= {
-        "Loss/G_gan": _f(g_gan),
-        "Loss/G_feat": _f(g_feat),
-        "Loss/G_gan_knowledge": _f(g_gan_k),
-        "Loss/G_feat_knowledge": _f(g_feat_k),
-        "Loss/G_l1": _f(l1),
-        "Loss/G_gv": _f(gv),
-        "Loss/G_nce": _f(nce),
-        "Loss/G_vgg": _f(vgg),
-        "Loss/G_total": _f(g_total),
-    }
-    return stats
+    _backward_step(total, opt_g, scaler)
+    return losses
+
+
+def loss_stats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Losses by stats name ("Loss/<name>") as floats."""
+    return {f"Loss/{k}": float(v.detach()) for k, v in losses.items()}
 
 
 def _backward_step(

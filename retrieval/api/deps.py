@@ -1,4 +1,4 @@
-"""Dependencies of the routes, as `Annotated` aliases (`EngineDep`, `SettingsDep`).
+"""Dependencies of the routes, as `Annotated` aliases (`EngineDep`, `SettingsDep`, ...).
 
 They are `async def` although they never await: FastAPI runs a plain `def` dependency
 in the threadpool, a thread hop (~60 µs) per dependency per request.
@@ -14,7 +14,6 @@ from fastapi.security import APIKeyHeader, APIKeyQuery
 
 from retrieval.search.engine import Engine
 
-from .convert import SearchJSON
 from .settings import Settings
 from .synthetic import SyntheticStore
 
@@ -32,7 +31,13 @@ async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+async def get_loaded_engine(request: Request) -> Engine | None:
+    """The engine, or None while no index is loaded."""
+    return getattr(request.app.state, "engine", None)
+
+
 async def get_engine(request: Request) -> Engine:
+    """The engine; 503 while no index is loaded."""
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         raise HTTPException(503, "no index is loaded (start the server with an index folder)")
@@ -43,14 +48,10 @@ async def get_synthetic_store(request: Request) -> SyntheticStore:
     return request.app.state.synthetic
 
 
-async def get_search_json(request: Request) -> SearchJSON:
-    return request.app.state.search_json
-
-
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+LoadedEngineDep = Annotated[Engine | None, Depends(get_loaded_engine)]
 SyntheticDep = Annotated[SyntheticStore, Depends(get_synthetic_store)]
-SearchJSONDep = Annotated[SearchJSON, Depends(get_search_json)]
 
 
 def api_key_ok(settings: Settings, given: str | None) -> bool:

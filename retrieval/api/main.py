@@ -18,7 +18,6 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -33,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from index import IndexStoreError
 from index.errors import FilterError
 from retrieval.search.engine import Engine
+from retrieval.version import VERSION
 
 from ..errors import (
     DuplicateCase,
@@ -44,7 +44,6 @@ from ..errors import (
     UnknownCase,
     UnreadableMedia,
 )
-from .convert import SearchJSON
 from .deps import require_api_key
 from .fastpath import SimilarFastPath
 from .routes import cases, generate, health, insights, media, search, stats
@@ -54,11 +53,6 @@ from .synthetic import SyntheticStore
 
 log = logging.getLogger("fundus2video.api")
 
-try:
-    VERSION = version("fundus2video")
-except PackageNotFoundError:  # running from a source tree
-    VERSION = "0.0.0"
-
 FREEZE_FROM_CASES = 10_000
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -66,6 +60,13 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "A parameter or file is invalid (`detail`)."},
     503: {"model": ErrorResponse, "description": "No index loaded, or an update not saved."},
 }
+DESCRIPTION = (
+    "Search past cases by a colour fundus photo (CF), a fluorescein angiography (FFA) "
+    "video or a case id, directly or through a synthesized FFA video; browse and update "
+    "the catalog. Every synthesized video is marked SYNTHETIC (in its frames, and "
+    "`synthetic: true` in JSON). Uploads are processed in memory and never stored, "
+    "except the media of cases added with POST /cases."
+)
 TAGS = [
     {"name": "search", "description": "Ranked cases for an upload or an indexed case."},
     {"name": "cases", "description": "The catalog: browse, read, add, delete cases."},
@@ -81,43 +82,18 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     # Keep uploads in memory: Starlette spools a file part to disk above this size. The
     # body itself is bounded by max_upload_bytes (RequestGuard), so memory stays bounded.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        opened = None
-        if app.state.engine is None and settings.index is not None:
-            opened = await run_in_threadpool(Engine.open, settings.index, use_gpu=settings.use_gpu)
-            app.state.engine = opened
-        engine = app.state.engine
-        if engine is not None and engine.case_count >= FREEZE_FROM_CASES:
-            # The catalog lookups are ~5 long-lived objects per case (half a million at 100k
-            # cases): a full collection walks them all (~0.3 s) and stalls every request.
-            gc.collect()
-            gc.freeze()
-        yield
-        if opened is not None:
-            opened.close()
-            app.state.engine = None
-
     app = FastAPI(
         title="fundus2video",
         version=VERSION,
         summary="Retinal multimodal retrieval: CF photos and FFA videos in one search engine.",
-        description=(
-            "Search past cases by a colour fundus photo (CF), a fluorescein angiography (FFA) "
-            "video or a case id, directly or through a synthesized FFA video; browse and update "
-            "the catalog. Every synthesized video is marked SYNTHETIC (in its frames, and "
-            "`synthetic: true` in JSON). Uploads are processed in memory and never stored, "
-            "except the media of cases added with POST /cases."
-        ),
+        description=DESCRIPTION,
         openapi_tags=TAGS,
-        lifespan=lifespan,
+        lifespan=_lifespan,
         responses=COMMON_ERRORS,
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.synthetic = SyntheticStore(settings.synthetic_cache_size, settings.synthetic_ttl_s)
-    app.state.search_json = SearchJSON()
     app.state.map_cache = {}
     _add_error_handlers(app)
     secured = [Depends(require_api_key)]
@@ -136,6 +112,25 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.add_middleware(SimilarFastPath, api=app)  # inside the guard: logged, limited
     app.add_middleware(RequestGuard, max_body=settings.max_upload_bytes)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open `settings.index` unless the app was given an engine; close what it opened."""
+    settings, opened = app.state.settings, None
+    if app.state.engine is None and settings.index is not None:
+        opened = await run_in_threadpool(Engine.open, settings.index, use_gpu=settings.use_gpu)
+        app.state.engine = opened
+    engine = app.state.engine
+    if engine is not None and engine.case_count >= FREEZE_FROM_CASES:
+        # The catalog lookups are ~5 long-lived objects per case (half a million at 100k
+        # cases): a full collection walks them all (~0.3 s) and stalls every request.
+        gc.collect()
+        gc.freeze()
+    yield
+    if opened is not None:
+        opened.close()
+        app.state.engine = None
 
 
 # --------------------------------------------------------------------------- middleware

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from retrieval.data.cohort import CASE_METADATA, CatalogField
+from retrieval.data.media_write import SYNTHETIC_LABEL
 from retrieval.search.queries import SUGGESTION_LABEL
 
 Modality = Literal["cf", "ffa"]
@@ -36,19 +38,8 @@ Eye = Literal["OD", "OS"]
 Split = Literal["train", "val", "test"]
 Similarity = Literal["combined", "pair", "clinical"]
 
-SYNTHETIC_LABEL = "SYNTHETIC"
-
 _CASE_EXAMPLE = {
-    "case_id": "ph0-00017",
-    "patient_id": "ph0-p0012",
-    "eye": "OD",
-    "age": 63,
-    "sex": "F",
-    "diagnosis": "PDR",
-    "lesions": ["microaneurysm", "neovascularisation", "leakage"],
-    "split": "test",
-    "source": "phantom",
-    "ffa_times_s": [0.0, 12.1, 15.3, 30.2, 61.0, 300.5, 600.0],
+    **{f.name: f.example for f in CASE_METADATA},
     "modalities": ["cf", "ffa"],
     "added": False,
     "cf_url": "/cases/ph0-00017/cf",
@@ -293,7 +284,7 @@ class SyntheticVideo(_Model):
         json_schema_extra={
             "example": {
                 "synthetic": True,
-                "label": "SYNTHETIC",
+                "label": SYNTHETIC_LABEL,
                 "frames": 16,
                 "width": 128,
                 "height": 128,
@@ -384,18 +375,26 @@ class SearchResponse(_Model):
 # --------------------------------------------------------------------------- cases
 
 
-class CaseRecord(_Model):
+def _case_field(f: CatalogField) -> tuple[Any, Any]:
+    """A catalog field in `CaseRecord`: the case id is always there; any other may be
+    null, or empty for a list whose empty value means none (lesions)."""
+    if f.name == "case_id":
+        return f.python_type, Field(description=f.description)
+    if f.empty is not None:
+        return f.python_type, Field(default_factory=list, description=f.description)
+    return f.python_type | None, Field(default=None, description=f.description)
+
+
+_CaseMetadata = create_model(
+    "_CaseMetadata", __base__=_Model, **{f.name: _case_field(f) for f in CASE_METADATA}
+)
+
+
+class CaseRecord(_CaseMetadata):
+    """A catalog case: its metadata (the catalog fields except the media paths) and the
+    URLs of its media."""
+
     model_config = ConfigDict(json_schema_extra={"example": _CASE_EXAMPLE})
-    case_id: str
-    patient_id: str | None = None
-    eye: str | None = None
-    age: int | None = None
-    sex: str | None = None
-    diagnosis: str | None = None
-    lesions: list[str] = Field(default_factory=list)
-    split: str | None = None
-    source: str | None = None
-    ffa_times_s: list[float] | None = None
     modalities: list[Modality] = Field(description="Indexes that hold this case.")
     added: bool = Field(description="Added through POST /cases (media stored with the index).")
     cf_url: str

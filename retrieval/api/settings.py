@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     use_gpu: bool | None = None
     fast_path: bool = Field(
-        default=True, description="Answer plain GET /cases/{id}/similar without FastAPI's routing."
+        default=True,
+        description="Answer GET /cases/{id}/similar without FastAPI's routing (same bodies).",
     )
 
     def accepted_types(self, kind: str) -> tuple[str, ...]:

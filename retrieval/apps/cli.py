@@ -1,10 +1,18 @@
-"""The `fundus2video` command line: parses, validates, calls library functions."""
+"""The `fundus2video` command line: parses, validates, calls library functions.
+
+Errors: the project's own error classes (`retrieval.errors.Fundus2VideoError`,
+`encoder.EncoderError`, `index.IndexStoreError`) are a user's bad input — a file, a
+folder or a parameter, named in the message — and exit 2 with that one line
+(`bad_input`). Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -31,9 +39,43 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     )
 
 
-def _fail(error: Exception) -> typer.Exit:
+def _fail(error: Exception | str) -> typer.Exit:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
+
+
+def project_errors() -> tuple[type[Exception], ...]:
+    """The error bases of the three packages (imported here: `encoder` loads torch)."""
+    from encoder.errors import EncoderError
+    from index.errors import IndexStoreError
+
+    return Fundus2VideoError, EncoderError, IndexStoreError
+
+
+@contextlib.contextmanager
+def bad_input() -> Iterator[None]:
+    """Within the block, the project's errors exit 2 with their message; others propagate."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, project_errors()):
+            raise _fail(e) from e
+        raise
+
+
+def _new_folder(path: Path) -> None:
+    """Refuse an output folder that exists (the library would too, with a FileExistsError)."""
+    if path.exists():
+        raise _fail(f"{path} already exists (choose another output folder)")
+
+
+@contextlib.contextmanager
+def _writing(option: str, path: Path) -> Iterator[None]:
+    """An OSError while writing the file the user named is about that file: exit 2."""
+    try:
+        yield
+    except OSError as e:
+        raise _fail(f"{option} {path}: cannot write it ({e.strerror or e})") from e
 
 
 @app.command()
@@ -51,13 +93,13 @@ def phantom(
     """Write a procedural retinal phantom cohort of paired CF photos and FFA videos."""
     from retrieval.data.phantom import write_phantom_cohort, write_preview
 
-    try:
+    _new_folder(out)
+    with bad_input():
         write_phantom_cohort(out, cases=cases, size=size, frames=frames, seed=seed, workers=workers)
-    except (FileExistsError, ValueError) as e:
-        raise _fail(e) from e
     typer.echo(f"wrote {cases} cases to {out}")
     if preview is not None:
-        write_preview(preview, seed=seed, size=size, frames=frames)
+        with _writing("--preview", preview):
+            write_preview(preview, seed=seed, size=size, frames=frames)
         typer.echo(f"preview: {preview}")
 
 
@@ -79,7 +121,8 @@ def ingest(
     """Validate a user manifest and build a cohort from it (nothing written if a row is bad)."""
     from retrieval.data.ingest import ingest as ingest_manifest
 
-    try:
+    _new_folder(out)
+    with bad_input():
         result = ingest_manifest(
             manifest,
             out,
@@ -88,8 +131,6 @@ def ingest(
             seed=seed,
             max_pixels=max_pixels,
         )
-    except (Fundus2VideoError, FileExistsError) as e:
-        raise _fail(e) from e
     typer.echo(f"wrote {result.written} cases to {result.cohort}")
     if result.skipped:
         typer.echo(
@@ -106,10 +147,8 @@ def info(
     from retrieval.data.cohort import Cohort
     from retrieval.data.info import cohort_summary, format_summary
 
-    try:
+    with bad_input():
         summary = cohort_summary(Cohort.open(cohort), progress=sys.stderr.isatty())
-    except Fundus2VideoError as e:
-        raise _fail(e) from e
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
@@ -134,12 +173,9 @@ def demo(
     ] = True,
 ):
     """Phantom cohort → train the tiny model → index → API + dashboard (cached between runs)."""
-    from encoder import EncoderError
-    from index import IndexStoreError
-
     from .demo import ensure_report, prepare_demo, serve_demo
 
-    try:
+    with bad_input():
         paths = prepare_demo(
             workdir,
             cases=cases,
@@ -152,8 +188,6 @@ def demo(
             serve_demo(paths, host=host, api_port=api_port, ui_port=ui_port, say=typer.echo)
         else:
             ensure_report(paths, say=typer.echo)
-    except (Fundus2VideoError, EncoderError, IndexStoreError, OSError, RuntimeError) as e:
-        raise _fail(e) from e
 
 
 @app.command("ui")
@@ -163,7 +197,7 @@ def ui_command(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
 ):
     """The Streamlit dashboard, talking to the API at --api (`streamlit run ui/app.py`)."""
-    from ui import run_dashboard
+    from .processes import run_dashboard
 
     typer.echo(f"dashboard: http://{host}:{port}  (API: {api}; Ctrl-C stops it)")
     raise typer.Exit(code=run_dashboard(api, port, host=host))
@@ -214,37 +248,16 @@ def train(
     With both stages and --minutes M, the generator gets M x (1 - EMBED_SHARE) and the
     embedder the rest. With --stage embed, --minutes / --iters are the embedder's.
     """
-    from encoder import EncoderError, list_scales
-    from retrieval.models.embedding import EMBED_SHARE, train_embedder
-    from retrieval.models.generation import VARIANTS, train_run
+    from retrieval.models.embedding import train_embedder
+    from retrieval.models.generation import train_run
 
-    if scale not in list_scales():
-        raise typer.BadParameter(f"--scale must be one of {list_scales()}, got {scale!r}")
-    if variant not in VARIANTS:
-        raise typer.BadParameter(f"--variant must be one of {list(VARIANTS)}, got {variant!r}")
-    if stage not in (None, "generator", "embed"):
-        raise typer.BadParameter(f"--stage must be generator or embed, got {stage!r}")
-    if minutes is None and iters is None:
-        raise typer.BadParameter("give --minutes or --iters")
-    both = stage is None
-    try:
+    g_minutes, e_minutes, e_iters = _stage_budgets(stage, minutes, iters, embed_iters)
+    with bad_input():
         if stage in (None, "generator"):
-            summary = train_run(
-                cohort,
-                out,
-                scale=scale,
-                iters=iters,
-                resume=resume,
-                variant=variant,
-                minutes=minutes * (1 - EMBED_SHARE) if both and minutes else minutes,
-                batch_size=batch_size,
-                seed=seed,
-                vgg_weights=vgg_weights,
+            options = _generator_options(
+                scale, variant, g_minutes, iters, batch_size, seed, vgg_weights
             )
-            typer.echo(
-                f"{summary.run_dir}: generator {summary.iterations} iterations in "
-                f"{summary.elapsed_s / 60:.1f} min (stopped by {summary.stop_reason})"
-            )
+            typer.echo(_trained(train_run(cohort, out, options, resume=resume), "generator"))
         if stage in (None, "embed"):
             embed = train_embedder(
                 out,
@@ -252,15 +265,64 @@ def train(
                 backbone=backbone,
                 out=embedder_out,
                 seed=seed,
-                minutes=minutes * EMBED_SHARE if both and minutes else minutes,
-                iters=(embed_iters or iters) if both else iters,
+                minutes=e_minutes,
+                iters=e_iters,
             )
-            typer.echo(
-                f"{embed.run_dir}: embedder ({backbone}) {embed.iterations} iterations in "
-                f"{embed.elapsed_s / 60:.1f} min (stopped by {embed.stop_reason})"
-            )
-    except (Fundus2VideoError, EncoderError, FileExistsError, ValueError) as e:
-        raise _fail(e) from e
+            typer.echo(_trained(embed, f"embedder ({backbone})"))
+
+
+def _stage_budgets(
+    stage: str | None, minutes: float | None, iters: int | None, embed_iters: int | None
+) -> tuple[float | None, float | None, int | None]:
+    """`train`'s (generator minutes, embedder minutes, embedder iterations): with both
+    stages, --minutes is split and --embed-iters replaces --iters for the embedder."""
+    from retrieval.models.embedding import EMBED_SHARE
+
+    if stage not in (None, "generator", "embed"):
+        raise typer.BadParameter(f"--stage must be generator or embed, got {stage!r}")
+    if minutes is None and iters is None:
+        raise typer.BadParameter("give --minutes or --iters")
+    e_iters = (embed_iters or iters) if stage is None else iters
+    if stage is not None or minutes is None:
+        return minutes, minutes, e_iters
+    return minutes * (1 - EMBED_SHARE), minutes * EMBED_SHARE, e_iters
+
+
+def _generator_options(
+    scale: str,
+    variant: str,
+    minutes: float | None,
+    iters: int | None,
+    batch_size: int,
+    seed: int,
+    vgg_weights: Path | None,
+):
+    """`train`'s generator options (an `encoder.train.GeneratorTrainOptions`)."""
+    from encoder import list_scales
+    from encoder.train import GeneratorTrainOptions
+    from retrieval.models.generation import VARIANTS
+
+    if scale not in list_scales():
+        raise typer.BadParameter(f"--scale must be one of {list_scales()}, got {scale!r}")
+    if variant not in VARIANTS:
+        raise typer.BadParameter(f"--variant must be one of {list(VARIANTS)}, got {variant!r}")
+    return GeneratorTrainOptions(
+        scale=scale,
+        minutes=minutes,
+        iters=iters,
+        batch_size=batch_size,
+        seed=seed,
+        vgg_weights=str(vgg_weights) if vgg_weights else None,
+        **VARIANTS[variant],
+    )
+
+
+def _trained(summary, what: str) -> str:
+    """The line `train` prints after a stage (a `encoder.train.TrainingSummary`)."""
+    return (
+        f"{summary.run_dir}: {what} {summary.iterations} iterations in "
+        f"{summary.elapsed_s / 60:.1f} min (stopped by {summary.stop_reason})"
+    )
 
 
 @app.command()
@@ -274,15 +336,13 @@ def generate(
     ] = None,
 ):
     """Synthesize an FFA video from a CF photo (every frame is marked SYNTHETIC)."""
-    from encoder import EncoderError
     from retrieval.data.media_write import write_mp4
     from retrieval.models.generation import generate_video
 
-    try:
+    with bad_input():
         frames, used = generate_video(run, cf_image, times_s=_parse_times(times))
-    except (Fundus2VideoError, EncoderError, ValueError) as e:
-        raise _fail(e) from e
-    write_mp4(out, frames)
+    with _writing("--out", out):
+        write_mp4(out, frames)
     typer.echo(
         f"wrote {len(frames)} synthetic frames at {', '.join(f'{t:g}' for t in used)} s to {out}"
     )
@@ -310,14 +370,13 @@ def evaluate(
     ] = "all",
 ):
     """Generation and retrieval metrics on held-out patients, with baselines."""
-    from encoder import EncoderError
+    from retrieval.evaluation.generation import evaluate_runs, generation_table, write_report
     from retrieval.evaluation.retrieval import (
         evaluate_retrieval,
         retrieval_table,
         write_reliability,
     )
     from retrieval.models.embedding import default_embedder_dir
-    from retrieval.models.generation import evaluate_runs, generation_table, write_report
 
     if metrics not in ("all", "generation", "retrieval"):
         raise typer.BadParameter(f"--metrics must be all, generation or retrieval, got {metrics!r}")
@@ -330,7 +389,7 @@ def evaluate(
     if metrics == "retrieval" and not embedders:
         raise typer.BadParameter(f"{run} has no embedder; train it with --stage embed")
     report: dict = {}
-    try:
+    with bad_input():
         if metrics in ("all", "generation"):
             report = evaluate_runs(runs, cohort, split=split, i3d_path=i3d)
             typer.echo(generation_table(report))
@@ -340,10 +399,9 @@ def evaluate(
                 embedders, cohort, split=split, synthesis_for=synthesis_for
             )
             typer.echo(retrieval_table(report["retrieval"]))
-    except (Fundus2VideoError, EncoderError, ValueError) as e:
-        raise _fail(e) from e
-    png = write_reliability(report, out)
-    write_report(report, out)
+    with _writing("--out", out):
+        png = write_reliability(report, out)
+        write_report(report, out)
     typer.echo(f"report: {out}" + (f" (reliability diagram: {png})" if png else ""))
 
 
@@ -367,14 +425,10 @@ def index(
     ] = None,
 ):
     """Embed every case of a cohort and write an index folder (FAISS per modality + catalog)."""
-    from encoder import EncoderError
-    from index import IndexStoreError
     from retrieval.models.embedding import build_index
 
-    try:
+    with bad_input():
         manifest = build_index(run, cohort, out, embedder_dir=embedder)
-    except (Fundus2VideoError, EncoderError, IndexStoreError, ValueError) as e:
-        raise _fail(e) from e
     counts = ", ".join(f"{m} {n}" for m, n in manifest["counts"].items())
     keys = ", ".join(f"{m} {k}" for m, k in manifest["index_keys"].items())
     typer.echo(f"{out}: {counts} vectors of dimension {manifest['dim']} ({keys})")
@@ -401,54 +455,23 @@ def search(
 ):
     """Ranked cases for a query file (a CF photo or an FFA video), and the diagnosis
     suggested by its most similar archive cases (decision support, not a diagnosis)."""
-    import json
-
-    from encoder import EncoderError
-    from index import IndexStoreError
     from retrieval.data.media import CF_SUFFIXES, read_cf, read_ffa
-    from retrieval.search.engine import SIMILARITIES, CFQuery, Engine, FFAQuery, suggestion_record
+    from retrieval.search.engine import SIMILARITIES, CFQuery, Engine, FFAQuery
 
     if similarity is not None and similarity not in SIMILARITIES:
         raise typer.BadParameter(
             f"--similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}"
         )
-    try:
+    with bad_input():
         if file.is_file() and file.suffix.lower() in CF_SUFFIXES and times is None:
             query = CFQuery(read_cf(file))
         else:
             query = FFAQuery(read_ffa(file), _parse_times(times))
         engine = Engine.open(index)
         result = engine.search(query, target=target, k=k, via=via, similarity=similarity)
-    except (Fundus2VideoError, EncoderError, IndexStoreError, ValueError) as e:
-        raise _fail(e) from e
-    rows = [
-        {
-            "rank": h.rank,
-            "case_id": h.case.case_id,
-            "score": round(h.score, 6),
-            "modality": h.modality,
-            "diagnosis": h.case.diagnosis,
-            "eye": h.case.eye,
-            "lesions": list(h.case.lesions),
-            "split": h.case.split,
-        }
-        for h in result.hits
-    ]
+    rows = [_hit_row(h) for h in result.hits]
     if as_json:
-        out = {
-            "query": result.query,
-            "target": target,
-            "via": via,
-            "similarity": result.similarity,
-            "results": rows,
-            "suggestion": suggestion_record(result),
-        }
-        if result.synthetic is not None:
-            out["synthetic_query"] = {
-                "synthetic": True,
-                "times_s": result.synthetic.times_s.tolist(),
-            }
-        typer.echo(json.dumps(out, indent=2))
+        typer.echo(json.dumps(_search_record(result, rows, target, via), indent=2))
         return
     if result.synthetic is not None:
         typer.echo("query searched through its synthesized (SYNTHETIC) FFA video")
@@ -460,6 +483,37 @@ def search(
         )
     if result.suggestion is not None:
         typer.echo(suggestion_line(result.suggestion))
+
+
+def _hit_row(hit) -> dict:
+    """One ranked case as `search --json` prints it."""
+    return {
+        "rank": hit.rank,
+        "case_id": hit.case.case_id,
+        "score": round(hit.score, 6),
+        "modality": hit.modality,
+        "diagnosis": hit.case.diagnosis,
+        "eye": hit.case.eye,
+        "lesions": list(hit.case.lesions),
+        "split": hit.case.split,
+    }
+
+
+def _search_record(result, rows: list[dict], target: str, via: str) -> dict:
+    """The `search --json` document: the query, the ranked rows, the suggestion."""
+    from retrieval.search.engine import suggestion_record
+
+    out = {
+        "query": result.query,
+        "target": target,
+        "via": via,
+        "similarity": result.similarity,
+        "results": rows,
+        "suggestion": suggestion_record(result),
+    }
+    if result.synthetic is not None:
+        out["synthetic_query"] = {"synthetic": True, "times_s": result.synthetic.times_s.tolist()}
+    return out
 
 
 def suggestion_line(suggestion) -> str:
@@ -494,8 +548,6 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from encoder import EncoderError
-    from index import IndexStoreError
     from retrieval.api import Settings, create_app
     from retrieval.search.engine import Engine
 
@@ -503,9 +555,9 @@ def serve(
     try:
         settings = Settings(index=index)
         engine = Engine.open(index, use_gpu=settings.use_gpu)
-    except ValidationError as e:
+    except ValidationError as e:  # the environment's settings: the user's input too
         raise _fail(f"bad FUNDUS2VIDEO_* setting: {e}") from e
-    except (Fundus2VideoError, EncoderError, IndexStoreError) as e:
+    except project_errors() as e:
         raise _fail(e) from e
     typer.echo(
         f"serving {engine.case_count} cases from {index} at http://{host}:{port} "

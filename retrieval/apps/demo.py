@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -28,9 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from index.atomic import atomic_write_text
+from retrieval.apps.processes import (
+    dashboard_command,
+    free_port,
+    sigterm_as_interrupt,
+    stop_process,
+    wait_http,
+)
 from retrieval.errors import Fundus2VideoError
 
 log = logging.getLogger(__name__)
@@ -90,11 +94,13 @@ def prepare_demo(
 ) -> DemoPaths:
     """Build (or reuse) the demo's cohort, model and index (the report: `ensure_report`)."""
     from retrieval.data.phantom import write_phantom_cohort
-    from retrieval.models.embedding import build_index, default_embedder_dir, train_embedder
-    from retrieval.models.generation import train_run
+    from retrieval.models.embedding import build_index
 
     paths = DemoPaths.under(workdir)
-    paths.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        paths.workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Fundus2VideoError(f"demo work folder {paths.workdir}: {e.strerror or e}") from e
     state = _read_state(paths)
     started = time.monotonic()
 
@@ -105,40 +111,8 @@ def prepare_demo(
         write_phantom_cohort(
             paths.cohort, cases=cases, size=DEMO_SIZE, frames=DEMO_FRAMES, seed=seed, workers=2
         )
-
-    if "generator" in state:
-        say(f"[2/4] generator: reusing {paths.run}")
-    else:
-        say(f"[2/4] generator: training the tiny model for {generator_minutes:g} min")
-        _invalidate(paths, state, "embedder", "index", "report")
-        summary = train_run(
-            paths.cohort,
-            paths.run,
-            scale="tiny",
-            minutes=generator_minutes,
-            seed=seed,
-            resume=paths.run.exists(),
-            progress=progress,
-        )
-        state["generator"] = {"iterations": summary.iterations, "elapsed_s": summary.elapsed_s}
-        _write_state(paths, state)
-
-    embedder_dir = default_embedder_dir(paths.run)
-    if "embedder" in state:
-        say(f"[3/4] embedder: reusing {embedder_dir}")
-    else:
-        say(f"[3/4] embedder: training the embedding heads for {embed_minutes:g} min")
-        _invalidate(paths, state, "embedder", "index", "report")  # a half-trained one too
-        summary = train_embedder(
-            paths.run, paths.cohort, minutes=embed_minutes, seed=seed, progress=progress
-        )
-        if not (embedder_dir / "config.json").is_file():
-            raise Fundus2VideoError(
-                f"the embedder trained {summary.iterations} iterations in {embed_minutes:g} "
-                "min and saved nothing: give it more time (--embed-minutes)"
-            )
-        state["embedder"] = {"iterations": summary.iterations, "elapsed_s": summary.elapsed_s}
-        _write_state(paths, state)
+    _generator_stage(paths, state, generator_minutes, seed=seed, progress=progress, say=say)
+    _embedder_stage(paths, state, embed_minutes, seed=seed, progress=progress, say=say)
 
     if "index" in state and (paths.index / "manifest.json").is_file():
         say(f"[4/4] index: reusing {paths.index}")
@@ -150,6 +124,64 @@ def prepare_demo(
         _write_state(paths, state)
     say(f"      ready in {time.monotonic() - started:.0f} s")
     return paths
+
+
+def _generator_stage(
+    paths: DemoPaths,
+    state: dict[str, Any],
+    minutes: float,
+    *,
+    seed: int,
+    progress: bool,
+    say: Callable[[str], None],
+) -> None:
+    """Train the tiny generator (resuming a half-trained one) unless it finished before."""
+    from retrieval.models.generation import train_run
+
+    if "generator" in state:
+        say(f"[2/4] generator: reusing {paths.run}")
+        return
+    say(f"[2/4] generator: training the tiny model for {minutes:g} min")
+    _invalidate(paths, state, "embedder", "index", "report")
+    summary = train_run(
+        paths.cohort,
+        paths.run,
+        scale="tiny",
+        minutes=minutes,
+        seed=seed,
+        resume=paths.run.exists(),
+        progress=progress,
+    )
+    state["generator"] = {"iterations": summary.iterations, "elapsed_s": summary.elapsed_s}
+    _write_state(paths, state)
+
+
+def _embedder_stage(
+    paths: DemoPaths,
+    state: dict[str, Any],
+    minutes: float,
+    *,
+    seed: int,
+    progress: bool,
+    say: Callable[[str], None],
+) -> None:
+    """Train the embedding heads (from scratch) unless they finished before."""
+    from retrieval.models.embedding import default_embedder_dir, train_embedder
+
+    embedder_dir = default_embedder_dir(paths.run)
+    if "embedder" in state:
+        say(f"[3/4] embedder: reusing {embedder_dir}")
+        return
+    say(f"[3/4] embedder: training the embedding heads for {minutes:g} min")
+    _invalidate(paths, state, "embedder", "index", "report")  # a half-trained one too
+    summary = train_embedder(paths.run, paths.cohort, minutes=minutes, seed=seed, progress=progress)
+    if not (embedder_dir / "config.json").is_file():
+        raise Fundus2VideoError(
+            f"the embedder trained {summary.iterations} iterations in {minutes:g} "
+            "min and saved nothing: give it more time (--embed-minutes)"
+        )
+    state["embedder"] = {"iterations": summary.iterations, "elapsed_s": summary.elapsed_s}
+    _write_state(paths, state)
 
 
 def has_report(paths: DemoPaths) -> bool:
@@ -172,8 +204,8 @@ def ensure_report(
 
 
 def _evaluate(paths: DemoPaths, *, progress: bool) -> None:
+    from retrieval.evaluation.generation import evaluate_runs, write_report
     from retrieval.evaluation.retrieval import evaluate_retrieval, write_reliability
-    from retrieval.models.generation import evaluate_runs, write_report
 
     report = evaluate_runs({"model": paths.run}, paths.cohort, split="test", progress=progress)
     report["retrieval"] = evaluate_retrieval(
@@ -188,34 +220,6 @@ def _evaluate(paths: DemoPaths, *, progress: bool) -> None:
 
 
 # -- serving -------------------------------------------------------------------------------
-def free_port(preferred: int, host: str = "127.0.0.1") -> int:
-    """`preferred` when nothing listens there, else a port the OS picks."""
-    for port in (preferred, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise OSError(f"no free port on {host}")
-
-
-def wait_http(url: str, *, timeout: float = 60.0, alive: Callable[[], bool] = lambda: True) -> None:
-    """Poll `url` until it answers 200, or raise TimeoutError (RuntimeError if `alive` fails)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"the server behind {url} exited before it answered")
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
-
-
 class ApiThread:
     """An ASGI app served by uvicorn from a background thread of this process."""
 
@@ -260,8 +264,6 @@ def _report_quietly(paths: DemoPaths, say: Callable[[str], None]) -> None:
 
 def start_dashboard(api_url: str, host: str, port: int) -> tuple[subprocess.Popen, str]:
     """`streamlit run ui/app.py -- --api api_url` as a child process, once it answers."""
-    from ui import dashboard_command, stop_process
-
     proc = subprocess.Popen(dashboard_command(api_url, port, host=host))
     url = f"http://{host}:{port}"
     try:
@@ -281,8 +283,6 @@ def serve_demo(
     say: Callable[[str], None] = print,
 ) -> None:
     """Start the API and the dashboard, print both URLs, run until Ctrl-C, stop both."""
-    from ui import sigterm_as_interrupt, stop_process
-
     api_port, ui_port = free_port(api_port, host), free_port(ui_port, host)
     for noisy in ("httpx", "fundus2video.api"):  # health polls, one line per request
         logging.getLogger(noisy).setLevel(logging.WARNING)

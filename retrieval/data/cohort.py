@@ -1,16 +1,18 @@
 """Cohorts: a folder with `catalog.parquet` (one row per eye-visit) and its media.
 
-The catalog follows the README's data contract. `Cohort.open` validates it and
-gives typed `Case` records whose media paths are resolved against the folder.
+The catalog's columns are `CATALOG_FIELDS`, defined once here: the polars schema, the
+`Case` record and the API's case record follow them. `Cohort.open` validates a catalog
+and gives typed `Case` records whose media paths are resolved against the folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -40,26 +42,93 @@ EYES = ("OD", "OS")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 
-CATALOG_SCHEMA: dict[str, pl.DataType] = {
-    "case_id": pl.String(),
-    "patient_id": pl.String(),
-    "eye": pl.String(),
-    "age": pl.Int32(),
-    "sex": pl.String(),
-    "diagnosis": pl.String(),
-    "lesions": pl.List(pl.String()),
-    "split": pl.String(),
-    "cf_path": pl.String(),
-    "ffa_path": pl.String(),
-    "ffa_times_s": pl.List(pl.Float64()),
-    "source": pl.String(),
-}
-REQUIRED_NON_NULL = ("case_id", "patient_id", "split", "cf_path", "ffa_path", "source")
-
 
 @dataclass(frozen=True)
+class CatalogField:
+    """One column of `catalog.parquet`, and so one field of every case record: the
+    cohort's `Case`, the engine's `CaseInfo` and `NewCase`, the API's `CaseRecord`."""
+
+    name: str
+    dtype: pl.DataType
+    description: str
+    example: Any  # as JSON gives it
+    required: bool = False  # never empty in a catalog
+    choices: tuple[str, ...] | None = None  # the allowed values (or empty, unless required)
+    empty: Any = None  # a record's value for an empty cell: None (unknown), () (none)
+    media: bool = False  # a media path: records serve the file instead
+
+    @property
+    def python_type(self) -> Any:
+        """str, int, list[str], list[float]: the type of the field's values in a row."""
+        if isinstance(self.dtype, pl.List):
+            return list[self.dtype.inner.to_python()]
+        return self.dtype.to_python()
+
+
+CATALOG_FIELDS = (
+    CatalogField("case_id", pl.String(), "Unique and stable.", "ph0-00017", required=True),
+    CatalogField(
+        "patient_id",
+        pl.String(),
+        "For patient-level splits (no patient spans two splits).",
+        "ph0-p0012",
+        required=True,
+    ),
+    CatalogField("eye", pl.String(), "OD or OS (null when not known).", "OD", choices=EYES),
+    CatalogField("age", pl.Int32(), "Years.", 63),
+    CatalogField("sex", pl.String(), "As the source gives it.", "F"),
+    CatalogField(
+        "diagnosis",
+        pl.String(),
+        f"{', '.join(DIAGNOSES)} (phantom); free text for user data.",
+        "PDR",
+    ),
+    CatalogField(
+        "lesions",
+        pl.List(pl.String()),
+        "e.g. microaneurysm, haemorrhage, leakage, non-perfusion, staining, blocking.",
+        ["microaneurysm", "neovascularisation", "leakage"],
+        empty=(),
+    ),
+    CatalogField(
+        "split", pl.String(), "train, val or test.", "test", required=True, choices=SPLITS
+    ),
+    CatalogField(
+        "cf_path",
+        pl.String(),
+        "The CF photo, relative to the cohort folder.",
+        "cf/ph0-00017.png",
+        required=True,
+        media=True,
+    ),
+    CatalogField(
+        "ffa_path",
+        pl.String(),
+        "The FFA video (MP4, a folder of frames or a multi-frame TIFF), relative to the "
+        "cohort folder.",
+        "ffa/ph0-00017.mp4",
+        required=True,
+        media=True,
+    ),
+    CatalogField(
+        "ffa_times_s",
+        pl.List(pl.Float64()),
+        "Seconds after dye injection of each frame (null when not known).",
+        [0.0, 12.1, 15.3, 30.2, 61.0, 300.5, 600.0],
+    ),
+    CatalogField(
+        "source", pl.String(), "phantom, or the user dataset's name.", "phantom", required=True
+    ),
+)
+CATALOG_SCHEMA: dict[str, pl.DataType] = {f.name: f.dtype for f in CATALOG_FIELDS}
+# the fields a case is described by, apart from its media files
+CASE_METADATA = tuple(f for f in CATALOG_FIELDS if not f.media)
+
+
+@dataclass(frozen=True, slots=True)
 class Case:
-    """One eye-visit: a CF photo and its FFA video, with metadata."""
+    """One eye-visit: a CF photo and its FFA video, with metadata (one field per
+    `CATALOG_FIELDS` entry, in its order)."""
 
     case_id: str
     patient_id: str
@@ -73,6 +142,22 @@ class Case:
     ffa_path: Path  # absolute
     ffa_times_s: tuple[float, ...] | None
     source: str
+
+
+def case_values(row: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """A catalog row as `Case` keyword arguments: lists as tuples, an empty cell as its
+    field's `empty`, media paths resolved against `root` (absolute ones kept)."""
+    values = {}
+    for f in CATALOG_FIELDS:
+        value = row.get(f.name)
+        if f.media:
+            value = root / (value or "")
+        elif value is None:
+            value = f.empty
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return values
 
 
 def unit_hash(*parts: object) -> float:
@@ -115,10 +200,32 @@ def empty_catalog() -> pl.DataFrame:
 
 
 def catalog_from_rows(rows: list[dict]) -> pl.DataFrame:
-    """A catalog with the contract's columns and types from a list of row dicts."""
+    """A catalog from row dicts, each giving every catalog field (None when empty)."""
+    for row in rows:
+        if row.keys() != CATALOG_SCHEMA.keys():
+            missing = [name for name in CATALOG_SCHEMA if name not in row]
+            unknown = [name for name in row if name not in CATALOG_SCHEMA]
+            raise CohortError(
+                f"catalog row {row.get('case_id')!r}: missing field(s) {missing}, "
+                f"unknown field(s) {unknown}"
+            )
     df = pl.DataFrame(rows, schema=CATALOG_SCHEMA) if rows else empty_catalog()
     validate_catalog(df)
     return df
+
+
+def _column_problem(df: pl.DataFrame, f: CatalogField) -> str | None:
+    """What is wrong with one catalog column (its type, empty cells, values), or None."""
+    if df.schema[f.name] != f.dtype:
+        return f"column {f.name} has type {df.schema[f.name]}, expected {f.dtype}"
+    if f.required and df[f.name].null_count():
+        return f"column {f.name} has empty values"
+    if f.choices is not None:
+        bad = df.filter(~pl.col(f.name).is_in(f.choices))[f.name].unique().sort().to_list()
+        if bad:
+            allowed = ", ".join(f.choices) + ("" if f.required else " or empty")
+            return f"{f.name} must be one of {allowed}, got {bad[:5]}"
+    return None
 
 
 def validate_catalog(df: pl.DataFrame, where: str = "catalog") -> None:
@@ -126,23 +233,13 @@ def validate_catalog(df: pl.DataFrame, where: str = "catalog") -> None:
     missing = [c for c in CATALOG_SCHEMA if c not in df.columns]
     if missing:
         raise CohortError(f"{where}: missing column(s) {', '.join(missing)}")
-    for name, dtype in CATALOG_SCHEMA.items():
-        if df.schema[name] != dtype:
-            raise CohortError(
-                f"{where}: column {name} has type {df.schema[name]}, expected {dtype}"
-            )
-    for name in REQUIRED_NON_NULL:
-        if df[name].null_count():
-            raise CohortError(f"{where}: column {name} has empty values")
+    for f in CATALOG_FIELDS:
+        problem = _column_problem(df, f)
+        if problem:
+            raise CohortError(f"{where}: {problem}")
     dup = df["case_id"].filter(df["case_id"].is_duplicated()).unique().sort()
     if len(dup):
         raise CohortError(f"{where}: duplicate case_id {', '.join(dup.head(5).to_list())}")
-    bad_eye = df.filter(~pl.col("eye").is_in(EYES))["eye"].unique().to_list()
-    if bad_eye:
-        raise CohortError(f"{where}: eye must be OD, OS or empty, got {bad_eye[:5]}")
-    bad_split = df.filter(~pl.col("split").is_in(SPLITS))["split"].unique().to_list()
-    if bad_split:
-        raise CohortError(f"{where}: split must be one of {SPLITS}, got {bad_split[:5]}")
     leaks = (
         df.group_by("patient_id")
         .agg(pl.col("split").n_unique().alias("n"))
@@ -190,21 +287,7 @@ class Cohort:
         return f"Cohort({str(self.root)!r}, cases={len(self)})"
 
     def _case(self, row: dict) -> Case:
-        times = row["ffa_times_s"]
-        return Case(
-            case_id=row["case_id"],
-            patient_id=row["patient_id"],
-            eye=row["eye"],
-            age=row["age"],
-            sex=row["sex"],
-            diagnosis=row["diagnosis"],
-            lesions=tuple(row["lesions"] or ()),
-            split=row["split"],
-            cf_path=self.root / row["cf_path"],
-            ffa_path=self.root / row["ffa_path"],
-            ffa_times_s=tuple(times) if times is not None else None,
-            source=row["source"],
-        )
+        return Case(**case_values(row, self.root))
 
     def cases(self, split: str | None = None) -> list[Case]:
         """All cases, or those of one split, in catalog order."""

@@ -1,8 +1,9 @@
 """Build a cohort from a user's manifest CSV, validating every row before writing.
 
 The manifest needs `case_id, cf_path, ffa_path`; optional columns are the rest of
-the data contract (`patient_id, eye, age, sex, diagnosis, lesions, split,
-ffa_times_s, source`). Lists (`lesions`, `ffa_times_s`) are separated by `;`.
+the catalog's fields (`retrieval.data.cohort.CATALOG_FIELDS`: `patient_id, eye, age,
+sex, diagnosis, lesions, split, ffa_times_s, source`). Lists (`lesions`, `ffa_times_s`)
+are separated by `;`.
 Media paths are relative to the manifest's folder. Every row is decoded first and
 all problems are reported together; nothing is written unless every row is good
 (or `skip_bad`, which writes the good rows and `skipped.csv`). The cohort is built
@@ -23,7 +24,7 @@ import polars as pl
 from tqdm import tqdm
 
 from index.atomic import atomic_dir, atomic_write_text
-from retrieval.errors import ManifestError, RowProblem, UnreadableMedia
+from retrieval.errors import ManifestError, OutputExists, RowProblem, UnreadableMedia
 
 from .cohort import CATALOG_NAME, SPLITS, catalog_from_rows, patient_split, write_catalog
 from .media import DEFAULT_MAX_PIXELS, read_cf, read_ffa
@@ -31,17 +32,6 @@ from .media import DEFAULT_MAX_PIXELS, read_cf, read_ffa
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("case_id", "cf_path", "ffa_path")
-OPTIONAL_COLUMNS = (
-    "patient_id",
-    "eye",
-    "age",
-    "sex",
-    "diagnosis",
-    "lesions",
-    "split",
-    "ffa_times_s",
-    "source",
-)
 EYE_ALIASES = {"od": "OD", "r": "OD", "right": "OD", "os": "OS", "l": "OS", "left": "OS"}
 MIN_SIDE = 32  # pixels; anything smaller is not a usable photo or angiogram
 
@@ -245,7 +235,7 @@ def ingest(
     """Validate `manifest` and write a cohort folder at `out` (see the module docstring)."""
     manifest, out = Path(manifest), Path(out)
     if out.exists():
-        raise FileExistsError(f"{out} already exists (choose another output folder)")
+        raise OutputExists(f"{out} already exists (choose another output folder)")
     rows, problems = validate_manifest(
         manifest, allow_outside=allow_outside, max_pixels=max_pixels, progress=progress
     )

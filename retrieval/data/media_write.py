@@ -1,4 +1,5 @@
-"""Deterministic writers for CF photos (PNG) and FFA videos (H.264 MP4).
+"""Deterministic writers for CF photos (PNG) and FFA videos (H.264 MP4), and the label
+every synthesized video carries.
 
 The same arrays always give byte-identical files: PNGs carry no timestamps and the
 MP4 muxer is told not to write creation times or encoder strings.
@@ -13,11 +14,31 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from index.atomic import atomic_path, atomic_write_bytes
 
 FFA_FPS = 4  # playback rate of written FFA videos; acquisition times live in the catalog
+SYNTHETIC_LABEL = "SYNTHETIC"
+
+
+def mark_synthetic(frames: np.ndarray, label: str = SYNTHETIC_LABEL) -> np.ndarray:
+    """Burn a visible label into every frame so a synthesized angiogram is never taken for real.
+
+    frames uint8 (T, H, W) → uint8 (T, H, W): white text on a black band, top-left.
+    """
+    t, h, w = frames.shape
+    font = ImageFont.load_default(size=max(8, h // 12))
+    band = Image.new("L", (w, h), 0)
+    mask = Image.new("L", (w, h), 0)
+    draw, draw_mask = ImageDraw.Draw(band), ImageDraw.Draw(mask)
+    left, top, right, bottom = draw.textbbox((3, 2), label, font=font)
+    draw_mask.rectangle((0, 0, right + 3, bottom + 3), fill=255)
+    draw.text((3, 2), label, fill=255, font=font)
+    band_arr, mask_arr = np.asarray(band), np.asarray(mask) > 0  # (H, W)
+    out = frames.copy()
+    out[:, mask_arr] = band_arr[mask_arr]
+    return out
 
 
 def png_bytes(image: np.ndarray) -> bytes:

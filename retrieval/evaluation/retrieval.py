@@ -14,7 +14,7 @@ diagnosis), the mean lesion-set Jaccard of the top 10 (two lesion-free cases: 1)
 share of the top 10 with the query's eye side (chance ~0.5), and precision@10 per
 diagnosis. Each similarity the embedder supports (combined / pair / clinical) is
 measured. The diagnosis suggestion is fitted on val queries against the train cases
-(`retrieval.search.suggestion.fit_for_archive`) and scored on the held-out queries against the
+(`retrieval.models.suggestion.fit_for_archive`) and scored on the held-out queries against the
 whole archive.
 """
 
@@ -30,108 +30,28 @@ import numpy as np
 from tqdm import tqdm
 
 from encoder.embedder import embed_ffa_array
+from encoder.ranking import clinical_metrics, pair_metrics, pair_ranks, ranks_from_order
 from retrieval.data.cohort import Cohort
 from retrieval.data.training_data import load_paired
+from retrieval.errors import Fundus2VideoError
+from retrieval.evaluation.held_out import check_no_leak, check_split
+from retrieval.evaluation.suggestion import reliability_png, suggestion_metrics
 from retrieval.models.embedding import QueryEncoder
-from retrieval.models.generation import check_no_leak
-from retrieval.search.engine import reciprocal_rank_fusion
-from retrieval.search.queries import default_similarity
-from retrieval.search.suggestion import (
-    fit_for_archive,
-    neighbours,
-    reliability_png,
-    suggestion_metrics,
-    vote,
-)
+from retrieval.models.similarity import default_similarity
+from retrieval.models.suggestion import fit_for_archive, neighbours, vote
+from retrieval.search.queries import reciprocal_rank_fusion
 
 log = logging.getLogger(__name__)
 
-RECALL_AT = (1, 5, 10)
-PRECISION_AT = 10
-HIT_AT = 5
 DIRECTIONS = ("cf2cf", "cf2ffa", "ffa2ffa", "ffa2cf")
 
 
-def pair_ranks(similarity: np.ndarray) -> np.ndarray:
-    """Rank (1 = best) of the true pair, query i ↔ gallery i, in a (N, N) similarity matrix.
-
-    Ties count against the query (the pair ranks after every item scoring the same).
-    """
-    true = np.diag(similarity)[:, None]  # (N, 1)
-    others = similarity >= true
-    return others.sum(axis=1)  # the pair itself counts once
-
-
-def ranks_from_order(order: np.ndarray) -> np.ndarray:
-    """Rank of item i in row i of a (N, N) ranked index list (each row a permutation)."""
-    return np.argmax(order == np.arange(len(order))[:, None], axis=1) + 1
-
-
-def pair_metrics(ranks: np.ndarray) -> dict[str, float]:
-    out = {f"R@{k}": float(np.mean(ranks <= k)) for k in RECALL_AT}
-    out["mAP"] = float(np.mean(1.0 / ranks))
-    out["median_rank"] = float(np.median(ranks))
-    return out
-
-
-def precision_by_diagnosis(
-    embeddings: np.ndarray, diagnoses: list[str], k: int = PRECISION_AT
-) -> dict[str, Any]:
-    """CF→CF precision@k (query excluded) overall and per diagnosis."""
-    sim = embeddings @ embeddings.T
-    np.fill_diagonal(sim, -np.inf)
-    k = min(k, len(diagnoses) - 1)
-    labels = np.asarray(diagnoses)
-    if k < 1:  # a single case has no neighbours
-        return {f"P@{k}": float("nan"), "by_diagnosis": {d: float("nan") for d in set(labels)}}
-    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]  # (N, k)
-    hits = (labels[top] == labels[:, None]).mean(axis=1)  # (N,)
-    per = {d: float(hits[labels == d].mean()) for d in sorted(set(diagnoses))}
-    return {f"P@{k}": float(hits.mean()), "by_diagnosis": per}
-
-
-def lesion_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Jaccard of lesion sets, rows of two boolean (n, L) / (m, L) matrices → (n, m);
-    two empty sets → 1."""
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
-def clinical_metrics(
-    similarity: np.ndarray,  # (Q, N) queries × archive
-    query: dict[str, np.ndarray],  # diagnosis (Q,), lesions bool (Q, L), eye (Q,)
-    archive: dict[str, np.ndarray],  # the same for the archive (N, ...)
-    k: int = PRECISION_AT,
-    hit_at: int = HIT_AT,
-) -> dict[str, Any]:
-    """Same-diagnosis hit@5, P@10, mAP@R, lesion Jaccard@10, same eye side@10, P@10 by
-    diagnosis, for queries against an archive that holds none of them."""
-    order = np.argsort(-similarity, axis=1, kind="stable")  # (Q, N)
-    rel = archive["diagnosis"][order] == query["diagnosis"][:, None]  # (Q, N)
-    top = order[:, :k]
-    precision = rel[:, :k].mean(1)
-    r = rel.sum(1)  # (Q,) archive cases of the query's diagnosis
-    ap = np.zeros(len(order))
-    for i in np.nonzero(r)[0]:
-        hits = rel[i, : r[i]]
-        ap[i] = float((np.cumsum(hits) / np.arange(1, r[i] + 1))[hits].sum() / r[i])
-    jac = lesion_jaccard(query["lesions"], archive["lesions"])  # (Q, N)
-    eye = archive["eye"][top] == query["eye"][:, None]
-    labels = query["diagnosis"]
-    return {
-        f"hit@{hit_at}": float(rel[:, :hit_at].any(1).mean()),
-        f"P@{k}": float(precision.mean()),
-        "mAP@R": float(ap.mean()),
-        f"lesion_jaccard@{k}": float(np.take_along_axis(jac, top, 1).mean()),
-        f"same_eye@{k}": float(eye.mean()),
-        "by_diagnosis": {d: float(precision[labels == d].mean()) for d in sorted(set(labels))},
-    }
-
-
 def fuse_orders(orders: list[np.ndarray]) -> np.ndarray:
-    """Row-wise reciprocal-rank fusion of (N, M) ranked gallery indices → fused (N, M)."""
+    """Row-wise reciprocal-rank fusion of (N, M) ranked gallery indices → fused (N, M).
+
+    A ranker, not a metric: it is the served search's own fusion
+    (`retrieval.search.queries.reciprocal_rank_fusion`), so the fused rows measure what
+    `--via fused` returns."""
     return np.asarray(
         [[i for i, _ in reciprocal_rank_fusion(rows)] for rows in zip(*orders, strict=True)]
     )
@@ -155,12 +75,11 @@ def evaluate_retrieval(
     encoders = {name: QueryEncoder.open(run, folder) for name, (run, folder) in embedders.items()}
     sizes = {e.image_size for e in encoders.values()}
     if len(sizes) != 1:
-        raise ValueError(f"embedders disagree on the image size: {sizes}")
+        raise Fundus2VideoError(f"the embedders disagree on the image size: {sizes}")
+    check_split(opened, split)
     everything = load_paired(opened, size=sizes.pop(), progress=progress)  # every split
     cases = [opened.case(c) for c in everything.case_ids]
     splits = np.asarray([c.split for c in cases], dtype=object)
-    if not (splits == split).any():
-        raise ValueError(f"{opened.root}: no cases in split {split!r}")
     test, archive = np.nonzero(splits == split)[0], np.nonzero(splits != split)[0]
     held_out = {everything.patient_ids[i] for i in test}
     generators = {Path(run) for run, _ in embedders.values()}  # usually one run for all
@@ -189,14 +108,11 @@ def evaluate_retrieval(
             "clinical": _clinical_rows(enc, vectors, labels, test, archive),
             "suggestion": _suggestion_rows(enc, vectors, labels, splits, test, archive),
         }
-        same = default_similarity(enc.similarities)
-        row["cf2cf"] = row["clinical"][same]["cf2cf"]  # the default CF→CF search
-        if name == synthesis_for:
-            cross = enc.similarity_weights("pair")  # finding the photo's own angiogram
-            cf, ffa = vectors["cf"][test], vectors["ffa"][test]
-            row["cf2ffa_via"] = via_synthesis(
-                enc, everything.subset(test), cf * cross, ffa, progress
-            )
+        row["cf2cf"] = row["clinical"][default_similarity(enc.similarities)]["cf2cf"]
+        if name == synthesis_for:  # the pair similarity: finding the photo's own angiogram
+            cf = vectors["cf"][test] * enc.similarity_weights("pair")
+            synth = everything.subset(test)
+            row["cf2ffa_via"] = via_synthesis(enc, synth, cf, vectors["ffa"][test], progress)
         report["backbones"][name] = row
     return report
 

@@ -30,11 +30,12 @@ from encoder.embedder import (
 from index import ROW_ID, VectorIndex, save_index_folder, with_row_ids
 from retrieval.data.cohort import Cohort
 from retrieval.data.media import read_cf, read_ffa
+from retrieval.data.media_write import mark_synthetic
 from retrieval.data.training_data import DEFAULT_TIMES_S, load_paired
 from retrieval.errors import Fundus2VideoError
-from retrieval.search.suggestion import suggestion_models
 
-from .generation import mark_synthetic, training_data_info
+from .generation import training_data_info
+from .suggestion import suggestion_models
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def train_embedder(
     The image size is the run's generator size, so every backbone sees the same pixels.
     """
     from encoder import read_checkpoint_config
-    from encoder.train import embed_training_loop
+    from encoder.train import EmbedderTrainOptions, embed_training_loop
 
     run = Path(run)
     size = read_checkpoint_config(run)["model"]["generator"]["image_size"]
@@ -240,18 +241,20 @@ def train_embedder(
     val = None
     if opened.cases("val"):
         val = load_paired(opened, size=size, split="val", frames=train.frames, progress=False)
-    labels = case_labels(opened, train.case_ids)  # the train split's labels only
-    return embed_training_loop(
-        run_dir=run,
-        out_dir=Path(out) if out is not None else default_embedder_dir(run),
-        data=train,
-        val_data=val,
-        labels=labels,
+    options = EmbedderTrainOptions(
         backbone=backbone,
         minutes=minutes,
         iters=iters,
         batch_size=min(EMBED_BATCH_SIZE, len(train)),
         seed=seed,
+    )
+    return embed_training_loop(
+        options,
+        run_dir=run,
+        out_dir=Path(out) if out is not None else default_embedder_dir(run),
+        data=train,
+        val_data=val,
+        labels=case_labels(opened, train.case_ids),  # the train split's labels only
         progress=progress,
     )
 

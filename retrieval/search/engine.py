@@ -10,14 +10,14 @@ searches by CF photo, FFA video or case id, and taking cases in and out.
 Similarity. Stored vectors are [sqrt(1-w)·pair, sqrt(w)·clinical] (`encoder.embedder`);
 a query vector multiplied by `encoder.similarity_weights(similarity)` scores by the
 combined, the pair or the clinical cosine. `similarity=None` takes
-`queries.default_similarity`: clinical (the same disease) for every query type, pair
-for an encoder without a clinical part.
+`retrieval.models.similarity.default_similarity`: clinical (the same disease) for every
+query type, pair for an encoder without a clinical part.
 
 Diagnosis suggestion. When the index manifest holds suggestion models
-(`extra["suggestion"]`, one per modality, `retrieval.search.suggestion.SuggestionModel`), a
+(`extra["suggestion"]`, one per modality, `retrieval.models.suggestion.SuggestionModel`), a
 search also asks the query's own modality index for the model's k nearest cases with a
 diagnosis the model knows (by the model's similarity, ignoring the search's filters,
-never the query case itself) and turns their diagnoses into `retrieval.search.suggestion.
+never the query case itself) and turns their diagnoses into `retrieval.models.suggestion.
 suggest`'s probabilities: decision support, not a diagnosis. One more index search.
 
 Concurrency. Searches share a readers-writer lock (`index.sync.RWLock`); an update
@@ -47,6 +47,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,9 +57,9 @@ import polars as pl
 from index import ROW_ID, IndexFolder, catalog_allowed_ids, load_index_folder, read_manifest
 from index.atomic import atomic_write_bytes
 from index.sync import RWLock
-from retrieval.data.cohort import EYES, SPLITS
+from retrieval.data.cohort import CASE_METADATA, case_values
 from retrieval.data.media import read_cf
-from retrieval.data.media_write import mp4_bytes, png_bytes
+from retrieval.data.media_write import mark_synthetic, mp4_bytes, png_bytes
 from retrieval.errors import (
     DuplicateCase,
     Fundus2VideoError,
@@ -68,12 +69,13 @@ from retrieval.errors import (
     UnknownCase,
     UnreadableMedia,
 )
+from retrieval.models.similarity import SIMILARITIES, check_similarity, default_similarity
+from retrieval.models.suggestion import Suggestion, SuggestionModel, suggest
 
 from .queries import (
     FILTER_KEYS,
     MODALITIES,
     RRF_K,
-    SIMILARITIES,
     SUGGESTION_LABEL,
     TARGETS,
     VIAS,
@@ -87,14 +89,11 @@ from .queries import (
     SearchResult,
     SyntheticQuery,
     as_query,
-    check_similarity,
     check_times,
-    default_similarity,
     normalize_filters,
     reciprocal_rank_fusion,
     suggestion_record,
 )
-from .suggestion import Suggestion, SuggestionModel, suggest
 
 __all__ = [
     "FILTER_KEYS",
@@ -139,6 +138,17 @@ _CASE_ID = re.compile(r"[^/\\\x00-\x1f\x7f]{1,200}")
 
 class WouldBlock(Exception):
     """A non-blocking search found an update in progress (retry it blocking)."""
+
+
+@dataclass(slots=True)
+class _QueryVectors:
+    """What a search needs of its query before ranking (embeddings unweighted, (1, D))."""
+
+    raw: np.ndarray | None  # the query's own embedding
+    row: int | None  # the query case's row id (None: an upload)
+    image: np.ndarray | None  # the CF photo to synthesize from (via synthesis, fused)
+    synthetic: SyntheticQuery | None = None  # the FFA video synthesized from it
+    synth: np.ndarray | None = None  # that video's embedding
 
 
 class QueryEncoder(Protocol):
@@ -244,27 +254,11 @@ class Engine:
         return self._suggesters.get(modality)
 
     def _case_info(self, row: dict[str, Any]) -> CaseInfo:
-        def media(p: str | None) -> Path:
-            path = Path(p or "")
-            return path if path.is_absolute() else self.path / path
-
-        times = row.get("ffa_times_s")
-        cf = row.get("cf_path") or ""
+        cf = Path(row.get("cf_path") or "")
         return CaseInfo(
+            **case_values(row, self.path),
             row_id=int(row[ROW_ID]),
-            case_id=str(row["case_id"]),
-            patient_id=row.get("patient_id"),
-            eye=row.get("eye"),
-            age=row.get("age"),
-            sex=row.get("sex"),
-            diagnosis=row.get("diagnosis"),
-            lesions=tuple(row.get("lesions") or ()),
-            split=row.get("split"),
-            source=row.get("source"),
-            ffa_times_s=tuple(times) if times is not None else None,
-            cf_path=media(cf),
-            ffa_path=media(row.get("ffa_path")),
-            added=not Path(cf).is_absolute() and Path(cf).parts[:1] == (MEDIA_DIR,),
+            added=not cf.is_absolute() and cf.parts[:1] == (MEDIA_DIR,),
         )
 
     # ------------------------------------------------------------------ reading
@@ -275,6 +269,11 @@ class Engine:
     @property
     def case_count(self) -> int:
         return len(self._rows)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities it has an index of (every one of MODALITIES: it opens no less)."""
+        return tuple(m for m in MODALITIES if m in self._folder.indexes)
 
     @property
     def generation(self) -> int:
@@ -290,9 +289,6 @@ class Engine:
         if row_id is None:
             raise UnknownCase(case_id)
         return self._rows[row_id]
-
-    def modalities_of(self, case: CaseInfo) -> list[str]:
-        return [m for m in MODALITIES if m in self._folder.indexes]
 
     def cases(
         self, offset: int = 0, limit: int = 50, filters: Mapping[str, Any] | None = None
@@ -349,103 +345,30 @@ class Engine:
         is False. `blocking=False` (a direct case query only: no model work) raises
         `WouldBlock` instead of waiting for an update to finish, so an event loop can
         run it inline and fall back to a thread. `similarity` (one of `self.similarities`;
-        None: `default_similarity` for the query type) scores the hits; `suggestion=False`
-        skips the diagnosis suggestion.
+        None: `default_similarity`) scores the hits; `suggestion=False` skips the suggestion.
         """
         t0 = time.perf_counter()
         query = as_query(query)
-        self._check_search(query, target, k, via)
-        if not blocking and (via != "direct" or not isinstance(query, CaseQuery)):
-            raise ValueError("blocking=False is for direct case queries only")
+        qmod = self._check_search(query, target, k, via, blocking)
         flt = normalize_filters(filters)
-        timings: dict[str, float] = {}
-        qmod = query.modality if isinstance(query, CaseQuery) else self._modality(query)
-        if similarity is None:
-            similarity = default_similarity(self.similarities)
+        similarity = default_similarity(self.similarities) if similarity is None else similarity
         weights = self._weights[check_similarity(similarity, self.similarities)]
         model = self._suggesters.get(qmod) if suggestion else None
-        exclude, raw_vec, direct_vec, image = None, None, None, None
-        info: dict[str, Any] = {"kind": "case" if isinstance(query, CaseQuery) else "upload"}
-        info["modality"] = qmod
-        info["similarity"] = similarity
-        if isinstance(query, CaseQuery) and via == "direct":  # index work only: one lock
-            info["case_id"] = query.case_id
-            with self._lock.read(blocking) as acquired:
-                if not acquired:
-                    raise WouldBlock("an update holds the index")
-                case = self._case_locked(query.case_id)
-                exclude = case.row_id if exclude_self else None
-                raw_vec = self._folder.indexes[qmod].vector(case.row_id)
-                allowed = self._allowed(flt)
-                ranked = self._rank(raw_vec * weights, target, k, allowed, exclude)
-                hits = [Hit(n, s, m, self._rows[i]) for n, (s, i, m) in enumerate(ranked, 1)]
-                candidates = self._candidates(target, allowed)
-                suggested = self._suggest_locked(model, qmod, raw_vec, case.row_id)
-            timings["search"] = timings["total"] = _ms(t0)
-            return SearchResult(
-                hits=hits,
-                target=target,
-                via=via,
-                k=k,
-                query=info,
-                filters=flt,
-                score_kind="cosine",
-                candidates=candidates,
-                timings_ms=timings,
-                similarity=similarity,
-                suggestion=suggested,
-                suggestion_model=model if suggested is not None else None,
-            )
-        query_row = None
-        if isinstance(query, CaseQuery):
-            info["case_id"] = query.case_id
-            with self._reading(blocking):
-                case = self._case_locked(query.case_id)
-                exclude = case.row_id if exclude_self else None
-                query_row = case.row_id
-                if via != "synthesis" or model is not None:
-                    raw_vec = self.vectors(qmod, [case.row_id])
-            if via != "direct":
-                try:
-                    image = read_cf(case.cf_path)
-                except UnreadableMedia as err:  # the server's own file: not the client's fault
-                    raise Fundus2VideoError(
-                        f"stored CF photo of case {case.case_id!r}: {err}"
-                    ) from err
-        else:
-            image = query.image if isinstance(query, CFQuery) else None
-            if via != "synthesis" or model is not None:
-                with self._model:
-                    t = time.perf_counter()
-                    raw_vec = self._embed(query)
-                    timings["embed"] = _ms(t)
-        if via != "synthesis":
-            direct_vec = raw_vec * weights
-        synthetic, synth_vec = None, None
-        if via != "direct":
-            synthetic, synth_vec = self._synthesize_and_embed(image, synthesis_times, timings)
-            synth_vec = synth_vec * weights
+        timings: dict[str, float] = {}
+        own = via != "synthesis" or model is not None  # the query's own vector is needed
+        vecs = self._query_vectors(query, via, own, blocking, synthesis_times, timings)
+        exclude = vecs.row if exclude_self else None
         t = time.perf_counter()
         with self._reading(blocking):
             allowed = self._allowed(flt)
-            if via == "direct":
-                ranked = self._rank(direct_vec, target, k, allowed, exclude)
-            elif via == "synthesis":
-                ranked = self._rank(synth_vec, "ffa", k, allowed, exclude)
-            else:
-                depth = max(k, FUSE_DEPTH)
-                a = self._rank(direct_vec, "ffa", depth, allowed, exclude)
-                b = self._rank(synth_vec, "ffa", depth, allowed, exclude)
-                fused = reciprocal_rank_fusion([[i for _, i, _ in a], [i for _, i, _ in b]])
-                ranked = [(s, i, "ffa") for i, s in fused[:k]]
-            hits = [
-                Hit(rank, score, m, self._rows[i])
-                for rank, (score, i, m) in enumerate(ranked, start=1)
-            ]
+            ranked = self._ranked(via, target, k, allowed, exclude, vecs, weights)
+            hits = [Hit(n, s, m, self._rows[i]) for n, (s, i, m) in enumerate(ranked, 1)]
             candidates = self._candidates(target, allowed)
-            suggested = self._suggest_locked(model, qmod, raw_vec, query_row)
-        timings["search"] = _ms(t)
-        timings["total"] = _ms(t0)
+            suggested = self._suggest_locked(model, qmod, vecs.raw, vecs.row)
+        timings.update(search=_ms(t), total=_ms(t0))
+        info: dict[str, Any] = {"kind": "upload", "modality": qmod, "similarity": similarity}
+        if isinstance(query, CaseQuery):
+            info.update(kind="case", case_id=query.case_id)
         return SearchResult(
             hits=hits,
             target=target,
@@ -455,7 +378,7 @@ class Engine:
             filters=flt,
             score_kind="rrf" if via == "fused" else "cosine",
             candidates=candidates,
-            synthetic=synthetic,
+            synthetic=vecs.synthetic,
             timings_ms=timings,
             similarity=similarity,
             suggestion=suggested,
@@ -466,23 +389,15 @@ class Engine:
         """The diagnosis suggested for a query by its nearest labelled cases in the query's
         own modality (see the module docstring); None when the index has no model for it."""
         query = as_query(query)
-        if isinstance(query, CaseQuery):
-            self._check_search(query, query.modality, 1, "direct")
-            model = self._suggesters.get(query.modality)
-            with self._lock.read():
-                case = self._case_locked(query.case_id)
-                if model is None:
-                    return None
-                vec = self._folder.indexes[query.modality].vector(case.row_id)
-                return self._suggest_locked(model, query.modality, vec, case.row_id)
-        modality = self._modality(query)
+        modality = self._check_search(query, "cf", 1, "direct")
         model = self._suggesters.get(modality)
-        if model is None:
-            return None
-        with self._model:
-            vec = self._embed(query)
+        if model is None and not isinstance(query, CaseQuery):
+            return None  # (a case query still checks that the case exists)
+        vecs = self._query_vectors(
+            query, "direct", own=model is not None, blocking=True, times=None, timings={}
+        )
         with self._lock.read():
-            return self._suggest_locked(model, modality, vec, None)
+            return self._suggest_locked(model, modality, vecs.raw, vecs.row)
 
     def _suggest_locked(
         self,
@@ -546,28 +461,34 @@ class Engine:
                 raise WouldBlock("an update holds the index")
             yield
 
-    def _check_search(self, query: Query, target: str, k: int, via: str) -> None:
+    def _check_search(
+        self, query: Query, target: str, k: int, via: str, blocking: bool = True
+    ) -> str:
+        """The query's modality, once the search's parameters are checked."""
         if target not in TARGETS:
             raise QueryError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
         if via not in VIAS:
             raise QueryError(f"via must be one of {', '.join(VIAS)}, got {via!r}")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
             raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
-        if isinstance(query, CaseQuery) and query.modality not in MODALITIES:
-            raise QueryError(f"a case query's modality is cf or ffa, got {query.modality!r}")
-        if via == "direct":
-            return
-        qmod = query.modality if isinstance(query, CaseQuery) else self._modality(query)
-        if qmod != "cf":
+        qmod = self._modality(query)
+        if qmod not in MODALITIES:
+            raise QueryError(f"a case query's modality is cf or ffa, got {qmod!r}")
+        if via != "direct" and qmod != "cf":
             raise QueryError(
                 f"via={via} synthesizes an FFA video from a CF photo; the query is an FFA video "
                 "(use via=direct)"
             )
-        if target != "ffa":
+        if via != "direct" and target != "ffa":
             raise QueryError(f"via={via} searches the FFA index: use target=ffa, not {target!r}")
+        if not blocking and (via != "direct" or not isinstance(query, CaseQuery)):
+            raise ValueError("blocking=False is for direct case queries only")
+        return qmod
 
     @staticmethod
     def _modality(query: Query) -> str:
+        if isinstance(query, CaseQuery):
+            return query.modality
         return "cf" if isinstance(query, CFQuery) else "ffa"
 
     def _embed(self, query: Query) -> np.ndarray:
@@ -579,10 +500,6 @@ class Engine:
         return self.encoder.embed_ffa([query.frames], times)
 
     def _synthesize_and_embed(self, image, times, timings) -> tuple[SyntheticQuery, np.ndarray]:
-        from retrieval.models.generation import (
-            mark_synthetic,  # imports the training code: only when needed
-        )
-
         if times is not None:
             times = check_times(times, "synthesis times")
         with self._model:
@@ -594,6 +511,62 @@ class Engine:
             timings["embed"] = _ms(t)
         marked = SyntheticQuery(mark_synthetic(frames), np.asarray(used, np.float32))
         return marked, vec
+
+    def _query_vectors(
+        self,
+        query: Query,
+        via: str,
+        own: bool,
+        blocking: bool,
+        times: Sequence[float] | None,
+        timings: dict[str, float],
+    ) -> _QueryVectors:
+        """The query's own embedding (when `own`) and, via synthesis or fused, the embedding
+        of the FFA video synthesized from its CF photo (at `times`)."""
+        if isinstance(query, CaseQuery):
+            vecs = self._case_vectors(query, via, own, blocking)
+        else:
+            vecs = self._upload_vectors(query, own, timings)
+        if via != "direct":
+            vecs.synthetic, vecs.synth = self._synthesize_and_embed(vecs.image, times, timings)
+        return vecs
+
+    def _case_vectors(self, query: CaseQuery, via: str, own: bool, blocking: bool) -> _QueryVectors:
+        """A case query's stored vector (when `own`) and, for synthesis, its stored CF photo."""
+        with self._reading(blocking):
+            case = self._case_locked(query.case_id)
+            raw = self._folder.indexes[query.modality].vector(case.row_id) if own else None
+        image = None
+        if via != "direct":
+            try:
+                image = read_cf(case.cf_path)
+            except UnreadableMedia as err:  # the server's own file: not the client's fault
+                raise Fundus2VideoError(f"stored CF photo of case {case.case_id!r}: {err}") from err
+        return _QueryVectors(raw, case.row_id, image)
+
+    def _upload_vectors(
+        self, query: CFQuery | FFAQuery, own: bool, timings: dict[str, float]
+    ) -> _QueryVectors:
+        """An uploaded photo's or video's embedding (when `own`), and the photo for synthesis."""
+        raw = None
+        if own:
+            with self._model:
+                t = time.perf_counter()
+                raw = self._embed(query)
+                timings["embed"] = _ms(t)
+        return _QueryVectors(raw, None, query.image if isinstance(query, CFQuery) else None)
+
+    def _ranked(self, via, target, k, allowed, exclude, vecs, weights) -> list[tuple]:
+        """(score, row id, modality) best first for the search's `via`: `vecs` scored by the
+        similarity's query factors `weights`. Read lock held."""
+        if via != "fused":
+            vec = vecs.raw if via == "direct" else vecs.synth
+            return self._rank(vec * weights, target, k, allowed, exclude)
+        depth = max(k, FUSE_DEPTH)
+        a = self._rank(vecs.raw * weights, target, depth, allowed, exclude)
+        b = self._rank(vecs.synth * weights, target, depth, allowed, exclude)
+        fused = reciprocal_rank_fusion([[i for _, i, _ in a], [i for _, i, _ in b]])
+        return [(s, i, target) for i, s in fused[:k]]
 
     def _rank(self, vec, target, k, allowed, exclude) -> list[tuple[float, int, str]]:
         """(score, row id, modality) best first, the excluded row left out. Read lock held."""
@@ -620,8 +593,6 @@ class Engine:
         self, image: np.ndarray, times_s: Sequence[float] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """A CF photo's synthesized FFA video, SYNTHETIC burned into every frame, and its times."""
-        from retrieval.models.generation import mark_synthetic
-
         times = None if times_s is None else check_times(times_s)
         with self._model:
             frames, used = self.encoder.synthesize_unmarked(image, times)
@@ -687,37 +658,31 @@ class Engine:
             log.info("removed row %d", case.row_id)
             return case
 
-    def _check_new_case(self, case: NewCase, ffa: np.ndarray) -> dict[str, Any]:
+    @staticmethod
+    def _check_new_case(case: NewCase, ffa: np.ndarray) -> dict[str, Any]:
+        """The new case's catalog row without its media paths; QueryError names a bad value."""
         if not isinstance(case.case_id, str) or not _CASE_ID.fullmatch(case.case_id):
             raise QueryError(
                 f"case_id must be 1-200 characters without '/', '\\' or control characters, "
                 f"got {case.case_id!r}"
             )
-        if case.eye is not None and case.eye not in EYES:
-            raise QueryError(f"eye must be one of {', '.join(EYES)}, got {case.eye!r}")
-        if case.split not in SPLITS:
-            raise QueryError(f"split must be one of {', '.join(SPLITS)}, got {case.split!r}")
+        row = {f.name: getattr(case, f.name) for f in CASE_METADATA}
+        row["patient_id"] = case.patient_id or case.case_id
+        row["lesions"] = list(case.lesions)
+        for f in CASE_METADATA:
+            value = row[f.name]
+            if f.choices and (value is not None or f.required) and value not in f.choices:
+                raise QueryError(f"{f.name} must be one of {', '.join(f.choices)}, got {value!r}")
         if case.age is not None and not 0 <= case.age <= 130:
             raise QueryError(f"age must be from 0 to 130, got {case.age}")
         if len(ffa) < 2:
             raise QueryError(f"the FFA video needs at least 2 frames, got {len(ffa)}")
-        times = None
         if case.ffa_times_s is not None:
             times = check_times(case.ffa_times_s, "ffa_times_s").astype(float).tolist()
             if len(times) != len(ffa):
                 raise QueryError(f"ffa_times_s has {len(times)} values for {len(ffa)} frames")
-        return {
-            "case_id": case.case_id,
-            "patient_id": case.patient_id or case.case_id,
-            "eye": case.eye,
-            "age": case.age,
-            "sex": case.sex,
-            "diagnosis": case.diagnosis,
-            "lesions": list(case.lesions),
-            "split": case.split,
-            "source": case.source,
-            "ffa_times_s": times,
-        }
+            row["ffa_times_s"] = times
+        return row
 
     def _changed(self) -> None:
         """After an in-memory update (write lock held): drop what was derived from the old state."""

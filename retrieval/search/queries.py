@@ -1,33 +1,29 @@
 """What a search takes and gives: queries, results, filters, and reciprocal-rank fusion.
 
 Plain data and pure functions (no index, no model), shared by `retrieval.search.engine`, the
-API and the evaluation. `retrieval.search.engine` re-exports them.
+API and the evaluation. `retrieval.search.engine` re-exports them, and the similarity
+rules of `retrieval.models.similarity`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.data.cohort import EYES, SPLITS
+from retrieval.data.cohort import EYES, SPLITS, Case
 from retrieval.errors import QueryError
 
 if TYPE_CHECKING:
-    from .suggestion import Suggestion, SuggestionModel
+    from retrieval.models.suggestion import Suggestion, SuggestionModel
 
 MODALITIES = ("cf", "ffa")
 TARGETS = ("cf", "ffa", "both")
 VIAS = ("direct", "synthesis", "fused")
 RRF_K = 60  # the constant of reciprocal-rank fusion (Cormack et al. 2009)
 FILTER_KEYS = {"diagnosis": "diagnosis", "eye": "eye", "split": "split", "lesion": "lesions"}
-# how stored vectors are compared (encoder.embedder.SIMILARITIES): the combined score as
-# stored, the pair part alone (the same eye across modalities), the clinical part alone
-# (the same disease); an encoder without a clinical part supports "pair" only
-SIMILARITIES = ("combined", "pair", "clinical")
 SUGGESTION_LABEL = "suggestion from similar cases (decision support, not a diagnosis)"
 
 
@@ -69,49 +65,15 @@ def as_query(query: Query | str | np.ndarray) -> Query:
     )
 
 
-def default_similarity(supported: Sequence[str]) -> str:
-    """The similarity a search uses when none is asked for, for every query type:
-    "clinical" (the same disease), or "pair" for an encoder without a clinical part.
-    Measured on held-out phantom patients, "combined" lost to one of the two parts on
-    every metric (CF→FFA R@1 0.76 against the pair part's 0.95, precision@10 0.81
-    against the clinical part's 0.84), so it is never the default; "pair" is the choice
-    that finds a photo's own angiogram."""
-    for kind in ("clinical", "pair", *supported):
-        if kind in supported:
-            return kind
-    raise ValueError(f"the encoder supports no similarity (got {tuple(supported)})")
-
-
-def check_similarity(similarity: str, supported: Sequence[str]) -> str:
-    """`similarity` when the encoder supports it, else a QueryError naming the allowed ones."""
-    if similarity not in supported:
-        raise QueryError(
-            f"similarity must be one of {', '.join(supported)} for this index's encoder, "
-            f"got {similarity!r}"
-        )
-    return similarity
-
-
 # --------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True, slots=True)
-class CaseInfo:
-    """One catalog row as the engine serves it (media paths resolved)."""
+class CaseInfo(Case):
+    """One catalog row as the engine serves it: a `Case` (media paths resolved against
+    the index folder) and its row id."""
 
     row_id: int
-    case_id: str
-    patient_id: str | None
-    eye: str | None
-    age: int | None
-    sex: str | None
-    diagnosis: str | None
-    lesions: tuple[str, ...]
-    split: str | None
-    source: str | None
-    ffa_times_s: tuple[float, ...] | None
-    cf_path: Path
-    ffa_path: Path
     added: bool  # media stored in the index folder (added through the engine)
 
 
@@ -170,7 +132,7 @@ def suggestion_record(result: SearchResult) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class NewCase:
-    """Metadata of a case to add (its media come as arrays)."""
+    """Metadata of a case to add: the catalog fields except the media (they come as arrays)."""
 
     case_id: str
     patient_id: str | None = None  # default: the case id
@@ -180,8 +142,8 @@ class NewCase:
     diagnosis: str | None = None
     lesions: tuple[str, ...] = ()
     split: str = "train"
-    source: str = "api"
     ffa_times_s: tuple[float, ...] | None = None
+    source: str = "api"
 
 
 def reciprocal_rank_fusion(

@@ -7,7 +7,6 @@ Run with `make test-browser` (installs chromium when apt is available).
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,8 +39,8 @@ def settle(page) -> None:
 @contextlib.contextmanager
 def dashboard_for(api_url: str) -> Iterator[str]:
     """`streamlit run ui/app.py -- --api URL` on a free port, as `fundus2video ui` starts it."""
-    from retrieval.apps.demo import free_port, start_dashboard
-    from ui import stop_process
+    from retrieval.apps.demo import start_dashboard
+    from retrieval.apps.processes import free_port, stop_process
 
     proc, url = start_dashboard(api_url, "127.0.0.1", free_port(0))
     try:
@@ -69,9 +68,7 @@ def test_upload_a_cf_photo_and_see_similar_cases(model_api, page, tmp_path):
         page.get_by_role("heading", name="Search similar cases").wait_for(timeout=WAIT_MS)
         page.locator("input[type=file]").set_input_files(str(cf))
         search = page.get_by_role("button", name="Search", exact=True)
-        deadline = time.monotonic() + 60
-        while not search.is_enabled() and time.monotonic() < deadline:  # the upload lands
-            time.sleep(0.2)
+        sync_api.expect(search).to_be_enabled(timeout=60_000)  # the upload has landed
         search.click()
 
         page.get_by_text("similar cases").wait_for(timeout=WAIT_MS)
@@ -98,7 +95,8 @@ def test_upload_a_cf_photo_and_see_similar_cases(model_api, page, tmp_path):
 
 def test_a_page_url_opened_first_gets_the_whole_app(live_api, page):
     """The first browser of a fresh server opening /browse sees the app's navigation
-    (Streamlit would otherwise run ui/pages/browse.py alone, in its legacy mode)."""
+    (the pages live in ui/views/, so Streamlit's legacy multipage mode never runs one
+    page file alone)."""
     with dashboard_for(live_api.url) as url:
         page.goto(f"{url}/browse")
         page.get_by_role("heading", name="Browse the catalog").wait_for(timeout=WAIT_MS)

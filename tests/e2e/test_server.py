@@ -14,11 +14,9 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,30 +27,13 @@ import pytest
 import uvicorn
 
 from retrieval.api import Settings, create_app
+from retrieval.apps.processes import free_port, wait_http
 from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.media_write import mp4_bytes, png_bytes
 from retrieval.search.engine import Engine
 from retrieval.testing import PixelEncoder
 
 CLIENTS, REQUESTS = 16, 25
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become healthy in {timeout} s")
 
 
 @contextlib.contextmanager
@@ -73,7 +54,7 @@ def uvicorn_thread(app) -> Iterator[str]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, timeout=30)
+        wait_http(f"{url}/health", timeout=30)
         yield url
     finally:
         server.should_exit = True
@@ -103,7 +84,7 @@ def serve_subprocess(index: Path, env: dict[str, str] | None = None) -> Iterator
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process)
+        wait_http(f"{url}/health", timeout=120, alive=lambda: process.poll() is None)
         yield url
     finally:
         process.send_signal(signal.SIGINT)

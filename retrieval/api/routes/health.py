@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
+from retrieval.version import VERSION
+
+from ..deps import LoadedEngineDep
 from ..schemas import Health
 
 router = APIRouter(tags=["system"])
 
 
 @router.get("/health", response_model=Health, summary="Liveness and what is loaded")
-def health(request: Request) -> dict:
-    from ..main import VERSION
-
-    engine = getattr(request.app.state, "engine", None)
+def health(engine: LoadedEngineDep) -> dict:
     if engine is None:
         return {"version": VERSION, "loaded": False}
     return {
@@ -21,5 +21,5 @@ def health(request: Request) -> dict:
         "loaded": True,
         "encoder_id": engine.encoder_id,
         "cases": engine.case_count,
-        "modalities": ["cf", "ffa"],
+        "modalities": list(engine.modalities),
     }

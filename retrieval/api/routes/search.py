@@ -1,4 +1,7 @@
-"""POST /search (an uploaded CF photo or FFA video) and GET /cases/{case_id}/similar."""
+"""POST /search (an uploaded CF photo or FFA video) and GET /cases/{case_id}/similar.
+
+The latter's body comes from `similar_body`, which `fastpath.SimilarFastPath` also calls.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,15 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 
-from retrieval.search.engine import CaseQuery, CFQuery, FFAQuery, WouldBlock
+from retrieval.search.engine import CaseQuery, CFQuery, Engine, FFAQuery, WouldBlock
 
-from ..deps import EngineDep, SearchJSONDep, SettingsDep, SyntheticDep
+from ..convert import search_body
+from ..deps import EngineDep, SettingsDep, SyntheticDep
 from ..schemas import ErrorResponse, Modality, SearchResponse, Similarity, Target, Via
 from ..settings import HARD_MAX_K, Settings
+from ..synthetic import SyntheticStore
 from ..uploads import parse_times, read_upload, split_values
 
 router = APIRouter(tags=["search"])
@@ -42,7 +48,7 @@ SEARCH_DESCRIPTION = (
     "filters, never the query case itself): decision support from similar cases, not a "
     "diagnosis. It is null when the index has no suggestion model."
 )
-JSON = "application/json"  # bodies are written by convert.SearchJSON (= SearchResponse)
+JSON = "application/json"  # bodies are written by convert.search_body (= SearchResponse)
 CaseId = Annotated[str, Path(description="A case id of the catalog.", examples=["ph0-00017"])]
 
 
@@ -64,7 +70,6 @@ def search_upload(
     engine: EngineDep,
     settings: SettingsDep,
     store: SyntheticDep,
-    writer: SearchJSONDep,
     file: Annotated[
         UploadFile,
         File(
@@ -102,7 +107,24 @@ def search_upload(
     extra = {"width": upload.width, "height": upload.height, "bytes": upload.bytes}
     if upload.modality == "ffa":
         extra["frames"] = int(upload.array.shape[0])
-    return Response(writer.dumps(result, engine.encoder_id, store, extra), media_type=JSON)
+    return Response(search_body(result, engine.encoder_id, store, extra), media_type=JSON)
+
+
+class SimilarQuery(BaseModel):
+    """The query parameters of GET /cases/{case_id}/similar (others are ignored)."""
+
+    target: Target = Field("cf", description=TARGET_HELP)
+    k: int = Field(10, ge=1, le=HARD_MAX_K, description="Number of results.")
+    via: Via = Field("direct", description=VIA_HELP)
+    similarity: Similarity | None = Field(None, description=SIMILARITY_HELP)
+    modality: Modality = Field(
+        "cf", description="Which of the case's embeddings queries: cf or ffa."
+    )
+    exclude_self: bool = Field(True, description="Leave the case itself out.")
+    diagnosis: list[str] | None = Field(None, description=FILTER_HELP)
+    eye: list[str] | None = Field(None, description="OD and/or OS.")
+    split: list[str] | None = Field(None, description="train, val and/or test.")
+    lesion: list[str] | None = Field(None, description="Any of these lesions.")
 
 
 @router.get(
@@ -114,44 +136,39 @@ def search_upload(
 )
 async def similar(
     case_id: CaseId,
+    params: Annotated[SimilarQuery, Query()],
     engine: EngineDep,
     settings: SettingsDep,
     store: SyntheticDep,
-    writer: SearchJSONDep,
-    target: Annotated[Target, Query(description=TARGET_HELP)] = "cf",
-    k: Annotated[int, Query(ge=1, le=HARD_MAX_K, description="Number of results.")] = 10,
-    via: Annotated[Via, Query(description=VIA_HELP)] = "direct",
-    similarity: Annotated[Similarity | None, Query(description=SIMILARITY_HELP)] = None,
-    modality: Annotated[
-        Modality, Query(description="Which of the case's embeddings queries: cf or ffa.")
-    ] = "cf",
-    exclude_self: Annotated[bool, Query(description="Leave the case itself out.")] = True,
-    diagnosis: Annotated[list[str] | None, Query(description=FILTER_HELP)] = None,
-    eye: Annotated[list[str] | None, Query(description="OD and/or OS.")] = None,
-    split: Annotated[list[str] | None, Query(description="train, val and/or test.")] = None,
-    lesion: Annotated[list[str] | None, Query(description="Any of these lesions.")] = None,
 ) -> Response:
-    _check_k(k, settings)
-    filters = _filters(diagnosis, eye, split, lesion)
-    query = CaseQuery(case_id, modality)
+    body = await similar_body(engine, settings, store, case_id, params)
+    return Response(body, media_type=JSON)
+
+
+async def similar_body(
+    engine: Engine, settings: Settings, store: SyntheticStore, case_id: str, params: SimilarQuery
+) -> bytes:
+    """The body of GET /cases/{case_id}/similar (the route's and the fast path's)."""
+    _check_k(params.k, settings)
+    filters = _filters(params.diagnosis, params.eye, params.split, params.lesion)
     search = partial(
         engine.search,
-        query,
-        target,
-        k,
-        via,
+        CaseQuery(case_id, params.modality),
+        params.target,
+        params.k,
+        params.via,
         filters,
-        exclude_self=exclude_self,
-        similarity=similarity,
+        exclude_self=params.exclude_self,
+        similarity=params.similarity,
     )
     result = None
-    if via == "direct" and not any(filters.values()):
+    if params.via == "direct" and not any(filters.values()):
         # index work only (sub-millisecond): inline, unless an update holds the index
         with contextlib.suppress(WouldBlock):
             result = search(blocking=False)
     if result is None:  # model work, filters, or waiting: off the event loop
         result = await run_in_threadpool(search)
-    return Response(writer.dumps(result, engine.encoder_id, store), media_type=JSON)
+    return search_body(result, engine.encoder_id, store)
 
 
 def _filters(diagnosis, eye, split, lesion) -> dict[str, list[str] | None]:

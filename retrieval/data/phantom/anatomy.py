@@ -86,9 +86,6 @@ class Anatomy:
     def shape(self) -> tuple[int, int]:
         return self.rho_fovea.shape
 
-    def units_to_px(self, v: float) -> float:
-        return v * self.geom.ppu
-
 
 def make_eye(rng: np.random.Generator) -> tuple[Eye, float, float]:
     """Disc, fovea and foveal avascular zone of one eye; also (cup ratio, disc ovality)."""

@@ -6,9 +6,7 @@ import streamlit as st
 
 from ui import components as ui
 from ui import state
-from ui.app import page_guard
 
-page_guard()
 st.title("Model")
 with st.spinner("Loading the model card…"):
     card = state.fetch("Loading the model", state.model, state.api_url())

@@ -6,10 +6,8 @@ import streamlit as st
 
 from ui import components as ui
 from ui import state
-from ui.app import page_guard
 from ui.video import decode_frames, frame_times, nearest
 
-page_guard()
 st.title("Compare")
 query, response = st.session_state.get(state.QUERY), st.session_state.get(state.RESULTS)
 

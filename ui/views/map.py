@@ -9,9 +9,7 @@ import streamlit as st
 
 from ui import components as ui
 from ui import state
-from ui.app import page_guard
 
-page_guard()
 st.title("Embedding map")
 base = state.api_url()
 space = ui.similarity_control("map", "Space", with_default=False, help=ui.MAP_SPACE_HELP)

@@ -6,7 +6,6 @@ import streamlit as st
 
 from ui import components as ui
 from ui import state
-from ui.app import page_guard
 from ui.client import VIAS, content_type, modality_of
 
 VIA_HELP = (
@@ -16,7 +15,6 @@ VIA_HELP = (
 )
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "mp4", "avi", "mov", "mkv"]
 
-page_guard()
 st.title("Search similar cases")
 base = state.api_url()
 api = state.client()

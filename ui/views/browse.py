@@ -6,12 +6,8 @@ import streamlit as st
 
 from ui import components as ui
 from ui import state
-from ui.app import page_guard
 from ui.client import VIAS
 
-TABLE_COLUMNS = ["case_id", "patient_id", "eye", "age", "sex", "diagnosis", "lesions", "split"]
-
-page_guard()
 st.title("Browse the catalog")
 base = state.api_url()
 
@@ -41,7 +37,7 @@ with counts_col:
         st.bar_chart(counts, horizontal=True, x_label="cases", y_label="")
     st.caption(f"{first.total} case(s) match the filters")
 with table_col:
-    rows = [{c: row.get(c) for c in TABLE_COLUMNS if c in row} for row in listing.items]
+    rows = [{c: row.get(c) for c in ui.CASE_COLUMNS if c in row} for row in listing.items]
     for row in rows:
         if isinstance(row.get("lesions"), list):
             row["lesions"] = ", ".join(row["lesions"])
