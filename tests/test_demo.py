@@ -135,7 +135,9 @@ def test_demo_end_to_end_small(tmp_path):
         import httpx
 
         assert httpx.get(f"{api.url}/model", timeout=30).json()["report"] is None
-        demo.ensure_report(paths, progress=False, say=said.append)  # as serve_demo does
+        report = demo.start_report(paths)  # as serve_demo does: a child process
+        report.join(600)
+        assert report.exitcode == 0 and demo.has_report(paths)
         model = httpx.get(f"{api.url}/model", timeout=30).json()
         assert "models" in model["report"] and "backbones" in model["report"]["retrieval"]
         assert "generator" in model["curves"]

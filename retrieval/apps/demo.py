@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import shutil
 import subprocess
 import threading
@@ -255,11 +256,21 @@ def demo_app(paths: DemoPaths) -> Any:
     return create_app(Settings(index=paths.index))
 
 
-def _report_quietly(paths: DemoPaths, say: Callable[[str], None]) -> None:
+def _report_quietly(paths: DemoPaths) -> None:
     try:
-        ensure_report(paths, progress=False, say=say)
+        ensure_report(paths, progress=False, say=print)
     except Exception as e:  # a background nicety: never take the servers down
         log.warning("evaluation report failed: %s", e, exc_info=True)
+
+
+def start_report(paths: DemoPaths) -> multiprocessing.Process:
+    """The evaluation report in a child process, so stopping the demo can end it at once
+    (the report is written atomically: a stopped one leaves nothing behind)."""
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_report_quietly, args=(paths,), name="evaluate", daemon=True
+    )
+    proc.start()
+    return proc
 
 
 def start_dashboard(api_url: str, host: str, port: int) -> tuple[subprocess.Popen, str]:
@@ -289,7 +300,7 @@ def serve_demo(
     with sigterm_as_interrupt():
         say("starting the API (loading the model and the index)…")
         api = ApiThread(demo_app(paths), host, api_port).start()
-        dashboard = None
+        dashboard = report = None
         try:
             say("starting the dashboard…")
             dashboard, ui_url = start_dashboard(api.url, host, ui_port)
@@ -306,15 +317,16 @@ def serve_demo(
                     "Computing the evaluation report in the background (a few minutes); "
                     "the Model page shows it once written."
                 )
-                threading.Thread(
-                    target=_report_quietly, args=(paths, say), name="evaluate", daemon=True
-                ).start()
+                report = start_report(paths)
             while dashboard.poll() is None and api.thread.is_alive():
                 time.sleep(0.5)
             say("the dashboard exited" if dashboard.poll() is not None else "the API stopped")
         except KeyboardInterrupt:
             say("stopping…")
         finally:
+            if report is not None and report.is_alive():
+                report.terminate()
+                report.join(10)
             if dashboard is not None:
                 stop_process(dashboard)
             api.stop()
