@@ -182,6 +182,21 @@ class ClinicalHead(nn.Module):
         r = self.detect(self.norm(x.flatten(-2).transpose(-1, -2)))  # (..., g², h)
         return torch.cat([r.mean(dim=-2), r.amax(dim=-2)], dim=-1)
 
+    def pool_regions(self, x: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """(B, C, g, g) and a bool (g, g) region mask → (B, 2h): `pool` over those regions only."""
+        r = self.detect(self.norm(x.flatten(-2).transpose(-1, -2)))[:, regions.flatten()]
+        return torch.cat([r.mean(dim=-2), r.amax(dim=-2)], dim=-1)
+
+    def pool_windows(self, x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """(B, C, g, g) → (B, g - rows + 1, g - cols + 1, 2h): `pool` over every window of
+        rows x cols regions (stride 1)."""
+        g = x.shape[-1]
+        r = self.detect(self.norm(x.flatten(-2).transpose(-1, -2)))  # (B, g², h)
+        r = r.transpose(-1, -2).unflatten(-1, (g, g))  # (B, h, g, g)
+        mean = F.avg_pool2d(r, (rows, cols), stride=1)
+        peak = F.max_pool2d(r, (rows, cols), stride=1)
+        return torch.cat([mean, peak], dim=1).permute(0, 2, 3, 1)
+
 
 class TimeFeatures(nn.Module):
     """Times (...) seconds → sinusoidal features of log1p(t) (..., 2 * freqs), no weights."""
@@ -284,14 +299,21 @@ class Embedder(nn.Module):
     ) -> torch.Tensor:
         """Per-frame grids (B, T, C, g, g) + their times (B, T) → (B, dim) L2-normalised."""
         z = self.ffa_head(feats)  # (B, T, dim)
+        weights = self.frame_attention(feats, times_s, mask)  # (B, T)
+        return F.normalize((weights[..., None] * z).sum(1), dim=-1)
+
+    def frame_attention(
+        self, feats: torch.Tensor, times_s: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-frame grids (B, T, C, g, g) + times (B, T) → the pooling's frame weights
+        (B, T), summing to 1 over the valid frames."""
         frame = self.attn_norm(feats.mean(dim=(-2, -1)))  # (B, T, C)
         logits = self.attn(torch.cat([frame, self.time(times_s)], -1))[..., 0]  # (B, T)
         if mask is not None:
             if not mask.any(1).all():
                 raise DataError("every video needs at least one valid (unmasked) frame")
             logits = logits.masked_fill(~mask, float("-inf"))
-        weights = logits.softmax(-1)  # (B, T)
-        return F.normalize((weights[..., None] * z).sum(1), dim=-1)
+        return logits.softmax(-1)
 
     def cf_clinical_embed(self, feats: torch.Tensor) -> torch.Tensor:
         """Backbone grids (B, C, g, g) → clinical part (B, clinical_dim), L2-normalised."""
@@ -306,6 +328,18 @@ class Embedder(nn.Module):
         w = torch.ones(pooled.shape[:2], device=pooled.device) if mask is None else mask.float()
         mean = (w[..., None] * pooled).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
         return F.normalize(head.project(mean), dim=-1)
+
+    def cf_region_clinical_embed(self, feats: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """Backbone grids (B, C, g, g), bool (g, g) mask → the clinical part (B, clinical_dim)
+        of those regions' content alone (location-invariant), L2-normalised."""
+        head = self.cf_clinical
+        return F.normalize(head.project(head.pool_regions(feats, regions)), dim=-1)
+
+    def cf_window_clinical_embed(self, feats: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """Backbone grids (B, C, g, g) → (B, g - rows + 1, g - cols + 1, clinical_dim): the
+        clinical part of every window of rows x cols regions, L2-normalised."""
+        head = self.cf_clinical
+        return F.normalize(head.project(head.pool_windows(feats, rows, cols)), dim=-1)
 
     def join(self, pair: torch.Tensor, clinical: torch.Tensor | None) -> torch.Tensor:
         """Unit pair (B, dim) and clinical (B, clinical_dim) parts → the stored (B, out_dim)."""
@@ -330,6 +364,62 @@ class Embedder(nn.Module):
         pair = self.ffa_head_embed(feats, times_s.float(), mask)
         clinical = self.ffa_clinical_embed(feats, mask) if self.config.clinical_dim else None
         return self.join(pair, clinical).float()
+
+    # ------------------------------------------------------------------ explanation
+
+    @staticmethod
+    def _region_slices(z: torch.Tensor, regions: int) -> torch.Tensor:
+        """Pair head outputs (..., dim) → (..., R, dim): region r keeps its own slice of
+        dim / R entries (the region-aligned head), zeros elsewhere; the sum over R is z."""
+        own = torch.eye(regions, device=z.device, dtype=z.dtype)
+        own = own.repeat_interleave(z.shape[-1] // regions, dim=1)  # (R, dim)
+        return z[..., None, :] * own
+
+    @staticmethod
+    def _clinical_regions(head: ClinicalHead, feats: torch.Tensor) -> torch.Tensor:
+        """Regional grids (..., C, g, g) → (..., R, clinical_dim): each region's share of
+        `head.project(head.pool(feats))` without its bias. Mean pool: region r adds
+        A_mean · h_r / R; max pool: per channel, the argmax region adds A_max[:, c] · h_rc."""
+        r = head.detect(head.norm(feats.flatten(-2).transpose(-1, -2)))  # (..., R, h)
+        n, h = r.shape[-2:]
+        top = F.one_hot(r.argmax(-2), n).transpose(-1, -2).to(r.dtype)  # (..., R, h)
+        weight = head.project.weight  # (clinical_dim, 2h)
+        return (r / n) @ weight[:, :h].T + (r * top) @ weight[:, h:].T
+
+    @torch.no_grad()
+    def cf_parts(self, cf: torch.Tensor) -> torch.Tensor:
+        """CF (B, 3, S, S) → (B, R, out_dim): each region's part of `embed_cf(cf)` (their
+        sum over R is the embedding). The clinical bias is spread evenly over the regions;
+        the normalisations are scalar factors."""
+        feats = self.cf_features(cf)
+        regions = feats.shape[-1] * feats.shape[-2]
+        z = self.cf_head(feats)  # (B, dim)
+        pair = self._region_slices(z, regions) / z.norm(dim=-1)[:, None, None]
+        clinical = None
+        if self.config.clinical_dim:
+            head = self.cf_clinical
+            u = self._clinical_regions(head, feats) + head.project.bias / regions
+            clinical = u / u.sum(-2).norm(dim=-1)[:, None, None]
+        return self.join(pair, clinical).float()
+
+    @torch.no_grad()
+    def ffa_parts(
+        self, frames: torch.Tensor, times_s: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FFA (B, T, S, S), times (B, T) → (B, T, R, out_dim), each frame's and region's part
+        of `embed_ffa` (their sum is the embedding: the attention pooling is a weighted sum,
+        the clinical part a mean over frames), and the attention weights (B, T)."""
+        feats = self.ffa_features(frames, times_s)  # (B, T, C, g, g)
+        regions = feats.shape[-1] * feats.shape[-2]
+        weights = self.frame_attention(feats, times_s.float())  # (B, T)
+        z = weights[..., None] * self.ffa_head(feats)  # (B, T, dim)
+        pair = self._region_slices(z, regions) / z.sum(1).norm(dim=-1)[:, None, None, None]
+        clinical = None
+        if self.config.clinical_dim:
+            head, t = self.ffa_clinical, feats.shape[1]
+            u = self._clinical_regions(head, feats) / t + head.project.bias / (t * regions)
+            clinical = u / u.sum((1, 2)).norm(dim=-1)[:, None, None, None]
+        return self.join(pair, clinical).float(), weights.float()
 
     @property
     def device(self) -> torch.device:
@@ -550,6 +640,41 @@ def embed_ffa_array(
         out.append(embedder.embed_ffa(x, t, m).cpu().numpy())
     embedder.train(was)
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def cf_parts_array(embedder: Embedder, cf: np.ndarray) -> np.ndarray:
+    """One CF photo uint8 (S, S, 3) → float32 (R, out_dim): its regions' parts of its
+    embedding (`Embedder.cf_parts`; the sum over R is `embed_cf_array`'s vector)."""
+    s = embedder.config.image_size
+    if cf.dtype != np.uint8 or cf.shape != (s, s, 3):
+        raise DataError(f"cf must be uint8 ({s}, {s}, 3), got {cf.dtype} {cf.shape}")
+    was = embedder.training
+    embedder.eval()
+    parts = embedder.cf_parts(cf_tensor(cf[None]).to(embedder.device))[0]
+    embedder.train(was)
+    return parts.cpu().numpy()
+
+
+@torch.no_grad()
+def ffa_parts_array(
+    embedder: Embedder, ffa: np.ndarray, times_s: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One FFA video uint8 (T, S, S) + times (T,) s → float32 (T, R, out_dim), its frames'
+    and regions' parts of its embedding (`Embedder.ffa_parts`), and the attention (T,)."""
+    s = embedder.config.image_size
+    if ffa.dtype != np.uint8 or ffa.ndim != 3 or ffa.shape[1:] != (s, s):
+        raise DataError(f"ffa must be uint8 (T, {s}, {s}), got {ffa.dtype} {ffa.shape}")
+    times_s = np.asarray(times_s, dtype=np.float32)
+    if times_s.shape != ffa.shape[:1]:
+        raise DataError(f"times_s must be ({len(ffa)},), got {times_s.shape}")
+    was = embedder.training
+    embedder.eval()
+    dev = embedder.device
+    x, t = to_model(ffa[None]).to(dev), torch.from_numpy(times_s[None]).to(dev)
+    parts, weights = embedder.ffa_parts(x, t)
+    embedder.train(was)
+    return parts[0].cpu().numpy(), weights[0].cpu().numpy()
 
 
 def similarity_weights(config: EmbedderConfig, similarity: str) -> np.ndarray:

@@ -101,3 +101,20 @@ class PersistError(Fundus2VideoError):
 
 class ServerError(Fundus2VideoError):
     """A server (the API, the dashboard) could not start, or did not answer in time."""
+
+
+class NearDuplicate(DuplicateCase):
+    """Adding a case whose CF photo or FFA video is a near-duplicate of an indexed case's
+    (`matches`: the existing case ids, modalities and distances, nearest first)."""
+
+    def __init__(self, case_id: str, matches: list[dict]):
+        self.case_id = case_id
+        self.matches = matches
+        self.existing_case_id = matches[0]["case_id"]
+        best = matches[0]
+        Fundus2VideoError.__init__(
+            self,
+            f"case {case_id!r}: its {best['modality']} is a near-duplicate of case "
+            f"{self.existing_case_id!r} (distance {best['distance']:.3f} <= "
+            f"{best['threshold']:.3f}); pass allow_duplicate to add it anyway",
+        )

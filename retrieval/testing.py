@@ -30,6 +30,16 @@ def _thumb(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resized, np.float32) / 255.0
 
 
+def _crop(image: np.ndarray, cells: tuple[int, int, int, int]) -> np.ndarray:
+    """The part of `image`, centre-padded to a square, under grid cells of a GRID x GRID."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    square = np.zeros((side, side, *image.shape[2:]), image.dtype)
+    square[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = image
+    r0, r1, c0, c1 = (round(v * side / GRID) for v in cells)
+    return square[r0:r1, c0:c1]
+
+
 class PixelEncoder:
     """Deterministic embeddings from pixels: CF by its green channel, FFA by its mean frame."""
 
@@ -60,6 +70,57 @@ class PixelEncoder:
             return np.zeros((0, self.dim), np.float32)
         means = [np.mean(np.stack([_thumb(f, GRID) for f in v]), axis=0) for v in videos]
         return self._project(np.stack(means))
+
+    def cf_parts(self, image: np.ndarray) -> np.ndarray:
+        """(R, D) with R = GRID²: each thumbnail pixel's part of `embed_cf([image])`."""
+        return self._parts(_thumb(image[..., 1], GRID)[None])[0]
+
+    def ffa_parts(
+        self, video: np.ndarray, times: Any = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(T, R, D) parts of `embed_ffa([video])` (the mean frame: uniform attention), the
+        frame times (given, or spread like DEFAULT_TIMES) and the attention (T,)."""
+        parts = self._parts(np.stack([_thumb(f, GRID) for f in video])) / len(video)
+        given = times is not None and len(times) == len(video)
+        t = np.asarray(times if given else np.linspace(0, DEFAULT_TIMES[-1], len(video)))
+        return parts, t.astype(np.float32), np.full(len(video), 1 / len(video), np.float32)
+
+    def _parts(self, thumbs: np.ndarray) -> np.ndarray:
+        """(N, GRID, GRID) thumbnails → (N, R, D): pixel i adds (x_i - mean) · P_i, over the
+        norm of the whole (mean) projection, so the parts sum to `_project` of their mean."""
+        x = thumbs.reshape(len(thumbs), -1)
+        x = x - x.mean(axis=1, keepdims=True)
+        parts = x[..., None] * self._proj  # (N, R, D)
+        norm = max(float(np.linalg.norm(parts.sum(1).mean(0))), 1e-6)
+        return (parts / norm).astype(np.float32)
+
+    region_grid = GRID  # region queries cut the (padded, square) photo into GRID x GRID
+
+    def embed_cf_region(
+        self, images: Sequence[np.ndarray], cells: tuple[int, int, int, int]
+    ) -> np.ndarray:
+        """The embedding of the part of each photo's padded square under grid `cells`
+        (row0, row1, col0, col1): that crop embedded as a photo of its own."""
+        return self.embed_cf([_crop(im, cells) for im in images])
+
+    def locate_cf_region(
+        self,
+        query: np.ndarray,
+        images: Sequence[np.ndarray],
+        shape: tuple[int, int],
+        similarity: str = "pair",
+    ) -> np.ndarray:
+        """(N, GRID - rows + 1, GRID - cols + 1): the cosine of `query` with every window of
+        `shape` = (rows, cols) cells of each photo (`embed_cf_region`: a crop's embedding,
+        wherever the crop lies)."""
+        rows, cols = shape
+        q = np.asarray(query, np.float32) / max(float(np.linalg.norm(query)), 1e-6)
+        out = np.zeros((len(images), GRID - rows + 1, GRID - cols + 1), np.float32)
+        for n, image in enumerate(images):
+            for i in range(GRID - rows + 1):
+                for j in range(GRID - cols + 1):
+                    out[n, i, j] = self.embed_cf_region([image], (i, i + rows, j, j + cols))[0] @ q
+        return out
 
     similarities = ("pair",)
 

@@ -38,6 +38,7 @@ ROUTES = {
     ("GET", "/stats"),
     ("POST", "/search"),
     ("GET", "/cases/{case_id}/similar"),
+    ("GET", "/cases/{case_id}/explain"),
     ("GET", "/cases"),
     ("GET", "/cases/{case_id}"),
     ("GET", "/cases/{case_id}/cf"),
@@ -59,6 +60,8 @@ ROW_KEYS = {
     "cf_url",
     "ffa_url",
     "synthetic",
+    "region",
+    "region_score",
 }
 
 
@@ -173,6 +176,11 @@ def test_search_by_uploaded_photo_and_video(client, case):
         "height": 64,
         "frames": None,
         "bytes": len(cf),
+        "positive": None,
+        "negative": None,
+        "feedback": None,
+        "region": None,
+        "region_cells": None,
     }
     video = case.ffa_path.read_bytes()
     times = ",".join(str(t) for t in case.ffa_times_s)
@@ -726,6 +734,7 @@ def test_search_bodies_are_what_the_response_model_writes(fresh):
     }
     odd = 'Ünïcode "quoted" <&> 眼'
     form = {"case_id": odd, "diagnosis": 'say "no"', "lesions": "a\\b,c"}
+    form["allow_duplicate"] = "true"  # the same media as an indexed case
     assert client.post("/cases", files=files, data=form).status_code == 201
     photo, video = source.cf_path.read_bytes(), source.ffa_path.read_bytes()
     responses = [
@@ -770,7 +779,9 @@ def test_every_route_against_a_real_index(tiny_index, tmp_path):
         generated = client.post("/generate", files=upload(photo))
         assert generated.headers["x-synthetic"] == "true"
         files = {"cf": ("a.png", photo, "image/png"), "ffa": ("b.mp4", video, "video/mp4")}
-        assert client.post("/cases", files=files, data={"case_id": "copy"}).status_code == 201
+        assert client.post("/cases", files=files, data={"case_id": "copy"}).status_code == 409
+        form = {"case_id": "copy", "allow_duplicate": "true"}  # a near-duplicate, added anyway
+        assert client.post("/cases", files=files, data=form).status_code == 201
         assert client.delete("/cases/copy").status_code == 200
         assert client.get("/map").json()["total"] == 48
         maps = {s: client.get("/map", params={"similarity": s}).json() for s in SIMILARITIES}

@@ -393,7 +393,8 @@ def test_unlabelled_cases_and_unknown_diagnoses_never_vote(engine):
     image, video = read_cf(source.cf_path), read_ffa(source.ffa_path)
     for i, diagnosis in enumerate([None, "", "retinoblastoma", None]):
         near = np.clip(image.astype(int) + i + 1, 0, 255).astype(np.uint8)  # ~ the source
-        engine.add_case(NewCase(f"near-{i}", diagnosis=diagnosis), near, video)
+        new = NewCase(f"near-{i}", diagnosis=diagnosis)
+        engine.add_case(new, near, video, allow_duplicate=True)  # near-copies on purpose
     by_photo = engine.search(CFQuery(image), "cf", k=5)
     assert {h.case.case_id for h in by_photo.hits} & {f"near-{i}" for i in range(4)}
     model = engine.suggestion_model("cf")

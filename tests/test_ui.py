@@ -226,7 +226,11 @@ def test_compare_page_puts_query_and_result_on_one_clock(live_api):
     at.switch_page("views/compare.py").run()
     no_exception(at)
     assert not at.error, [e.value for e in at.error]
-    assert [s.value for s in at.subheader] == ["Colour fundus photos", "Angiograms on one clock"]
+    assert [s.value for s in at.subheader] == [
+        "Colour fundus photos",
+        "Angiograms on one clock",
+        "Why this match",
+    ]
     (clock,) = at.select_slider
     assert clock.label.startswith("Seconds after injection")
     assert clock.value > 0  # starts near the venous peak, not on the black pre-dye frame

@@ -9,6 +9,7 @@ server's message, which the pages show with `st.error`.
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -50,6 +51,30 @@ class ApiError(Exception):
         return f"API error {self.status}{where}: {self.message}"
 
 
+class NearDuplicateError(ApiError):
+    """409 from `add_case`: the new case's CF or FFA near-duplicates indexed cases.
+
+    `duplicates`: one dict per match (`case_id` of the existing case, `modality`,
+    `distance`, `threshold`), nearest first; `existing_case_id` is the nearest one's."""
+
+    def __init__(self, message: str, status: int, route: str, duplicates: list[dict[str, Any]]):
+        super().__init__(message, status, route)
+        self.duplicates = duplicates
+        self.existing_case_id = duplicates[0]["case_id"] if duplicates else None
+
+
+def _api_error(response: httpx.Response, route: str) -> ApiError:
+    """The error for a 4xx/5xx answer (a NearDuplicateError when it names duplicates)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    found = body.get("duplicates") if isinstance(body, dict) else None
+    if response.status_code == 409 and isinstance(found, list) and found:
+        return NearDuplicateError(_message(response), 409, route, found)
+    return ApiError(_message(response), response.status_code, route)
+
+
 @dataclass(frozen=True)
 class Result:
     """One ranked case, as `POST /search` and `GET /cases/{id}/similar` return it (the
@@ -65,6 +90,10 @@ class Result:
     cf_url: str | None = None
     ffa_url: str | None = None
     synthetic: bool = False
+    # a region query: where on this case's CF photo the box matched (normalised x0, y0,
+    # x1, y1) and how well (the API's `ResultRow.region`, `region_score`)
+    region: tuple[float, float, float, float] | None = None
+    region_score: float | None = None
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> Result:
@@ -79,6 +108,8 @@ class Result:
             cf_url=row.get("cf_url"),
             ffa_url=row.get("ffa_url"),
             synthetic=bool(row.get("synthetic", False)),
+            region=tuple(float(v) for v in row["region"]) if row.get("region") else None,
+            region_score=row.get("region_score"),
         )
 
 
@@ -98,11 +129,35 @@ class SearchResponse:
         return self.raw.get("similarity")
 
     @property
+    def region(self) -> tuple[float, float, float, float] | None:
+        """A region query's box (normalised x0, y0, x1, y1 on the query photo)."""
+        box = (self.raw.get("query") or {}).get("region")
+        return tuple(float(v) for v in box) if box else None
+
+    @property
+    def feedback(self) -> dict[str, Any]:
+        """`{positive, negative, feedback}`: the marks that refined this search (empty lists
+        and None when it was not refined)."""
+        query = self.raw.get("query") or {}
+        return {
+            "positive": list(query.get("positive") or ()),
+            "negative": list(query.get("negative") or ()),
+            "feedback": query.get("feedback"),
+        }
+
+    @property
     def suggestion(self) -> dict[str, Any] | None:
         """`{diagnosis, probability, abstained, probabilities, supporting_case_ids, neighbours,
         calibrated, label}`: the diagnosis suggested by similar cases (None: no model)."""
         found = self.raw.get("suggestion")
         return found if isinstance(found, dict) else None
+
+    @property
+    def explanations(self) -> list[dict[str, Any]]:
+        """With `search(explain_top=n)`: why each of the top n results matched (the API's
+        `ExplanationResponse` bodies, in rank order); [] otherwise."""
+        found = self.raw.get("explanations")
+        return found if isinstance(found, list) else []
 
 
 @dataclass(frozen=True)
@@ -150,6 +205,25 @@ def _filters(diagnosis: str | None, eye: str | None, split: str | None) -> dict[
     return {k: v for k, v in pairs.items() if v}
 
 
+def _region(region: Sequence[float] | str | None) -> dict[str, str]:
+    """The `region` field: a box x0,y0,x1,y1 (normalised, on the CF query photo)."""
+    if region is None or region == "":
+        return {}
+    text = region if isinstance(region, str) else ",".join(f"{float(v):.4f}" for v in region)
+    return {"region": text}
+
+
+def _feedback(positive: Any, negative: Any, feedback: str | None) -> dict[str, list[str] | str]:
+    """Relevance-feedback fields (repeated `positive` / `negative` case ids, the strategy)."""
+    out: dict[str, list[str] | str] = {}
+    for name, ids in (("positive", positive), ("negative", negative)):
+        if ids:
+            out[name] = [str(i) for i in ids]
+    if feedback:
+        out["feedback"] = feedback
+    return out
+
+
 def _times_header(response: httpx.Response) -> tuple[float, ...] | None:
     value = response.headers.get("x-frame-times")
     if not value:
@@ -190,7 +264,7 @@ class ApiClient:
                 route,
             ) from e
         if response.status_code >= 400:
-            raise ApiError(_message(response), response.status_code, route)
+            raise _api_error(response, route)
         return response
 
     def _json(self, method: str, route: str, **kwargs: Any) -> Any:
@@ -220,12 +294,25 @@ class ApiClient:
         eye: str | None = None,
         split: str | None = None,
         content_type: str = "application/octet-stream",
+        explain_top: int = 0,
+        positive: Sequence[str] = (),
+        negative: Sequence[str] = (),
+        feedback: str | None = None,
+        region: Sequence[float] | str | None = None,
     ) -> SearchResponse:
         """Ranked cases for an uploaded CF photo or FFA video (`similarity` None: the
-        server's default for the query type)."""
-        form = {"target": target, "k": str(k), "via": via, **_filters(diagnosis, eye, split)}
+        server's default for the query type); `explain_top` n > 0 adds `explanations` of
+        the top n results (at most 10). `positive` / `negative` case ids refine the search
+        (relevance feedback, `feedback`: rocchio or best_score; None: the server's default).
+        `region` (x0, y0, x1, y1 normalised on a CF photo) searches by that box's content;
+        each result's `region` is then where it matched."""
+        form: dict[str, Any] = {"target": target, "k": str(k), "via": via}
+        form.update(_filters(diagnosis, eye, split), **_feedback(positive, negative, feedback))
+        form.update(_region(region))
         if similarity:
             form["similarity"] = similarity
+        if explain_top:
+            form.update(explain="true", explain_top=str(explain_top))
         body = self._json(
             "POST", "/search", data=form, files={"file": (filename, data, content_type)}
         )
@@ -243,9 +330,15 @@ class ApiClient:
         diagnosis: str | None = None,
         eye: str | None = None,
         split: str | None = None,
+        positive: Sequence[str] = (),
+        negative: Sequence[str] = (),
+        feedback: str | None = None,
+        region: Sequence[float] | str | None = None,
     ) -> SearchResponse:
-        """Ranked cases for a case already in the index."""
+        """Ranked cases for a case already in the index (`positive` / `negative`, `region`
+        on the case's CF photo: as `search`)."""
         params: dict[str, Any] = {"target": target, "k": k, "via": via}
+        params.update(_feedback(positive, negative, feedback), **_region(region))
         if query_modality:
             params["modality"] = query_modality
         if similarity:
@@ -253,6 +346,25 @@ class ApiClient:
         params.update(_filters(diagnosis, eye, split))
         body = self._json("GET", f"/cases/{_quote(case_id)}/similar", params=params)
         return _search_response(body)
+
+    def explain(
+        self,
+        case_id: str,
+        other: str,
+        *,
+        similarity: str | None = None,
+        query_modality: str = "cf",
+        target: str | None = None,
+    ) -> dict[str, Any]:
+        """Why `other` matches `case_id` (GET /cases/{id}/explain): `{similarity, score,
+        search_score, grid, sum_check, query, result}`, each side with `regions` (grid x grid
+        shares of the score), `top_regions` and, for an FFA side, `frames` and `phases`."""
+        params: dict[str, Any] = {"other": other, "modality": query_modality}
+        if similarity:
+            params["similarity"] = similarity
+        if target:
+            params["target"] = target
+        return self._json("GET", f"/cases/{_quote(case_id)}/explain", params=params)
 
     def cases(
         self,
@@ -282,6 +394,31 @@ class ApiClient:
     def case_ffa(self, case_id: str) -> Video:
         response = self._request("GET", f"/cases/{_quote(case_id)}/ffa")
         return Video(response.content, _times_header(response))
+
+    def add_case(
+        self,
+        case_id: str,
+        cf: tuple[str, bytes],
+        ffa: tuple[str, bytes],
+        *,
+        metadata: dict[str, Any] | None = None,
+        allow_duplicate: bool = False,
+    ) -> dict[str, Any]:
+        """`POST /cases`: add a case from its CF photo and FFA video, each (filename, bytes);
+        `metadata` holds the other form fields (patient_id, eye, age, sex, diagnosis,
+        lesions, split, source, ffa_times_s). Raises NearDuplicateError (409, naming the
+        existing case ids) when the media repeat an indexed case, unless `allow_duplicate`."""
+        form: dict[str, Any] = {k: v for k, v in (metadata or {}).items() if v is not None}
+        form |= {"case_id": case_id, "allow_duplicate": "true" if allow_duplicate else "false"}
+        files = {
+            "cf": (cf[0], cf[1], content_type(cf[0])),
+            "ffa": (ffa[0], ffa[1], content_type(ffa[0])),
+        }
+        return self._json("POST", "/cases", data=form, files=files)
+
+    def case_duplicates(self, case_id: str) -> list[dict[str, Any]]:
+        """Indexed cases whose CF or FFA near-duplicates this case's (`GET .../duplicates`)."""
+        return self._json("GET", f"/cases/{_quote(case_id)}/duplicates")["items"]
 
     def media(self, url: str) -> bytes:
         """The bytes behind a result's `cf_url` / `ffa_url` (relative to the API, or absolute)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
+import numpy as np
 import streamlit as st
+from PIL import Image
 
 from . import state
-from .client import ApiError, Result, SearchResponse, Video, content_type
+from .client import ApiError, Result, SearchResponse, Video, content_type, modality_of
 
 # paths relative to ui/app.py, as st.switch_page wants them
 PAGE_SEARCH = "views/search.py"
@@ -171,8 +174,71 @@ def show_media(result: Result, *, modality: str | None = None) -> None:
             synthetic_video(data)
         else:
             st.video(data, loop=True, autoplay=True, muted=True)
+    elif result.region is not None:
+        st.image(outline(data, result.region), width="stretch")
     else:
         st.image(data, width="stretch")
+    if result.region is not None:
+        where = "" if modality == "cf" else " (on its CF photo)"
+        st.caption(f"matched region {region_text(result.region)}{where}")
+
+
+# -- region of interest: a box on the query photo, outlined on the matching results ------
+REGION_HELP = (
+    "Search by a part of the photo: the box's content is looked for anywhere in other eyes "
+    "(with **same eye** similarity: at the same place). Each result shows where it matched."
+)
+REGION_COLOUR = (255, 214, 0)
+
+
+def region_text(box: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.2f}" for v in box) + ")"
+
+
+def outline(image: bytes | np.ndarray, box: Any, colour: tuple = REGION_COLOUR) -> np.ndarray:
+    """The image (bytes or array) as RGB with `box` (normalised x0, y0, x1, y1) outlined."""
+    from PIL import ImageDraw
+
+    pil = Image.open(io.BytesIO(image)) if isinstance(image, bytes) else Image.fromarray(image)
+    pil = pil.convert("RGB")
+    w, h = pil.size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    width = max(2, round(min(w, h) / 100))
+    rect = [x0 * w, y0 * h, max(x0 * w, x1 * w - 1), max(y0 * h, y1 * h - 1)]
+    ImageDraw.Draw(pil).rectangle(rect, outline=colour, width=width)
+    return np.asarray(pil)
+
+
+def query_photo(upload: Any, case_id: str | None, modality: str) -> Any:
+    """A loader of the search's CF query photo (an upload's bytes, or a catalog case's CF
+    from the API), or None when the query is not a CF photo (yet)."""
+    if upload is not None:
+        return upload.getvalue if modality_of(upload.name) == "cf" else None
+    if case_id and case_id.strip() and modality == "cf":
+        base, cid = state.api_url(), case_id.strip()
+        return lambda: state.fetch(f"Loading {cid}'s CF", state.case_cf, base, cid)
+    return None
+
+
+def region_control(key: str, photo: Any = None) -> tuple[float, float, float, float] | None:
+    """A "search a region" toggle: a box set by two range sliders (x, y; normalised), drawn on the
+    query photo (`photo()`: its bytes, or None when there is no CF photo). None: no box."""
+    if photo is None:
+        st.caption("Region search: a box on a CF photo (query with a photo).")
+        return None
+    if not st.toggle("Search a region of the photo", key=f"{key}_region_on", help=REGION_HELP):
+        return None
+    left, right = st.columns([2, 1])
+    x = left.slider("Region x (left → right)", 0.0, 1.0, (0.35, 0.65), 0.01, key=f"{key}_rx")
+    y = left.slider("Region y (top → bottom)", 0.0, 1.0, (0.35, 0.65), 0.01, key=f"{key}_ry")
+    if x[0] >= x[1] or y[0] >= y[1]:
+        left.warning("The region needs a width and a height: move the sliders apart.")
+        return None
+    box = (x[0], y[0], x[1], y[1])
+    data = photo()
+    if data is not None:
+        right.image(outline(data, box), caption=f"region {region_text(box)}", width="stretch")
+    return box
 
 
 def result_card(result: Result, key: str) -> None:
@@ -182,6 +248,7 @@ def result_card(result: Result, key: str) -> None:
         show_media(result)
         st.caption(f"{kind}{' · synthetic' if result.synthetic else ''}")
         st.markdown(labels(result))
+        mark_buttons(result.case_id, key)
         left, right = st.columns(2)
         if left.button("Compare", key=f"{key}_compare", width="stretch"):
             st.session_state[state.COMPARE] = result.case_id
@@ -189,6 +256,91 @@ def result_card(result: Result, key: str) -> None:
         if right.button("Case", key=f"{key}_open", width="stretch", help="Open this case"):
             st.session_state[state.CASE] = result.case_id
             st.switch_page(PAGE_BROWSE)
+
+
+# -- relevance feedback: thumbs on the result cards, "Refine", "Clear marks" ---------------
+MARKS = "feedback_marks"  # session: {case_id: "up" | "down"} in the order marked
+REFINE_NOW = "feedback_refine"  # session: set by "Refine", read by the Search page
+MARK_ICONS = {"up": ":material/thumb_up:", "down": ":material/thumb_down:"}
+MARK_HELP = {"up": "More like this (relevant)", "down": "Not like this (not relevant)"}
+
+
+def marks() -> dict[str, str]:
+    return st.session_state.setdefault(MARKS, {})
+
+
+def toggle_mark(case_id: str, mark: str) -> None:
+    """Mark a case relevant ("up") or not ("down"); the same mark again unmarks it."""
+    current = marks()
+    if current.get(case_id) == mark:
+        del current[case_id]
+    else:
+        current[case_id] = mark
+
+
+def clear_marks() -> None:
+    st.session_state[MARKS] = {}
+
+
+def marked(mark: str) -> list[str]:
+    return [c for c, m in marks().items() if m == mark]
+
+
+def mark_buttons(case_id: str, key: str) -> None:
+    """Thumbs up / down on a result card (highlighted when set)."""
+    for col, mark in zip(st.columns(2), ("up", "down"), strict=True):
+        col.button(
+            MARK_ICONS[mark],
+            key=f"{key}_{mark}",
+            help=MARK_HELP[mark],
+            type="primary" if marks().get(case_id) == mark else "secondary",
+            width="stretch",
+            on_click=toggle_mark,
+            args=(case_id, mark),
+        )
+
+
+def feedback_bar(response: SearchResponse) -> None:
+    """The marks (a caption), "Refine" (re-run the search with them) and "Clear marks";
+    and, for a refined search, the marks it used."""
+    used = response.feedback
+    if used["feedback"]:
+        st.caption(
+            f"Refined by {len(used['positive'])} relevant and {len(used['negative'])} not "
+            f"relevant ({used['feedback']}); marked cases are left out of the results"
+        )
+    up, down = marked("up"), marked("down")
+    listed = [f"{MARK_ICONS['up']} {', '.join(up)}" if up else ""]
+    listed += [f"{MARK_ICONS['down']} {', '.join(down)}" if down else ""]
+    text = " · ".join(t for t in listed if t)
+    st.caption(f"Marks: {text}" if text else "Mark results relevant or not, then refine.")
+    left, right = st.columns(2)
+    left.button(
+        "Refine",
+        key="feedback_refine_button",
+        icon=":material/tune:",
+        disabled=not (up or down),
+        help="Search again, moved towards the relevant cases and away from the others",
+        on_click=lambda: st.session_state.update({REFINE_NOW: True}),
+    )
+    right.button(
+        "Clear marks", key="feedback_clear", disabled=not (up or down), on_click=clear_marks
+    )
+
+
+def refine_search(api: Any) -> SearchResponse | None:
+    """The last search again, with the marks as positive / negative examples."""
+    query = st.session_state.get(state.QUERY) or {}
+    params = {**query.get("params", {}), "positive": marked("up"), "negative": marked("down")}
+    if query.get("case_id"):
+        case_id, modality = query["case_id"], query.get("kind")
+        return state.fetch("Refine", api.similar, case_id, query_modality=modality, **params)
+    if query.get("data") is None:
+        return None
+    data, name = query["data"], query["name"]
+    return state.fetch(
+        "Refine", api.search, data, name, content_type=query["content_type"], **params
+    )
 
 
 def result_gallery(response: SearchResponse, *, per_row: int = 3, key: str = "res") -> None:
@@ -214,6 +366,7 @@ def results_table(response: SearchResponse) -> list[dict[str, Any]]:
             "eye": r.eye,
             "lesions": ", ".join(r.lesions),
             "synthetic": r.synthetic,
+            **({"matched region": region_text(r.region)} if r.region is not None else {}),
         }
         for r in response.results
     ]
@@ -244,18 +397,25 @@ def query_media(query: dict[str, Any]) -> None:
         else:
             image = state.fetch(f"Loading {case_id}'s CF", state.case_cf, base, case_id)
             if image is not None:
-                st.image(image, width="stretch")
+                st.image(_with_region(image, query), width="stretch")
         if meta is not None:
             st.markdown(labels(meta))
         return
     if query["kind"] == "ffa":
         real_video(query["data"], caption=f"{query['name']} (uploaded angiogram)")
         return
-    st.image(query["data"], caption=f"{query['name']} (uploaded photo)", width="stretch")
+    caption = f"{query['name']} (uploaded photo)"
+    st.image(_with_region(query["data"], query), caption=caption, width="stretch")
     synthetic = query.get("synthetic")
     if synthetic is not None:
         st.markdown("**Its synthesized angiogram**")
         synthetic_video(synthetic)
+
+
+def _with_region(image: bytes, query: dict[str, Any]) -> bytes | np.ndarray:
+    """The query photo, its search region (if any) outlined."""
+    box = (query.get("params") or {}).get("region")
+    return image if box is None else outline(image, box)
 
 
 # -- the Compare page's two sides --------------------------------------------------------
@@ -425,3 +585,161 @@ def suggestion_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         if rows:
             break
     return rows
+
+
+# -- the Compare page's match explanation ------------------------------------------------
+HEAT_POSITIVE = np.array([0.0, 255.0, 140.0])  # adds to the score (seen on orange and gray)
+HEAT_NEGATIVE = np.array([255.0, 0.0, 255.0])  # takes from it
+PHASE_ORDER = ("arterial", "venous", "late")
+
+
+def heat_overlay(image: bytes | np.ndarray, regions: Any, opacity: float) -> np.ndarray:
+    """`image` (PNG/JPEG bytes or a uint8 array, gray or RGB) under its signed region map
+    (grid x grid shares of the score): upsampled bilinearly over the image padded to a
+    square (the embedder's view), green where a region adds to the score and magenta where
+    it takes away, each pixel's alpha `opacity` x sqrt(|share| / the largest |share|) (the
+    square root keeps the smaller shares visible next to a dominant region)."""
+    if isinstance(image, bytes | bytearray):
+        image = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    rgb = np.asarray(image, np.float64)
+    rgb = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb[..., :3]
+    grid = np.asarray(regions, np.float32)
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    scaled = grid / max(float(np.abs(grid).max()), 1e-12)  # [-1, 1]
+    up = Image.fromarray(scaled, mode="F").resize((side, side), Image.Resampling.BILINEAR)
+    top, left = (side - h) // 2, (side - w) // 2
+    up = np.asarray(up)[top : top + h, left : left + w, None]
+    colour = np.where(up >= 0, HEAT_POSITIVE, HEAT_NEGATIVE)
+    alpha = np.sqrt(np.clip(np.abs(up), 0.0, 1.0)) * float(opacity)
+    return (rgb * (1 - alpha) + colour * alpha).round().clip(0, 255).astype(np.uint8)
+
+
+def phase_table(side: dict[str, Any]) -> list[dict[str, Any]]:
+    """An FFA side's phase rows for a chart: phase, window, frames, share of the score."""
+    rows = []
+    for p in side.get("phases") or []:
+        end = "" if p.get("end_s") is None else f"{p['end_s']:g}"
+        rows.append(
+            {
+                "phase": p["phase"],
+                "seconds": f"{p['start_s']:g}–{end}",
+                "frames": p["frames"],
+                "share of score": round(float(p["contribution"]), 4),
+            }
+        )
+    return rows
+
+
+def peak_frame(side: dict[str, Any]) -> int:
+    """The index of the frame that adds most to the score (0 without frames)."""
+    frames = side.get("frames") or []
+    return max(range(len(frames)), key=lambda i: frames[i]["contribution"], default=0)
+
+
+@st.cache_data(ttl=600, show_spinner=False, max_entries=128)
+def case_explanation(
+    base: str, case_id: str, other: str, similarity: str | None, modality: str, target: str
+) -> dict[str, Any]:
+    return state.get_client(base).explain(
+        case_id, other, similarity=similarity, query_modality=modality, target=target
+    )
+
+
+@st.cache_data(ttl=600, show_spinner=False, max_entries=32)
+def upload_explanations(
+    base: str, data: bytes, name: str, search: tuple[tuple[str, Any], ...], top: int
+) -> list[dict[str, Any]]:
+    """The top results' explanations of an uploaded query: the same search (`search`:
+    target, via, similarity, filters) again, with `explain` (POST /search)."""
+    found = state.get_client(base).search(
+        data, name, k=top, content_type=content_type(name), explain_top=top, **dict(search)
+    )
+    return found.explanations
+
+
+def _search_args(response: SearchResponse) -> tuple[tuple[str, Any], ...]:
+    """The parameters of a past search, as `ApiClient.search` takes them (filters joined)."""
+    raw = response.raw
+    filters = raw.get("filters") or {}
+    joined = {k: ",".join(filters.get(k) or []) or None for k in ("diagnosis", "eye", "split")}
+    return (
+        ("target", raw.get("target") or "cf"),
+        ("via", raw.get("via") or "direct"),
+        ("similarity", raw.get("similarity")),
+        *joined.items(),
+    )
+
+
+def explanation_for(
+    query: dict[str, Any], response: SearchResponse | None, other: str, modality: str
+) -> dict[str, Any] | None:
+    """The explanation of `other` (whose `modality` embedding matched) for the query: by
+    case id, or for an upload through a search with explanations (its top 10 only)."""
+    base = state.api_url()
+    similarity = response.similarity if response is not None else None
+    if query.get("case_id"):
+        return state.fetch(
+            "Explaining the match",
+            case_explanation,
+            base,
+            query["case_id"],
+            other,
+            similarity,
+            query["kind"],
+            modality,
+        )
+    ranks = [r.rank for r in (response.results if response else []) if r.case_id == other]
+    if not ranks or ranks[0] > 10:
+        return None
+    found = state.fetch(
+        "Explaining the match",
+        upload_explanations,
+        base,
+        query["data"],
+        query["name"],
+        _search_args(response),
+        ranks[0],
+    )
+    return next((e for e in found or [] if e["result"]["case_id"] == other), None)
+
+
+def _explained_image(side: dict[str, Any], shown: dict[str, Any], frames: list) -> Any:
+    """The picture an explained side's map goes over: its CF photo, or the frame of its
+    angiogram that adds most to the score (None: not available)."""
+    if side["modality"] == "cf":
+        return shown.get("cf")
+    i = peak_frame(side)
+    return frames[i] if i < len(frames) else None
+
+
+def explanation_panel(explained: dict[str, Any], shown: list[dict], frames: list[list]) -> None:
+    """Both sides' heat maps over their images (opacity slider), the score and its sum
+    check, and for an angiogram the phases' shares of the score (chart and table)."""
+    check = explained["sum_check"]
+    st.markdown(
+        f"**{explained['similarity']}** score **{explained['search_score']:.4f}**, split over "
+        f"a {explained['grid']}×{explained['grid']} grid of regions on each side: "
+        f"query regions sum to {check['query_sum']:.4f}, result regions to "
+        f"{check['result_sum']:.4f} (largest gap {check['max_error']:.1e})."
+    )
+    st.caption(
+        "Green: regions that make the two alike; magenta: regions that pull them apart "
+        "(stronger colour, larger share). An angiogram's map is over all its frames, drawn "
+        "on the frame that adds most."
+    )
+    opacity = st.slider("Heat map opacity", 0.0, 1.0, 0.6, 0.05, key="explain_opacity")
+    sides = (explained["query"], explained["result"])
+    for col, side, media, fr in zip(st.columns(2), sides, shown, frames, strict=True):
+        with col:
+            image = _explained_image(side, media, fr)
+            what = MODALITY_NAMES.get(side["modality"], side["modality"])
+            if image is None:
+                st.caption(f"no {what} to draw the map on")
+            else:
+                overlay = heat_overlay(image, side["regions"], opacity)
+                st.image(overlay, caption=f"{what}: share of the score", width=COMPARE_WIDTH)
+            rows = phase_table(side)
+            if rows:
+                st.bar_chart(rows, x="phase", y="share of score", height=180, sort=False)
+                st.dataframe(rows, hide_index=True)

@@ -72,6 +72,8 @@ def search_body(
                 "cf_url": cf_url,
                 "ffa_url": ffa_url,
                 "synthetic": False,
+                "region": None if hit.region is None else list(hit.region),
+                "region_score": hit.region_score,
             }
         )
     body = {
@@ -88,6 +90,7 @@ def search_body(
         "suggestion": suggestion_record(result),
         "encoder_id": encoder_id,
         "timings_ms": result.timings_ms,
+        "explanations": None,  # POST /search with explain: routes.explain.with_explanations
     }
     return to_json(body)
 

@@ -46,7 +46,7 @@ from ..errors import (
 )
 from .deps import require_api_key
 from .fastpath import SimilarFastPath
-from .routes import cases, generate, health, insights, media, search, stats
+from .routes import cases, explain, generate, health, insights, media, search, stats
 from .schemas import ErrorResponse
 from .settings import Settings, get_settings
 from .synthetic import SyntheticStore
@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     _add_error_handlers(app)
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
-    for module in (search, cases, media, generate, stats, insights):
+    for module in (search, cases, media, generate, stats, insights, explain):
         app.include_router(module.router, dependencies=secured)
     if settings.cors_origins:
         app.add_middleware(
@@ -270,7 +270,7 @@ def _mapped(request: Request, exc: Exception) -> JSONResponse:
     status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
     if status == 500:
         log.error("%s %s", rid, type(exc).__name__, exc_info=exc)
-    body = ErrorResponse(detail=str(exc), request_id=rid)
+    body = ErrorResponse(detail=str(exc), request_id=rid, duplicates=getattr(exc, "matches", None))
     return JSONResponse(body.model_dump(), status)
 
 

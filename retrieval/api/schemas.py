@@ -23,13 +23,14 @@ Multipart forms (declared on the routes, listed here for clients):
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from retrieval.data.cohort import CASE_METADATA, CatalogField
 from retrieval.data.media_write import SYNTHETIC_LABEL
 from retrieval.search.queries import SUGGESTION_LABEL
+from retrieval.search.region import format_region, parse_region
 
 Modality = Literal["cf", "ffa"]
 Target = Literal["cf", "ffa", "both"]
@@ -37,6 +38,7 @@ Via = Literal["direct", "synthesis", "fused"]
 Eye = Literal["OD", "OS"]
 Split = Literal["train", "val", "test"]
 Similarity = Literal["combined", "pair", "clinical"]
+FeedbackStrategy = Literal["rocchio", "best_score"]
 
 _CASE_EXAMPLE = {
     **{f.name: f.example for f in CASE_METADATA},
@@ -88,6 +90,25 @@ class FieldError(_Model):
     type: str
 
 
+class DuplicateMatch(_Model):
+    """An indexed case whose CF photo or FFA video is a near-duplicate of another's."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "case_id": "ph0-00012",
+                "modality": "cf",
+                "distance": 0.04,
+                "threshold": 0.2,
+            }
+        }
+    )
+    case_id: str = Field(description="The indexed case it repeats.")
+    modality: Literal["cf", "ffa"] = Field(description="Which media are near-duplicates.")
+    distance: float = Field(description="1 - the best view cosine (0: the same picture).")
+    threshold: float = Field(description="At or below this distance a pair is a near-duplicate.")
+
+
 class ErrorResponse(_Model):
     """Every 4xx/5xx answer."""
 
@@ -105,6 +126,11 @@ class ErrorResponse(_Model):
         default=None, description="Validation errors one by one (422 only)."
     )
     request_id: str | None = Field(default=None, description="Also in the X-Request-ID header.")
+    duplicates: list[DuplicateMatch] | None = Field(
+        default=None,
+        description="409 from POST /cases only: the indexed cases the new one near-duplicates, "
+        "nearest first (`allow_duplicate=true` adds it anyway).",
+    )
 
 
 # --------------------------------------------------------------------------- health, stats
@@ -250,6 +276,24 @@ class SearchFilters(_Model):
     lesion: list[str] | None = Field(default=None, description="Any of these lesions.")
 
 
+def _region_text(value: str | None) -> str | None:
+    """A region parameter "x0,y0,x1,y1" checked (`retrieval.search.region.parse_region`)."""
+    try:
+        box = parse_region(value)
+    except ValueError as err:
+        raise ValueError(str(err).removeprefix("region ")) from None
+    return None if box is None else format_region(box)
+
+
+Region = Annotated[str | None, AfterValidator(_region_text)]
+REGION_HELP = (
+    "Search by a region of the CF query photo: a box x0,y0,x1,y1 in normalised coordinates "
+    "(0-1, x right, y down; x0 < x1, y0 < y1). With the default similarity the box's "
+    "content is looked for anywhere in other eyes (each result's `region` says where it "
+    "matched); with similarity pair, at the same place. A CF query only, via direct."
+)
+
+
 class ResultRow(_Model):
     model_config = ConfigDict(json_schema_extra={"example": _ROW_EXAMPLE})
     rank: int = Field(ge=1, description="1 = best.")
@@ -264,6 +308,18 @@ class ResultRow(_Model):
     cf_url: str
     ffa_url: str
     synthetic: bool = Field(default=False, description="Always false: results are real cases.")
+    region: list[float] | None = Field(
+        default=None,
+        description="A region query: the part of this case's CF photo that matched the box "
+        "(normalised x0, y0, x1, y1; the box's size, placed where it matches best; with "
+        "similarity pair, the same place). Null for a whole-photo query.",
+        examples=[[0.5, 0.375, 0.6875, 0.5625]],
+    )
+    region_score: float | None = Field(
+        default=None,
+        description="A region query: the clinical cosine of that part with the box (null: "
+        "pair similarity or no region).",
+    )
 
 
 class QueryInfo(_Model):
@@ -275,6 +331,23 @@ class QueryInfo(_Model):
     height: int | None = None
     frames: int | None = Field(default=None, description="For an FFA query.")
     bytes: int | None = Field(default=None, description="Size of the upload.")
+    region: list[float] | None = Field(
+        default=None, description="A region query's box (normalised x0, y0, x1, y1)."
+    )
+    region_cells: list[int] | None = Field(
+        default=None,
+        description="The embedder's grid cells the box covers: row0, row1, col0, col1 (end "
+        "exclusive) on the photo centre-padded to a square.",
+    )
+    positive: list[str] | None = Field(
+        default=None, description="Relevance feedback: the case ids marked relevant."
+    )
+    negative: list[str] | None = Field(
+        default=None, description="Relevance feedback: the case ids marked not relevant."
+    )
+    feedback: FeedbackStrategy | None = Field(
+        default=None, description="The strategy that used them (null: no feedback)."
+    )
 
 
 class SyntheticVideo(_Model):
@@ -323,6 +396,100 @@ class DiagnosisSuggestion(_Model):
     label: str = Field(default=SUGGESTION_LABEL)
 
 
+# --------------------------------------------------------------------------- explanations
+
+_SIDE_EXAMPLE = {
+    "case_id": "ph0-00017",
+    "modality": "ffa",
+    "total": 0.84,
+    "regions": [[0.01] * 16 for _ in range(16)],
+    "top_regions": [
+        {"row": 9, "col": 4, "box": [0.25, 0.5625, 0.3125, 0.625], "contribution": 0.39}
+    ],
+    "frames": [
+        {"index": 0, "time_s": 11.1, "phase": "arterial", "attention": 0.7, "contribution": 0.5}
+    ],
+    "phases": [
+        {"phase": "arterial", "start_s": 0.0, "end_s": 20.0, "frames": 1, "contribution": 0.5},
+        {"phase": "venous", "start_s": 20.0, "end_s": 300.0, "frames": 0, "contribution": 0.0},
+        {"phase": "late", "start_s": 300.0, "end_s": None, "frames": 0, "contribution": 0.0},
+    ],
+}
+_EXPLANATION_EXAMPLE = {
+    "similarity": "clinical",
+    "score": 0.97287,
+    "search_score": 0.97287,
+    "grid": 16,
+    "sum_check": {"query_sum": 0.97287, "result_sum": 0.97287, "max_error": 2e-8},
+    "query": {
+        **_SIDE_EXAMPLE,
+        "case_id": "ph0-00003",
+        "modality": "cf",
+        "frames": None,
+        "phases": None,
+    },
+    "result": _SIDE_EXAMPLE,
+}
+
+
+class RegionShare(_Model):
+    row: int = Field(description="Grid row, from the top.")
+    col: int = Field(description="Grid column, from the left.")
+    box: list[float] = Field(description="x0, y0, x1, y1 in [0, 1] of the square-padded photo.")
+    contribution: float
+
+
+class FrameShare(_Model):
+    index: int
+    time_s: float = Field(description="Seconds after injection.")
+    phase: Literal["arterial", "venous", "late"]
+    attention: float = Field(description="The frame's weight in the time-attention pooling.")
+    contribution: float = Field(description="The frame's share of the score.")
+
+
+class PhaseShare(_Model):
+    phase: Literal["arterial", "venous", "late"]
+    start_s: float
+    end_s: float | None = Field(description="null: open-ended (the late phase).")
+    frames: int
+    contribution: float
+
+
+class SideExplanation(_Model):
+    model_config = ConfigDict(json_schema_extra={"example": _SIDE_EXAMPLE})
+    case_id: str | None = Field(description="null for an uploaded query.")
+    modality: Modality
+    total: float = Field(description="The sum of `regions`: the score.")
+    regions: list[list[float]] = Field(
+        description="grid x grid signed shares of the score, row-major from the top left of "
+        "the photo (or video) padded to a square."
+    )
+    top_regions: list[RegionShare]
+    frames: list[FrameShare] | None = Field(description="FFA only: each frame's share.")
+    phases: list[PhaseShare] | None = Field(
+        description="FFA only: arterial (< 20 s), venous (20 s to 5 min), late (from 5 min)."
+    )
+
+
+class SumCheck(_Model):
+    query_sum: float
+    result_sum: float
+    max_error: float = Field(description="Largest |side sum - search_score|.")
+
+
+class ExplanationResponse(_Model):
+    """Why a result matched its query: the score split over both sides' regions."""
+
+    model_config = ConfigDict(json_schema_extra={"example": _EXPLANATION_EXAMPLE})
+    similarity: Similarity
+    score: float = Field(description="The cosine of the embeddings recomputed from the media.")
+    search_score: float = Field(description="The score a search reports for this pair.")
+    grid: int = Field(description="Regions per side of the map.")
+    sum_check: SumCheck
+    query: SideExplanation
+    result: SideExplanation
+
+
 class SearchResponse(_Model):
     model_config = ConfigDict(
         json_schema_extra={
@@ -357,7 +524,10 @@ class SearchResponse(_Model):
     )
     k: int
     filters: SearchFilters
-    score_kind: Literal["cosine", "rrf"]
+    score_kind: Literal["cosine", "rrf", "best_score"] = Field(
+        description="cosine; rrf (via fused); best_score (feedback=best_score: in (0, 1) "
+        "when closer to a positive than to every negative, else in (-1, 0))."
+    )
     candidates: int = Field(description="Indexed items the filters allow in the target index.")
     results: list[ResultRow]
     synthetic_query: SyntheticVideo | None = Field(
@@ -370,6 +540,11 @@ class SearchResponse(_Model):
     )
     encoder_id: str
     timings_ms: dict[str, float]
+    explanations: list[ExplanationResponse] | None = Field(
+        default=None,
+        description="With `explain` (POST /search): why each of the top `explain_top` "
+        "results matched, in rank order (by the direct cosine of the query's own embedding).",
+    )
 
 
 # --------------------------------------------------------------------------- cases
@@ -424,6 +599,23 @@ class DeletedCase(_Model):
 
 
 # --------------------------------------------------------------------------- map, model
+
+
+class DuplicateList(_Model):
+    """GET /cases/{case_id}/duplicates: indexed cases near-duplicating this one."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "case_id": "ph0-00003",
+                "items": [
+                    {"case_id": "ph0-00012", "modality": "cf", "distance": 0.04, "threshold": 0.2}
+                ],
+            }
+        }
+    )
+    case_id: str
+    items: list[DuplicateMatch]
 
 
 class MapPoint(_Model):

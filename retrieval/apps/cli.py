@@ -110,6 +110,13 @@ def ingest(
     skip_bad: Annotated[
         bool, typer.Option(help="Write the good rows and skipped.csv instead of failing.")
     ] = False,
+    skip_duplicates: Annotated[
+        bool,
+        typer.Option(help="Leave out rows whose CF or FFA near-duplicates an earlier row's."),
+    ] = False,
+    allow_duplicates: Annotated[
+        bool, typer.Option(help="Keep near-duplicate rows (they are still listed).")
+    ] = False,
     allow_outside: Annotated[
         bool, typer.Option(help="Allow media paths outside the manifest's folder.")
     ] = False,
@@ -127,15 +134,47 @@ def ingest(
             manifest,
             out,
             skip_bad=skip_bad,
+            skip_duplicates=skip_duplicates,
+            allow_duplicates=allow_duplicates,
             allow_outside=allow_outside,
             seed=seed,
             max_pixels=max_pixels,
         )
     typer.echo(f"wrote {result.written} cases to {result.cohort}")
+    for pair in result.duplicates:
+        typer.echo(f"near-duplicate {pair.modality}: {pair.a} ~ {pair.b} ({pair.distance:.3f})")
     if result.skipped:
         typer.echo(
             f"skipped {len(result.skipped)} row(s), listed in {result.cohort / 'skipped.csv'}"
         )
+
+
+@app.command()
+def duplicates(
+    folder: Annotated[Path, typer.Argument(help="A cohort folder or an index folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    cf_threshold: Annotated[
+        float | None, typer.Option(min=0.0, max=2.0, help="CF distance limit (default: tuned).")
+    ] = None,
+    ffa_threshold: Annotated[
+        float | None, typer.Option(min=0.0, max=2.0, help="FFA distance limit (default: tuned).")
+    ] = None,
+):
+    """List the pairs of cases whose CF photos or FFA videos are near-duplicates."""
+    from retrieval.data.duplicates import THRESHOLDS, folder_pairs
+
+    given = {"cf": cf_threshold, "ffa": ffa_threshold}
+    limits = {m: THRESHOLDS[m] if v is None else v for m, v in given.items()}
+    with bad_input():
+        pairs = folder_pairs(folder, limits, progress=sys.stderr.isatty())
+    if as_json:
+        records = [p.record() for p in pairs]
+        typer.echo(json.dumps({"folder": str(folder), "thresholds": limits, "pairs": records}))
+        return
+    typer.echo(f"{'case a':24} {'case b':24} {'modality':8} {'distance':>8}")
+    for p in pairs:
+        typer.echo(f"{p.a:24} {p.b:24} {p.modality:8} {p.distance:8.3f}")
+    typer.echo(f"{len(pairs)} near-duplicate pair(s) (thresholds {limits})")
 
 
 @app.command()
@@ -452,6 +491,10 @@ def search(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
+    positive: Annotated[list[str] | None, typer.Option(help=POSITIVE_HELP)] = None,
+    negative: Annotated[list[str] | None, typer.Option(help=NEGATIVE_HELP)] = None,
+    feedback: Annotated[str | None, typer.Option(help="rocchio (default) or best_score.")] = None,
+    region: Annotated[str | None, typer.Option(help=REGION_HELP)] = None,
 ):
     """Ranked cases for a query file (a CF photo or an FFA video), and the diagnosis
     suggested by its most similar archive cases (decision support, not a diagnosis)."""
@@ -468,21 +511,55 @@ def search(
         else:
             query = FFAQuery(read_ffa(file), _parse_times(times))
         engine = Engine.open(index)
-        result = engine.search(query, target=target, k=k, via=via, similarity=similarity)
+        marks = {"positive": positive, "negative": negative, "feedback": feedback, "region": region}
+        result = engine.search(query, target=target, k=k, via=via, similarity=similarity, **marks)
     rows = [_hit_row(h) for h in result.hits]
     if as_json:
         typer.echo(json.dumps(_search_record(result, rows, target, via), indent=2))
         return
     if result.synthetic is not None:
         typer.echo("query searched through its synthesized (SYNTHETIC) FFA video")
+    if result.query.get("feedback"):
+        typer.echo(feedback_line(result.query))
     typer.echo(f"{'rank':>4}  {'case':<14}{'score':>9}  {'modality':<8} {'diagnosis':<9} lesions")
     for r in rows:
         typer.echo(
             f"{r['rank']:>4}  {r['case_id']:<14}{r['score']:>9.4f}  {r['modality']:<8} "
-            f"{r['diagnosis'] or '-':<9} {', '.join(r['lesions']) or '-'}"
+            f"{r['diagnosis'] or '-':<9} {', '.join(r['lesions']) or '-'}{_region_note(r)}"
         )
     if result.suggestion is not None:
         typer.echo(suggestion_line(result.suggestion))
+
+
+@app.command()
+def explain(
+    index: Annotated[Path, typer.Argument(help="Index folder (from `fundus2video index`).")],
+    case_id: Annotated[str, typer.Argument(help="The query case.")],
+    other_id: Annotated[str, typer.Argument(help="The result case to explain.")],
+    similarity: Annotated[
+        str | None, typer.Option(help="clinical (the default), pair or combined.")
+    ] = None,
+    modality: Annotated[str, typer.Option(help="The query's embedding: cf or ffa.")] = "cf",
+    target: Annotated[
+        str | None, typer.Option(help="The result's embedding: cf or ffa (default: --modality).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole explanation.")] = False,
+):
+    """Why OTHER_ID matches CASE_ID: the score, each side's regions summing to it (the sum
+    check), the top regions and, for an angiogram, its phases' shares."""
+    from retrieval.search.engine import CaseQuery, Engine
+    from retrieval.search.explain import explanation_lines
+
+    if modality not in ("cf", "ffa") or target not in (None, "cf", "ffa"):
+        bad = "--modality" if modality not in ("cf", "ffa") else "--target"
+        raise typer.BadParameter(f"{bad} must be cf or ffa")
+    with bad_input():
+        engine = Engine.open(index)
+        found = engine.explain(CaseQuery(case_id, modality), other_id, similarity, target)
+    if as_json:
+        typer.echo(json.dumps(found.to_dict(), indent=2))
+        return
+    typer.echo("\n".join(explanation_lines(found)))
 
 
 def _hit_row(hit) -> dict:
@@ -496,7 +573,16 @@ def _hit_row(hit) -> dict:
         "eye": hit.case.eye,
         "lesions": list(hit.case.lesions),
         "split": hit.case.split,
+        "region": None if hit.region is None else [round(v, 4) for v in hit.region],
+        "region_score": None if hit.region_score is None else round(hit.region_score, 6),
     }
+
+
+def _region_note(row: dict) -> str:
+    """`  [matched at x0,y0,x1,y1]` for a region query's hit, else nothing."""
+    if row.get("region") is None:
+        return ""
+    return "  [matched at " + ",".join(f"{v:.3f}" for v in row["region"]) + "]"
 
 
 def _search_record(result, rows: list[dict], target: str, via: str) -> dict:
@@ -514,6 +600,21 @@ def _search_record(result, rows: list[dict], target: str, via: str) -> dict:
     if result.synthetic is not None:
         out["synthetic_query"] = {"synthetic": True, "times_s": result.synthetic.times_s.tolist()}
     return out
+
+
+POSITIVE_HELP = "Relevance feedback: a case id marked relevant (repeat: --positive A --positive B)."
+NEGATIVE_HELP = "Relevance feedback: a case id marked not relevant (repeatable)."
+REGION_HELP = (
+    "Search by a box of the CF query photo: x0,y0,x1,y1 normalised (0-1, y down), e.g. "
+    "0.55,0.40,0.75,0.60. The default similarity finds its content anywhere in other eyes "
+    "(each result shows where it matched); --similarity pair, at the same place."
+)
+
+
+def feedback_line(query: dict) -> str:
+    """`refined by 2 positive, 1 negative (rocchio)`: the marks a search used."""
+    pos, neg = len(query.get("positive") or ()), len(query.get("negative") or ())
+    return f"refined by {pos} positive, {neg} negative ({query.get('feedback')})"
 
 
 def suggestion_line(suggestion) -> str:

@@ -8,6 +8,12 @@ Media paths are relative to the manifest's folder. Every row is decoded first an
 all problems are reported together; nothing is written unless every row is good
 (or `skip_bad`, which writes the good rows and `skipped.csv`). The cohort is built
 in a temporary folder and renamed, so an interrupted ingest leaves nothing behind.
+
+Near-duplicates: a row whose CF photo or FFA video is a near-duplicate of an earlier
+row's (`retrieval.data.duplicates`: re-saved, recompressed, resized, slightly cropped,
+brightness shifted) is a problem naming both rows; `skip_duplicates` leaves such rows
+out (listed in `skipped.csv`) and `allow_duplicates` keeps them (still reported in
+`IngestResult.duplicates`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from index.atomic import atomic_dir, atomic_write_text
 from retrieval.errors import ManifestError, OutputExists, RowProblem, UnreadableMedia
 
 from .cohort import CATALOG_NAME, SPLITS, catalog_from_rows, patient_split, write_catalog
+from .duplicates import DuplicatePair, case_descriptor, find_pairs
 from .media import DEFAULT_MAX_PIXELS, read_cf, read_ffa
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,7 @@ class IngestResult:
     cohort: Path
     written: int
     skipped: list[RowProblem] = field(default_factory=list)
+    duplicates: list[DuplicatePair] = field(default_factory=list)  # (earlier, later) case ids
 
 
 @dataclass
@@ -51,6 +59,7 @@ class _Row:
     meta: dict
     cf_src: Path
     ffa_src: Path
+    descriptor: dict | None = None  # the near-duplicate descriptor of its media
 
 
 def _split_list(text: str) -> list[str]:
@@ -112,8 +121,9 @@ def _parse_metadata(raw: dict[str, str], frames: int) -> dict:
     return meta
 
 
-def _check_media(cf_path: Path, ffa_path: Path, max_pixels: int) -> int:
-    """Decode both files; return the FFA frame count. Raises UnreadableMedia / ValueError."""
+def _check_media(cf_path: Path, ffa_path: Path, max_pixels: int) -> tuple[int, dict]:
+    """Decode both files; return the FFA frame count and the near-duplicate descriptor.
+    Raises UnreadableMedia / ValueError."""
     cf = read_cf(cf_path, max_pixels=max_pixels)  # (H, W, 3)
     if min(cf.shape[:2]) < MIN_SIDE:
         raise ValueError(
@@ -126,7 +136,7 @@ def _check_media(cf_path: Path, ffa_path: Path, max_pixels: int) -> int:
         raise ValueError(
             f"ffa_path {ffa_path.name}: {ffa.shape[2]}x{ffa.shape[1]} is below {MIN_SIDE} px"
         )
-    return len(ffa)
+    return len(ffa), case_descriptor(cf, ffa)
 
 
 def read_manifest(manifest: Path) -> list[dict[str, str]]:
@@ -172,14 +182,14 @@ def validate_manifest(
             first_row_of[case_id] = number
             cf_src = _resolve(base, raw["cf_path"], "cf_path", allow_outside)
             ffa_src = _resolve(base, raw["ffa_path"], "ffa_path", allow_outside)
-            frames = _check_media(cf_src, ffa_src, max_pixels)
+            frames, descriptor = _check_media(cf_src, ffa_src, max_pixels)
             meta = _parse_metadata(raw, frames)
         except (ValueError, UnreadableMedia) as e:
             problems.append(RowProblem(number, case_id, str(e)))
             continue
         meta["case_id"] = case_id
         meta["source"] = raw.get("source") or manifest.stem
-        good.append(_Row(number, meta, cf_src, ffa_src))
+        good.append(_Row(number, meta, cf_src, ffa_src, descriptor))
     problems += _check_splits(good)
     return good, problems
 
@@ -202,6 +212,25 @@ def _check_splits(rows: list[_Row]) -> list[RowProblem]:
             msg = f"patient {pid} is in split {split} here but {first[0]} in row {first[1]}"
             problems.append(RowProblem(r.number, r.meta["case_id"], msg))
     return problems
+
+
+def near_duplicate_problems(rows: list[_Row]) -> tuple[list[RowProblem], list[DuplicatePair]]:
+    """Each row whose CF or FFA near-duplicates an earlier row's: one problem naming both rows
+    (at its nearest match), and every pair found."""
+    described = [r for r in rows if r.descriptor is not None]
+    pairs = find_pairs([r.meta["case_id"] for r in described], [r.descriptor for r in described])
+    row_of = {r.meta["case_id"]: r for r in described}
+    problems: dict[int, RowProblem] = {}
+    for p in pairs:  # nearest first within each modality
+        first, later = sorted((row_of[p.a], row_of[p.b]), key=lambda r: r.number)
+        if later.number in problems:
+            continue
+        msg = (
+            f"{p.modality} is a near-duplicate of row {first.number} ({first.meta['case_id']}): "
+            f"distance {p.distance:.3f} (use --skip-duplicates or --allow-duplicates)"
+        )
+        problems[later.number] = RowProblem(later.number, later.meta["case_id"], msg)
+    return sorted(problems.values(), key=lambda p: p.row), pairs
 
 
 def _media_name(case_id: str, src: Path, taken: set[str]) -> str:
@@ -227,6 +256,8 @@ def ingest(
     out: str | Path,
     *,
     skip_bad: bool = False,
+    skip_duplicates: bool = False,
+    allow_duplicates: bool = False,
     allow_outside: bool = False,
     seed: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -239,8 +270,11 @@ def ingest(
     rows, problems = validate_manifest(
         manifest, allow_outside=allow_outside, max_pixels=max_pixels, progress=progress
     )
-    if problems and not skip_bad:
-        raise ManifestError(manifest, problems)
+    dup_problems, pairs = near_duplicate_problems(rows)
+    if problems and not skip_bad or dup_problems and not (skip_duplicates or allow_duplicates):
+        raise ManifestError(manifest, sorted(problems + dup_problems, key=lambda p: p.row))
+    if not allow_duplicates:
+        problems = sorted(problems + dup_problems, key=lambda p: p.row)
     bad_numbers = {p.row for p in problems}
     rows = [r for r in rows if r.number not in bad_numbers]
     if not rows:
@@ -272,4 +306,4 @@ def ingest(
             )
             atomic_write_text(tmp / "skipped.csv", report.write_csv())
     log.info("ingested %d case(s) into %s; skipped %d", len(rows), out, len(problems))
-    return IngestResult(out, len(rows), problems)
+    return IngestResult(out, len(rows), problems, pairs)

@@ -16,14 +16,17 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 from tqdm import tqdm
 
 from encoder import create_generator, synthesize
-from encoder.data import fit_square
+from encoder.data import cf_tensor, fit_square
 from encoder.embedder import (
+    cf_parts_array,
     embed_cf_array,
     embed_ffa_array,
     embedder_id,
+    ffa_parts_array,
     load_embedder,
     similarity_weights,
 )
@@ -124,6 +127,74 @@ class QueryEncoder:
             t = np.stack([video_times(times[i], len(videos[i])) for i in members])  # (n, T)
             out[members] = embed_ffa_array(self.embedder, ffa, t)
         return out
+
+    def cf_parts(self, image: np.ndarray) -> np.ndarray:
+        """A CF photo uint8 (H, W, 3) → float32 (R, D): each region of the embedder's grid
+        (row-major over the photo padded to a square) and its part of `embed_cf([image])`."""
+        return cf_parts_array(self.embedder, fit_square(image, self.image_size))
+
+    def ffa_parts(
+        self, video: np.ndarray, times: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An FFA video uint8 (T, H, W) → float32 (T, R, D), each frame's and region's part of
+        `embed_ffa([video], [times])`; the frame times used (T,); the attention weights (T,)."""
+        ffa = np.stack([fit_square(f, self.image_size) for f in video])
+        t = video_times(times, len(video))
+        parts, attention = ffa_parts_array(self.embedder, ffa, t)
+        return parts, t, attention
+
+    @property
+    def region_grid(self) -> int:
+        """g of the g x g regions the embedder's vectors are made of."""
+        return int(self.embedder.backbone.feature_shape[-1])
+
+    @torch.no_grad()
+    def _cf_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        cf = np.stack([fit_square(im, self.image_size) for im in images])  # (N, S, S, 3)
+        return self.embedder.cf_features(cf_tensor(cf).to(self.embedder.device))
+
+    @torch.no_grad()
+    def embed_cf_region(
+        self, images: Sequence[np.ndarray], cells: tuple[int, int, int, int]
+    ) -> np.ndarray:
+        """CF photos and grid cells (row0, row1, col0, col1; end exclusive) → float32 (N, D)
+        in the stored layout, from those regions alone: the pair part keeps only their
+        entries (renormalised: where they are), the clinical part pools the lesion
+        detectors over them (what they hold, wherever it is)."""
+        e, g = self.embedder, self.region_grid
+        mask = torch.zeros(g, g, dtype=torch.bool, device=e.device)
+        mask[cells[0] : cells[1], cells[2] : cells[3]] = True
+        out = [np.zeros((0, self.dim), np.float32)]
+        for i in range(0, len(images), EMBED_BATCH_SIZE):
+            feats = self._cf_features(images[i : i + EMBED_BATCH_SIZE])
+            keep = mask.flatten().repeat_interleave(e.config.dim // (g * g)).float()
+            pair = torch.nn.functional.normalize(e.cf_head(feats) * keep, dim=-1)
+            clinical = e.cf_region_clinical_embed(feats, mask) if e.config.clinical_dim else None
+            out.append(e.join(pair, clinical).float().cpu().numpy())
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def locate_cf_region(
+        self,
+        query: np.ndarray,
+        images: Sequence[np.ndarray],
+        shape: tuple[int, int],
+        similarity: str = "clinical",
+    ) -> np.ndarray | None:
+        """A region query vector (D,) (`embed_cf_region`) and CF photos → float32 (N, g - rows
+        + 1, g - cols + 1): the clinical cosine of every window of `shape` = (rows, cols)
+        regions of each photo with the query's clinical part. None when the region search
+        of `similarity` is bound to the place (pair, or no clinical part): it matched there."""
+        e = self.embedder
+        if similarity == "pair" or not e.config.clinical_dim:
+            return None
+        q = torch.from_numpy(np.asarray(query, np.float32)[e.config.dim :]).to(e.device)
+        q = torch.nn.functional.normalize(q, dim=0)
+        maps = [np.zeros((0, *(self.region_grid - n + 1 for n in shape)), np.float32)]
+        for i in range(0, len(images), EMBED_BATCH_SIZE):
+            feats = self._cf_features(images[i : i + EMBED_BATCH_SIZE])
+            maps.append((e.cf_window_clinical_embed(feats, *shape) @ q).float().cpu().numpy())
+        return np.concatenate(maps)
 
     @property
     def generator(self):

@@ -47,7 +47,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,12 +59,19 @@ from index import ROW_ID, IndexFolder, catalog_allowed_ids, load_index_folder, r
 from index.atomic import atomic_write_bytes
 from index.sync import RWLock
 from retrieval.data.cohort import CASE_METADATA, case_values
-from retrieval.data.media import read_cf
+from retrieval.data.duplicates import (
+    DuplicateIndex,
+    DuplicatePair,
+    case_descriptor,
+    duplicate_match,
+)
+from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.media_write import mark_synthetic, mp4_bytes, png_bytes
 from retrieval.errors import (
     DuplicateCase,
     Fundus2VideoError,
     IndexChanged,
+    NearDuplicate,
     PersistError,
     QueryError,
     UnknownCase,
@@ -72,6 +80,18 @@ from retrieval.errors import (
 from retrieval.models.similarity import SIMILARITIES, check_similarity, default_similarity
 from retrieval.models.suggestion import Suggestion, SuggestionModel, suggest
 
+from .explain import Explanation, SideParts, explain_pair
+from .feedback import (
+    Example,
+    Feedback,
+    Rocchio,
+    UnknownExample,
+    check_feedback,
+    feedback_info,
+    feedback_rank,
+    resolve,
+)
+from .feedback import score_kind as feedback_score_kind
 from .queries import (
     FILTER_KEYS,
     MODALITIES,
@@ -93,6 +113,15 @@ from .queries import (
     normalize_filters,
     reciprocal_rank_fusion,
     suggestion_record,
+)
+from .region import (
+    REGION_SHARE,
+    RegionQuery,
+    anchored,
+    locate,
+    parse_region,
+    region_info,
+    region_query,
 )
 
 __all__ = [
@@ -149,6 +178,13 @@ class _QueryVectors:
     image: np.ndarray | None  # the CF photo to synthesize from (via synthesis, fused)
     synthetic: SyntheticQuery | None = None  # the FFA video synthesized from it
     synth: np.ndarray | None = None  # that video's embedding
+    region: RegionQuery | None = None  # a region query: `raw` is then the box's embedding
+    whole: np.ndarray | None = None  # and this the whole photo's (for the suggestion)
+
+    @property
+    def own(self) -> np.ndarray | None:
+        """The whole query's own embedding (not a region's)."""
+        return self.raw if self.whole is None else self.whole
 
 
 class QueryEncoder(Protocol):
@@ -164,6 +200,15 @@ class QueryEncoder(Protocol):
     def embed_ffa(self, videos: Sequence[np.ndarray], times: Any = None) -> np.ndarray: ...
     def synthesize_unmarked(self, image: np.ndarray, times_s: Any = None) -> tuple: ...
     def default_times(self) -> np.ndarray: ...
+
+    # region queries (`retrieval.search.region`): the g of the g x g regions of a vector,
+    # a box's embedding (cells: row0, row1, col0, col1), the window score maps of photos
+    region_grid: int
+
+    def embed_cf_region(self, images: Sequence[np.ndarray], cells: tuple) -> np.ndarray: ...
+    def locate_cf_region(self, query, images: Sequence, shape: tuple, similarity: str) -> Any: ...
+    def cf_parts(self, image: np.ndarray) -> np.ndarray: ...  # (R, D) summing to embed_cf
+    def ffa_parts(self, video: np.ndarray, times: Any = None) -> tuple: ...  # (T, R, D), t, attn
 
 
 # --------------------------------------------------------------------------- the engine
@@ -182,6 +227,7 @@ class Engine:
         self._update = threading.Lock()  # one update (and save) at a time
         self._model = threading.Lock()  # one model call at a time
         self._cache_lock = threading.Lock()
+        self._dup_lock = threading.Lock()  # builds the near-duplicate descriptors once
         self.similarities = tuple(s for s in SIMILARITIES if s in encoder.similarities)
         # query-vector factors per similarity (the encoder never changes)
         self._weights = {
@@ -228,6 +274,7 @@ class Engine:
         self._filters: dict[tuple, np.ndarray | None] = {}
         self._derived: dict[str, Any] = {}
         self._suggesters = self._suggestion_models(folder)
+        self._dups: DuplicateIndex | None = None  # built from the media on first use
 
     def _suggestion_models(self, folder: IndexFolder) -> dict[str, SuggestionModel]:
         """The manifest's suggestion models that this encoder can serve, per modality."""
@@ -338,45 +385,46 @@ class Engine:
         blocking: bool = True,
         similarity: str | None = None,
         suggestion: bool = True,
+        positive: Sequence[Example] | None = None,
+        negative: Sequence[Example] | None = None,
+        feedback: str | Rocchio | None = None,
+        region: Sequence[float] | str | None = None,
     ) -> SearchResult:
         """Ranked cases for a CF photo, an FFA video or a case id (see the module docstring).
 
-        A case query leaves the case itself out of its results unless `exclude_self`
-        is False. `blocking=False` (a direct case query only: no model work) raises
-        `WouldBlock` instead of waiting for an update to finish, so an event loop can
-        run it inline and fall back to a thread. `similarity` (one of `self.similarities`;
-        None: `default_similarity`) scores the hits; `suggestion=False` skips the suggestion.
-        """
+        A case query leaves itself out unless `exclude_self` is False; `blocking=False` (direct
+        case queries only) raises `WouldBlock` rather than wait for an update. `similarity`
+        (None: `default_similarity`) scores the hits; `suggestion=False` skips the suggestion;
+        `positive`/`negative` refine the query by `feedback` (`.feedback`); `region` (x0, y0,
+        x1, y1 on the CF query) searches by that box's content (`.region`, `_region_vectors`)."""
         t0 = time.perf_counter()
         query = as_query(query)
         qmod = self._check_search(query, target, k, via, blocking)
         flt = normalize_filters(filters)
-        similarity = default_similarity(self.similarities) if similarity is None else similarity
-        weights = self._weights[check_similarity(similarity, self.similarities)]
+        similarity, weights = self._similarity(similarity)
         model = self._suggesters.get(qmod) if suggestion else None
         timings: dict[str, float] = {}
         own = via != "synthesis" or model is not None  # the query's own vector is needed
-        vecs = self._query_vectors(query, via, own, blocking, synthesis_times, timings)
+        vecs = self._query_vectors(query, via, own, blocking, synthesis_times, timings, region)
         exclude = vecs.row if exclude_self else None
         t = time.perf_counter()
         with self._reading(blocking):
             allowed = self._allowed(flt)
-            ranked = self._ranked(via, target, k, allowed, exclude, vecs, weights)
+            fb = self._feedback(positive, negative, feedback)
+            ranked = self._ranked(via, target, k, allowed, exclude, vecs, weights, fb)
             hits = [Hit(n, s, m, self._rows[i]) for n, (s, i, m) in enumerate(ranked, 1)]
             candidates = self._candidates(target, allowed)
-            suggested = self._suggest_locked(model, qmod, vecs.raw, vecs.row)
+            suggested = self._suggest_locked(model, qmod, vecs.own, vecs.row)
         timings.update(search=_ms(t), total=_ms(t0))
-        info: dict[str, Any] = {"kind": "upload", "modality": qmod, "similarity": similarity}
-        if isinstance(query, CaseQuery):
-            info.update(kind="case", case_id=query.case_id)
+        info = self._query_info(query, qmod, similarity, fb)
         return SearchResult(
-            hits=hits,
+            hits=self._locate(hits, vecs, similarity, timings),
             target=target,
             via=via,
             k=k,
-            query=info,
+            query=region_info(info, vecs.region),
             filters=flt,
-            score_kind="rrf" if via == "fused" else "cosine",
+            score_kind="rrf" if via == "fused" else feedback_score_kind(fb),
             candidates=candidates,
             synthetic=vecs.synthetic,
             timings_ms=timings,
@@ -384,6 +432,46 @@ class Engine:
             suggestion=suggested,
             suggestion_model=model if suggested is not None else None,
         )
+
+    def _similarity(self, similarity: str | None) -> tuple[str, np.ndarray]:
+        """The search's similarity (None: the default) and its query factors."""
+        similarity = default_similarity(self.similarities) if similarity is None else similarity
+        return similarity, self._weights[check_similarity(similarity, self.similarities)]
+
+    @staticmethod
+    def _query_info(query: Query, qmod: str, similarity: str, fb: Feedback | None) -> dict:
+        """The result's `query`: its kind, modality, similarity, case id and feedback."""
+        info: dict[str, Any] = {"kind": "upload", "modality": qmod, "similarity": similarity}
+        if isinstance(query, CaseQuery):
+            info.update(kind="case", case_id=query.case_id)
+        return {**info, **feedback_info(fb)}
+
+    def _feedback(self, positive, negative, strategy) -> Feedback | None:
+        """The search's feedback examples resolved (None: none): a case's stored vectors in
+        every modality (one shared space); an unknown case id raises `UnknownExample`
+        naming its list. Read lock held."""
+        spec = check_feedback(positive, negative, strategy, self.encoder.dim)
+        if spec is None:
+            return None
+        modalities = self.modalities
+
+        def rows(param: str, case_id: str) -> int:
+            if case_id not in self._by_case:
+                raise UnknownExample(param, case_id)
+            return self._by_case[case_id]
+
+        def vectors(ids: Sequence[int]) -> np.ndarray:
+            return np.concatenate([self.vectors(m, ids) for m in modalities])
+
+        return resolve(spec, rows, vectors, self.encoder.dim)
+
+    def _feedback_rank(self, fb, weights, vec, target, k, allowed, exclude) -> list[tuple]:
+        """`_rank` of the weighted query `vec` refined by the examples `fb`. Read lock held."""
+
+        def search(v: np.ndarray, n: int) -> list[tuple[float, int, str]]:
+            return self._rank(v, target, n, allowed, None)
+
+        return feedback_rank(fb, vec, weights, k, search, self.vectors, exclude)
 
     def suggest(self, query: Query | str | np.ndarray) -> Suggestion | None:
         """The diagnosis suggested for a query by its nearest labelled cases in the query's
@@ -520,16 +608,76 @@ class Engine:
         blocking: bool,
         times: Sequence[float] | None,
         timings: dict[str, float],
+        region: Sequence[float] | str | None = None,
     ) -> _QueryVectors:
         """The query's own embedding (when `own`) and, via synthesis or fused, the embedding
-        of the FFA video synthesized from its CF photo (at `times`)."""
+        of the FFA video synthesized from its CF photo (at `times`); with a `region`, the
+        embedding of that box of its CF photo (`_region_vectors`)."""
         if isinstance(query, CaseQuery):
             vecs = self._case_vectors(query, via, own, blocking)
         else:
             vecs = self._upload_vectors(query, own, timings)
         if via != "direct":
             vecs.synthetic, vecs.synth = self._synthesize_and_embed(vecs.image, times, timings)
+        if region is not None:
+            self._region_vectors(query, region, via, blocking, vecs, timings)
         return vecs
+
+    def _region_vectors(self, query, region, via, blocking, vecs, timings) -> None:
+        """A region query: `vecs.raw` becomes the embedding of the box (x0, y0, x1, y1,
+        normalised on the query's CF photo) alone; the whole photo's moves to `vecs.whole`."""
+        box = parse_region(region)
+        if box is None:
+            return
+        if not blocking:
+            raise WouldBlock("a region query reads the photo and embeds the box (model work)")
+        image = self._region_image(query, via)
+        rq = region_query(box, image.shape[:2], self.encoder.region_grid)
+        with self._model:
+            t = time.perf_counter()
+            rq = replace(rq, vector=self.encoder.embed_cf_region([image], rq.cells))
+            timings["embed_region"] = _ms(t)
+        vec = rq.vector
+        if "clinical" in self._weights and vecs.raw is not None:  # the photo as its context
+            vec = anchored(vec, vecs.raw, self._weights["clinical"] > 0, REGION_SHARE)
+        vecs.whole, vecs.raw, vecs.region = vecs.raw, vec, rq
+
+    def _region_image(self, query: Query, via: str) -> np.ndarray:
+        """The CF photo a region query's box lies on; QueryError (naming `region`) otherwise."""
+        if via != "direct":
+            raise QueryError(f"region: a region query searches via=direct, not via={via}")
+        if isinstance(query, CFQuery):
+            return query.image
+        if not isinstance(query, CaseQuery) or query.modality != "cf":
+            raise QueryError(
+                "region: a box lies on a CF photo; query by a CF photo or a case's CF "
+                "(modality cf), not an FFA video"
+            )
+        return self._stored_cf(self.case(query.case_id))
+
+    @staticmethod
+    def _stored_cf(case: CaseInfo) -> np.ndarray:
+        try:
+            return read_cf(case.cf_path)
+        except UnreadableMedia as err:  # the server's own file: not the client's fault
+            raise Fundus2VideoError(f"stored CF photo of case {case.case_id!r}: {err}") from err
+
+    def _locate(self, hits: list[Hit], vecs: _QueryVectors, similarity: str, timings) -> list[Hit]:
+        """A region query's hits, each with the part of its CF photo that matched: the window
+        of the box's size most like the box, or the same place when the encoder's region
+        vectors are bound to the place for this similarity (its map is None)."""
+        rq = vecs.region
+        if rq is None or not hits:
+            return hits
+        t = time.perf_counter()
+        images = [self._stored_cf(h.case) for h in hits]
+        with self._model:
+            maps = self.encoder.locate_cf_region(rq.vector[0], images, rq.shape, similarity)
+        for n, (hit, image) in enumerate(zip(hits, images, strict=True)):
+            box, score = locate(rq, image.shape[:2], None if maps is None else maps[n])
+            hit.region, hit.region_score = box, score
+        timings["locate"] = _ms(t)
+        return hits
 
     def _case_vectors(self, query: CaseQuery, via: str, own: bool, blocking: bool) -> _QueryVectors:
         """A case query's stored vector (when `own`) and, for synthesis, its stored CF photo."""
@@ -556,15 +704,16 @@ class Engine:
                 timings["embed"] = _ms(t)
         return _QueryVectors(raw, None, query.image if isinstance(query, CFQuery) else None)
 
-    def _ranked(self, via, target, k, allowed, exclude, vecs, weights) -> list[tuple]:
+    def _ranked(self, via, target, k, allowed, exclude, vecs, weights, fb=None) -> list[tuple]:
         """(score, row id, modality) best first for the search's `via`: `vecs` scored by the
-        similarity's query factors `weights`. Read lock held."""
+        similarity's query factors `weights`, refined by the feedback `fb`. Read lock held."""
+        rank = self._rank if fb is None else partial(self._feedback_rank, fb, weights)
         if via != "fused":
             vec = vecs.raw if via == "direct" else vecs.synth
-            return self._rank(vec * weights, target, k, allowed, exclude)
+            return rank(vec * weights, target, k, allowed, exclude)
         depth = max(k, FUSE_DEPTH)
-        a = self._rank(vecs.raw * weights, target, depth, allowed, exclude)
-        b = self._rank(vecs.synth * weights, target, depth, allowed, exclude)
+        a = rank(vecs.raw * weights, target, depth, allowed, exclude)
+        b = rank(vecs.synth * weights, target, depth, allowed, exclude)
         fused = reciprocal_rank_fusion([[i for _, i, _ in a], [i for _, i, _ in b]])
         return [(s, i, target) for i, s in fused[:k]]
 
@@ -589,6 +738,84 @@ class Engine:
             return sum(self._folder.indexes[m].ntotal for m in targets)
         return len(allowed) * len(targets)
 
+    # ------------------------------------------------------------------ explanations
+    def explain(
+        self,
+        query: Query | str | np.ndarray,
+        other_case_id: str,
+        similarity: str | None = None,
+        target: str | None = None,
+    ) -> Explanation:
+        """Why `other_case_id` matches `query`: the `similarity` score (None: the default)
+        between the query and the other case's `target` embedding (None: the query's
+        modality), split over both sides' regions and an FFA side's frames and phases
+        (`retrieval.search.explain`). Runs the model on both sides' media."""
+        return self.explain_many(query, [(other_case_id, target)], similarity)[0]
+
+    def explain_many(
+        self,
+        query: Query | str | np.ndarray,
+        others: Sequence[tuple[str, str | None]],
+        similarity: str | None = None,
+    ) -> list[Explanation]:
+        """`explain` for several (case id, target) results of one query (its side once)."""
+        query = as_query(query)
+        qmod = self._modality(query)
+        similarity = default_similarity(self.similarities) if similarity is None else similarity
+        weights = self._weights[check_similarity(similarity, self.similarities)]
+        targets = [t or qmod for _, t in others]
+        for t in (qmod, *targets):
+            if t not in MODALITIES:
+                raise QueryError(f"target must be one of {', '.join(MODALITIES)}, got {t!r}")
+        with self._lock.read():
+            q_case = self._case_locked(query.case_id) if isinstance(query, CaseQuery) else None
+            cases = [self._case_locked(case_id) for case_id, _ in others]
+            vectors = [
+                self._folder.indexes[t].vector(c.row_id)[0]
+                for c, t in zip(cases, targets, strict=True)
+            ]
+            q_vec = None if q_case is None else self._folder.indexes[qmod].vector(q_case.row_id)[0]
+        inputs = [self._explain_input(qmod, q_case, query)]
+        inputs += [self._explain_input(t, c, None) for c, t in zip(cases, targets, strict=True)]
+        with self._model:
+            if q_vec is None:
+                q_vec = self._embed(query)[0]  # the upload's vector, as a search computes it
+            sides = [self._explain_parts(*side) for side in inputs]
+        q_id = None if q_case is None else q_case.case_id
+        return [
+            explain_pair(
+                sides[0],
+                side,
+                weights,
+                similarity=similarity,
+                search_score=float(np.dot(q_vec * weights, vec)),
+                ids=(q_id, case.case_id),
+            )
+            for side, case, vec in zip(sides[1:], cases, vectors, strict=True)
+        ]
+
+    @staticmethod
+    def _explain_input(modality: str, case: CaseInfo | None, query: Query | None) -> tuple:
+        """(modality, photo or frames, frame times) of a stored case, or of an upload."""
+        if case is None:
+            if isinstance(query, CFQuery):
+                return modality, query.image, None
+            return modality, query.frames, query.times_s
+        try:
+            if modality == "cf":
+                return modality, read_cf(case.cf_path), None
+            return modality, read_ffa(case.ffa_path), case.ffa_times_s
+        except UnreadableMedia as err:  # the server's own file: not the client's fault
+            raise Fundus2VideoError(f"stored {modality} of case {case.case_id!r}: {err}") from err
+
+    def _explain_parts(self, modality: str, media: np.ndarray, times: Any) -> SideParts:
+        """One side's embedding split into region (and frame) parts. Model lock held."""
+        if modality == "cf":
+            return SideParts("cf", self.encoder.cf_parts(media))
+        t = None if times is None else np.asarray(times, np.float32)
+        parts, used, attention = self.encoder.ffa_parts(media, t)
+        return SideParts("ffa", parts, np.asarray(used, np.float32), attention)
+
     def generate(
         self, image: np.ndarray, times_s: Sequence[float] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -602,11 +829,16 @@ class Engine:
         return np.asarray(self.encoder.default_times(), np.float32)
 
     # ------------------------------------------------------------------ updates
-    def add_case(self, case: NewCase, cf: np.ndarray, ffa: np.ndarray) -> CaseInfo:
-        """Embed and index a new case; its media are stored in the folder. Saved at once."""
+    def add_case(
+        self, case: NewCase, cf: np.ndarray, ffa: np.ndarray, *, allow_duplicate: bool = False
+    ) -> CaseInfo:
+        """Embed and index a new case; its media are stored in the folder. Saved at once.
+        A case whose CF or FFA is a near-duplicate of an indexed one's raises NearDuplicate
+        unless `allow_duplicate` (`retrieval.data.duplicates`)."""
         meta = self._check_new_case(case, ffa)
         if case.case_id in self._by_case:
             raise DuplicateCase(case.case_id)
+        dup_desc = self._check_near_duplicates(case.case_id, cf, ffa, allow_duplicate)
         times = None if case.ffa_times_s is None else [np.asarray(case.ffa_times_s, np.float32)]
         with self._model:
             v_cf = self.encoder.embed_cf([cf])
@@ -637,6 +869,7 @@ class Engine:
                 self._next_row_id = row_id + 1
                 self._changed()
             self._save()
+            self._duplicate_index().add(row_id, info.case_id, dup_desc)
             log.info("added a case as row %d", row_id)
             return self._rows[row_id]
 
@@ -653,10 +886,53 @@ class Engine:
                 self._order = self._order[self._order != case.row_id]
                 self._changed()
             self._save()
+            if self._dups is not None:
+                self._dups.remove(case.row_id)
             if case.added:
                 shutil.rmtree(self.path / MEDIA_DIR / str(case.row_id), ignore_errors=True)
             log.info("removed row %d", case.row_id)
             return case
+
+    def _duplicate_index(self) -> DuplicateIndex:
+        """The near-duplicate descriptors of the indexed cases, decoded from their media on
+        first use (about 30 ms a 128-px case; kept in memory, updated by add and remove)."""
+        with self._dup_lock:
+            if self._dups is None:
+                with self._lock.read():
+                    rows = [
+                        (r.row_id, r.case_id, r.cf_path, r.ffa_path) for r in self._rows.values()
+                    ]
+                self._dups = DuplicateIndex.from_media(rows)
+                log.info("near-duplicate descriptors of %d case(s) ready", len(self._dups))
+            return self._dups
+
+    def near_duplicates(
+        self, cf: np.ndarray, ffa: np.ndarray, *, exclude: str | None = None
+    ) -> list[DuplicatePair]:
+        """Indexed cases whose CF or FFA is a near-duplicate of these media, nearest first."""
+        row = self._by_case.get(exclude) if exclude is not None else None
+        return self._duplicate_index().find(case_descriptor(cf, ffa), exclude=row)
+
+    def duplicates_of(self, case_id: str) -> list[DuplicatePair]:
+        """Indexed cases whose CF or FFA is a near-duplicate of the indexed case `case_id`'s."""
+        case = self.case(case_id)
+        desc = self._duplicate_index().of_row(case.row_id)
+        if desc is None:  # its media could not be read
+            return []
+        return self._duplicate_index().find(desc, exclude=case.row_id)
+
+    def _check_near_duplicates(
+        self, case_id: str, cf: np.ndarray, ffa: np.ndarray, allow: bool
+    ) -> dict[str, np.ndarray]:
+        """The new case's descriptor; NearDuplicate (409) when it repeats an indexed case."""
+        desc = case_descriptor(cf, ffa)
+        found = self._duplicate_index().find(desc)
+        if found and not allow:
+            raise NearDuplicate(
+                case_id,
+                [duplicate_match(p) for p in found],
+            )
+        return desc
 
     @staticmethod
     def _check_new_case(case: NewCase, ffa: np.ndarray) -> dict[str, Any]:

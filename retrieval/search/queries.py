@@ -83,6 +83,10 @@ class Hit:
     score: float  # the similarity's cosine (direct, synthesis) or RRF score (fused)
     modality: str  # the index the hit came from
     case: CaseInfo
+    # a region query: the part of the hit's CF photo that matched (normalised x0, y0, x1,
+    # y1) and that window's own cosine with the query's box (`retrieval.search.region`)
+    region: tuple[float, float, float, float] | None = None
+    region_score: float | None = None
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,20 @@ def dashboard_for(api_url: str) -> Iterator[str]:
         stop_process(proc)
 
 
+def search_a_test_photo(page, api) -> Path:
+    """Open the dashboard's Search page, upload the API's first test CF photo and search;
+    returns the photo's path once the results are shown."""
+    catalog = pl.read_parquet(api.cohort / "catalog.parquet")
+    cf = api.cohort / catalog.filter(pl.col("split") == "test")["cf_path"][0]
+    page.get_by_role("heading", name="Search similar cases").wait_for(timeout=WAIT_MS)
+    page.locator("input[type=file]").set_input_files(str(cf))
+    search = page.get_by_role("button", name="Search", exact=True)
+    sync_api.expect(search).to_be_enabled(timeout=60_000)  # the upload has landed
+    search.click()
+    page.get_by_text("similar cases").wait_for(timeout=WAIT_MS)
+    return cf
+
+
 @pytest.fixture
 def page():
     with sync_api.sync_playwright() as p:
@@ -61,17 +75,9 @@ def page():
 
 def test_upload_a_cf_photo_and_see_similar_cases(model_api, page, tmp_path):
     """The real API over the tiny_index (a trained micro model), as the demo runs it."""
-    catalog = pl.read_parquet(model_api.cohort / "catalog.parquet")
-    cf = model_api.cohort / catalog.filter(pl.col("split") == "test")["cf_path"][0]
     with dashboard_for(model_api.url) as url:
         page.goto(url)
-        page.get_by_role("heading", name="Search similar cases").wait_for(timeout=WAIT_MS)
-        page.locator("input[type=file]").set_input_files(str(cf))
-        search = page.get_by_role("button", name="Search", exact=True)
-        sync_api.expect(search).to_be_enabled(timeout=60_000)  # the upload has landed
-        search.click()
-
-        page.get_by_text("similar cases").wait_for(timeout=WAIT_MS)
+        search_a_test_photo(page, model_api)
         page.get_by_text("SYNTHETIC", exact=False).first.wait_for(timeout=WAIT_MS)
         settle(page)
         page.screenshot(path=str(tmp_path / "search.png"), full_page=True)

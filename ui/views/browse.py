@@ -82,6 +82,18 @@ with ffa_col:
 with meta_col:
     st.markdown("**Metadata**")
     st.dataframe(ui.metadata_rows(meta), hide_index=True)
+    if st.button(
+        "Possible duplicates",
+        key="browse_duplicates",
+        icon=":material/content_copy:",
+        help="Indexed cases whose CF photo or FFA video is a near-duplicate of this case's "
+        "(re-saved, recompressed, resized, cropped). The first check reads every case's media.",
+    ):
+        found = state.fetch("Checking for near-duplicates", state.client().case_duplicates, case_id)
+        if found:
+            st.dataframe(found, hide_index=True, key="browse_duplicates_table")
+        elif found is not None:
+            st.caption("No near-duplicate of this case in the index.")
 
 with st.form("browse_similar", border=True):
     st.markdown("**Find similar cases**")

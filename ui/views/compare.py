@@ -92,3 +92,18 @@ for col, side, fr, (ts, exact) in zip(st.columns(2), (left, right), frames, time
             st.image(fr[i], caption=note, width=ui.COMPARE_WIDTH)
         with st.expander("Play the whole video"):
             st.video(video.data, loop=True, muted=True)
+
+st.subheader("Why this match")
+if left_id is None:
+    asked = query
+    matched = next((r.modality for r in response.results if r.case_id == right_id), "cf")
+else:
+    asked, matched = {"kind": "cf", "case_id": left_id.strip(), "name": left_id.strip()}, "cf"
+with st.spinner("Explaining the match…"):
+    explained = ui.explanation_for(
+        asked, response if left_id is None else None, right_id.strip(), matched
+    )
+if explained is None:
+    st.caption("No explanation for this result (an upload's explains its top 10 results only).")
+else:
+    ui.explanation_panel(explained, [left, right], frames)

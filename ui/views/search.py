@@ -61,9 +61,14 @@ with st.container(border=True):
     similarity = ui.similarity_control("search")
     with st.expander("Filters"):
         filters = ui.filter_controls("search")
+    region = ui.region_control("search", ui.query_photo(upload, case_id, case_modality))
     ready = upload is not None or bool(case_id)
     go = st.button("Search", type="primary", icon=":material/search:", disabled=not ready)
 
+params = {"target": target, "k": int(k), "via": via, "similarity": similarity, **filters}
+params["region"] = region
+if go:
+    ui.clear_marks()  # a new search: the marks were for the last one
 if go and upload is not None:
     data, name = upload.getvalue(), upload.name
     kind = modality_of(name)
@@ -78,6 +83,7 @@ if go and upload is not None:
             k=int(k),
             via=via,
             similarity=similarity,
+            region=region,
             content_type=query["content_type"],
             **filters,
         )
@@ -85,6 +91,7 @@ if go and upload is not None:
         if kind == "cf":
             with st.spinner("Synthesizing the angiogram of this photo…"):
                 query["synthetic"] = ui.synthesized_for(api, response, data, name)
+        query["params"] = params
         state.remember_search(query, response)
 elif go and case_id:
     with st.spinner(f"Searching with case {case_id}…"):
@@ -97,11 +104,19 @@ elif go and case_id:
             via=via,
             query_modality=case_modality,
             similarity=similarity,
+            region=region,
             **filters,
         )
     if response is not None:
         query = {"kind": case_modality, "name": case_id.strip(), "case_id": case_id.strip()}
+        query["params"] = params
         state.remember_search(query, response)
+
+if st.session_state.pop(ui.REFINE_NOW, False):  # "Refine": the last search with the marks
+    with st.spinner("Refining the search with your marks…"):
+        refined = ui.refine_search(api)
+    if refined is not None:
+        state.remember_search(st.session_state[state.QUERY], refined)
 
 query, response = st.session_state.get(state.QUERY), st.session_state.get(state.RESULTS)
 if query is None or response is None:
@@ -120,6 +135,7 @@ with right:
     st.subheader(f"{len(response.results)} similar cases")
     if response.similarity:
         st.caption(f"Ranked by {ui.SIMILARITY_NAMES.get(response.similarity, response.similarity)}")
+    ui.feedback_bar(response)
     ui.result_gallery(response)
     with st.expander("As a table"):
         st.dataframe(ui.results_table(response), hide_index=True)

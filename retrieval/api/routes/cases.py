@@ -6,11 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
 
+from retrieval.data.duplicates import duplicate_match
 from retrieval.search.engine import NewCase
 
 from ..convert import case_record
 from ..deps import EngineDep, SettingsDep
-from ..schemas import CasePage, CaseRecord, DeletedCase, ErrorResponse
+from ..schemas import CasePage, CaseRecord, DeletedCase, DuplicateList, ErrorResponse
 from ..settings import HARD_MAX_PAGE
 from ..uploads import parse_times, read_upload, split_values
 from .search import CASE_ERRORS, FILTER_HELP, UPLOAD_ERRORS, CaseId
@@ -60,7 +61,31 @@ def get_case(case_id: CaseId, engine: EngineDep) -> dict:
     summary="Add a case (CF photo + FFA video + metadata) without rebuilding",
     responses={
         **UPLOAD_ERRORS,
-        409: {"model": ErrorResponse, "description": "The case id is already in the index."},
+        409: {
+            "model": ErrorResponse,
+            "description": "The case id is already in the index, or its CF photo or FFA video "
+            "is a near-duplicate of an indexed case's (`duplicates` names the existing case "
+            "ids; send `allow_duplicate=true` to add it anyway).",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "detail": "case 'new-0001': its cf is a near-duplicate of case "
+                        "'ph0-00012' (distance 0.040 <= 0.200); pass allow_duplicate to add it "
+                        "anyway",
+                        "errors": None,
+                        "request_id": "5f0c2a9e1b7d4c3a",
+                        "duplicates": [
+                            {
+                                "case_id": "ph0-00012",
+                                "modality": "cf",
+                                "distance": 0.04,
+                                "threshold": 0.2,
+                            }
+                        ],
+                    }
+                }
+            },
+        },
     },
 )
 def add_case(
@@ -83,6 +108,10 @@ def add_case(
     ffa_times_s: Annotated[
         str | None, Form(description="Comma-separated seconds, one per frame.")
     ] = None,
+    allow_duplicate: Annotated[
+        bool,
+        Form(description="Add it even if its CF or FFA is a near-duplicate of an indexed case's."),
+    ] = False,
 ) -> dict:
     image = read_upload(cf, settings, field="cf", expect="cf")
     video = read_upload(ffa, settings, field="ffa", expect="ffa")
@@ -99,7 +128,8 @@ def add_case(
         source=source,
         ffa_times_s=tuple(times) if times is not None else None,
     )
-    record = case_record(engine.add_case(new, image.array, video.array))
+    added = engine.add_case(new, image.array, video.array, allow_duplicate=allow_duplicate)
+    record = case_record(added)
     response.headers["Location"] = record["cf_url"].removesuffix("/cf")
     return record
 
@@ -113,3 +143,14 @@ def add_case(
 def delete_case(case_id: CaseId, engine: EngineDep) -> dict:
     case = engine.remove_case(case_id)
     return {"case_id": case.case_id, "deleted": True, "catalog_rows": engine.case_count}
+
+
+@router.get(
+    "/cases/{case_id}/duplicates",
+    response_model=DuplicateList,
+    summary="Indexed cases whose CF photo or FFA video near-duplicates this case's",
+    responses=CASE_ERRORS,
+)
+def case_duplicates(case_id: CaseId, engine: EngineDep) -> dict:
+    pairs = engine.duplicates_of(case_id)
+    return {"case_id": case_id, "items": [duplicate_match(p) for p in pairs]}

@@ -15,13 +15,25 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from retrieval.search.engine import CaseQuery, CFQuery, Engine, FFAQuery, WouldBlock
+from retrieval.search.region import REGION_EXAMPLE
 
 from ..convert import search_body
 from ..deps import EngineDep, SettingsDep, SyntheticDep
-from ..schemas import ErrorResponse, Modality, SearchResponse, Similarity, Target, Via
+from ..schemas import (
+    REGION_HELP,
+    ErrorResponse,
+    FeedbackStrategy,
+    Modality,
+    Region,
+    SearchResponse,
+    Similarity,
+    Target,
+    Via,
+)
 from ..settings import HARD_MAX_K, Settings
 from ..synthetic import SyntheticStore
 from ..uploads import parse_times, read_upload, split_values
+from .explain import explanations, with_explanations
 
 router = APIRouter(tags=["search"])
 
@@ -48,6 +60,26 @@ SEARCH_DESCRIPTION = (
     "filters, never the query case itself): decision support from similar cases, not a "
     "diagnosis. It is null when the index has no suggestion model."
 )
+POSITIVE_HELP = (
+    "Relevance feedback: case ids marked relevant (repeat the field); the query moves "
+    "towards them. Example cases are left out of the results; an unknown id is a 404."
+)
+NEGATIVE_HELP = (
+    "Relevance feedback: case ids marked not relevant (repeat the field); the query moves "
+    "away from them. An id in both lists is a 422."
+)
+FEEDBACK_HELP = (
+    "How positive/negative refine the query: rocchio (default; the query moved to "
+    "α·q + β·mean(positive) − γ·mean(negative), scores are cosines) or best_score (each "
+    "candidate scored by its best similarity to the query or a positive against its best "
+    "to a negative)."
+)
+PositiveForm = Annotated[
+    list[str] | None, Form(description=POSITIVE_HELP, examples=[["ph0-00017"]])
+]
+NegativeForm = Annotated[
+    list[str] | None, Form(description=NEGATIVE_HELP, examples=[["ph0-00042"]])
+]
 JSON = "application/json"  # bodies are written by convert.search_body (= SearchResponse)
 CaseId = Annotated[str, Path(description="A case id of the catalog.", examples=["ph0-00017"])]
 
@@ -95,6 +127,16 @@ def search_upload(
     eye: Annotated[list[str] | None, Form(description="OD and/or OS.")] = None,
     split: Annotated[list[str] | None, Form(description="train, val and/or test.")] = None,
     lesion: Annotated[list[str] | None, Form(description="Any of these lesions.")] = None,
+    positive: PositiveForm = None,
+    negative: NegativeForm = None,
+    feedback: Annotated[FeedbackStrategy | None, Form(description=FEEDBACK_HELP)] = None,
+    region: Annotated[Region, Form(description=REGION_HELP, examples=[REGION_EXAMPLE])] = None,
+    explain: Annotated[
+        bool, Form(description="Add `explanations`: why each of the top results matched.")
+    ] = False,
+    explain_top: Annotated[
+        int, Form(ge=1, le=10, description="How many top results `explain` explains.")
+    ] = 3,
 ) -> Response:
     _check_k(k, settings)
     upload = read_upload(file, settings, field="file", expect=modality)
@@ -103,11 +145,17 @@ def search_upload(
     else:
         query = FFAQuery(upload.array, parse_times(times))
     filters = _filters(diagnosis, eye, split, lesion)
-    result = engine.search(query, target, k, via, filters, similarity=similarity)
+    marks = _feedback(positive, negative, feedback)
+    result = engine.search(
+        query, target, k, via, filters, similarity=similarity, region=region, **marks
+    )
     extra = {"width": upload.width, "height": upload.height, "bytes": upload.bytes}
     if upload.modality == "ffa":
         extra["frames"] = int(upload.array.shape[0])
-    return Response(search_body(result, engine.encoder_id, store, extra), media_type=JSON)
+    body = search_body(result, engine.encoder_id, store, extra)
+    if explain:
+        body = with_explanations(body, explanations(engine, query, result, explain_top))
+    return Response(body, media_type=JSON)
 
 
 class SimilarQuery(BaseModel):
@@ -125,6 +173,10 @@ class SimilarQuery(BaseModel):
     eye: list[str] | None = Field(None, description="OD and/or OS.")
     split: list[str] | None = Field(None, description="train, val and/or test.")
     lesion: list[str] | None = Field(None, description="Any of these lesions.")
+    positive: list[str] | None = Field(None, description=POSITIVE_HELP, examples=[["ph0-00017"]])
+    negative: list[str] | None = Field(None, description=NEGATIVE_HELP, examples=[["ph0-00042"]])
+    feedback: FeedbackStrategy | None = Field(None, description=FEEDBACK_HELP)
+    region: Region = Field(None, description=REGION_HELP, examples=[REGION_EXAMPLE])
 
 
 @router.get(
@@ -160,6 +212,8 @@ async def similar_body(
         filters,
         exclude_self=params.exclude_self,
         similarity=params.similarity,
+        region=params.region,
+        **_feedback(params.positive, params.negative, params.feedback),
     )
     result = None
     if params.via == "direct" and not any(filters.values()):
@@ -169,6 +223,16 @@ async def similar_body(
     if result is None:  # model work, filters, or waiting: off the event loop
         result = await run_in_threadpool(search)
     return search_body(result, engine.encoder_id, store)
+
+
+def _feedback(positive, negative, feedback) -> dict:
+    """The engine's feedback keywords: the ids as given (repeated values; an id may hold
+    a comma), blank ones dropped."""
+    return {
+        "positive": [v for v in positive or () if v.strip()] or None,
+        "negative": [v for v in negative or () if v.strip()] or None,
+        "feedback": feedback,
+    }
 
 
 def _filters(diagnosis, eye, split, lesion) -> dict[str, list[str] | None]:
