@@ -1,25 +1,27 @@
 """Near-duplicate media: the same CF photo or FFA video re-saved, recompressed, resized,
 slightly cropped or with its brightness shifted.
 
-The descriptor is model-free, so ingest (no model) and the engine share it. A picture
-(a CF photo's luminance; an FFA video's per-pixel standard deviation over its frames,
-where the dye moves) is cut into `VARIANTS` views: the whole picture and 36 crops to
-90 % of each side (offsets 0-10 % in steps of 2 %), so a crop of one copy lines up
-with a view of the other. Each view is shrunk to `THUMB`×`THUMB` (area average) and
-band-passed (a difference of Gaussians: what stays is vessels, disc rim and lesions,
-which differ between eyes; shading and noise go), its values clipped at `CLIP` robust
-deviations (a bright leak must not outweigh the vessels), the rim of the field of
-view dropped, then centred and scaled to unit length, so a brightness or contrast
-change does not move it. The distance of two cases in one modality is 1 − the best
-cosine of one side's whole picture with any view of the other (either way round), in
-[0, 2]; 0 is the same picture.
+The descriptor is model-free, so ingest (no model) and the engine share it. A picture (a
+CF photo's luminance; for an FFA video, two: the mean of all its frames and the mean of
+its first third, where the vessels fill, side by side) is cut into `VARIANTS` views: the
+whole picture and 36 crops to 90 % of each side (offsets 0-10 % in steps of 2 %), so a
+crop of one copy lines up with a view of the other. Each view is shrunk to
+`THUMB`×`THUMB` (area average) and band-passed (a difference of Gaussians: what stays is
+vessels, disc rim and lesions, which differ between eyes; shading and noise go), its
+values clipped at `CLIP` robust deviations (a bright leak must not outweigh the
+vessels), the rim of the field of view dropped, then centred and scaled to unit length,
+so a brightness or contrast change does not move it. The distance of two cases in one
+modality is 1 − the best cosine of one side's whole picture with any view of the other
+(either way round), in [0, 2]; 0 is the same picture.
 
 `THRESHOLDS` (one per modality; a pair at or below it is a near-duplicate) were tuned
 by `benchmarks/duplicates_bench.py` on a phantom cohort (seed 8, 520 cases + 60
 planted copies: the midpoint between the farthest planted pair and the nearest
 distinct pair) and checked on another (seed 7, other planted copies): precision and
-recall 1.0 for CF and FFA there, no two eyes of one patient flagged. The FFA margin
-is narrow (planted copies re-encoded at crf 28-39 after a crop reach 0.24-0.28).
+recall 1.0 for CF and FFA there, no two eyes of one patient flagged. An FFA video's
+per-pixel standard deviation over time, the first choice, put two distinct leaking
+eyes of a 640-case phantom at 0.261, inside the planted copies' range (0.24-0.28);
+the two means keep distinct eyes at 0.27 or more and copies at 0.22 or less.
 
 The neighbour search is exact (numpy matrix products in blocks): `DuplicateIndex.find`
 for one new case against an index, `find_pairs` for every pair within a collection,
@@ -55,8 +57,9 @@ EDGE = 3  # pixels of the thumbnail dropped inside the field of view's rim
 CROP = 0.9  # the crops' side, as a share of the picture's
 OFFSETS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1)
 VARIANTS = 1 + len(OFFSETS) ** 2
-DIM = THUMB * THUMB
-THRESHOLDS: dict[str, float] = {"cf": 0.23, "ffa": 0.286}
+DIM = THUMB * THUMB  # one picture's view
+WIDTH = {"cf": DIM, "ffa": 2 * DIM}  # a modality's descriptor: one picture, or two side by side
+THRESHOLDS: dict[str, float] = {"cf": 0.23, "ffa": 0.262}
 _BLOCK = 4096  # query views per matrix product
 
 
@@ -116,14 +119,22 @@ def _band(arr: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-6)
 
 
-def case_descriptor(cf: np.ndarray, ffa: np.ndarray) -> dict[str, np.ndarray]:
-    """The descriptors of one case: its CF photo and the temporal spread (per-pixel standard
-    deviation over the frames) of its FFA video, which keeps the vessels and leaks."""
+def video_descriptor(ffa: np.ndarray) -> np.ndarray:
+    """(VARIANTS, 2 · DIM) float32 unit vectors of an FFA video (T, H, W): the views of the
+    mean of all its frames beside those of the mean of its first third (the filling
+    vessels), so one view's cosine is the mean of the two pictures' cosines."""
     frames = np.asarray(ffa, np.float32)
     if frames.ndim != 3 or len(frames) < 1:
         raise Fundus2VideoError(f"an FFA video must be (T, H, W), got {frames.shape}")
-    picture = frames.std(axis=0) if len(frames) > 1 else frames[0]  # where the dye moves
-    return {"cf": image_descriptor(cf), "ffa": image_descriptor(picture)}
+    early = frames[: max(1, len(frames) // 3)]
+    views = [image_descriptor(p.mean(axis=0)) for p in (frames, early)]
+    return np.concatenate(views, axis=1) / np.float32(np.sqrt(2.0))
+
+
+def case_descriptor(cf: np.ndarray, ffa: np.ndarray) -> dict[str, np.ndarray]:
+    """The descriptors of one case: its CF photo (`image_descriptor`) and its FFA video
+    (`video_descriptor`)."""
+    return {"cf": image_descriptor(cf), "ffa": video_descriptor(ffa)}
 
 
 def media_descriptor(cf_path: str | Path, ffa_path: str | Path) -> dict[str, np.ndarray]:
@@ -132,18 +143,18 @@ def media_descriptor(cf_path: str | Path, ffa_path: str | Path) -> dict[str, np.
 
 
 def distances(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-    """(Q, VARIANTS, DIM) × (G, VARIANTS, DIM) → (Q, G) distances: 1 − the best cosine of
+    """(Q, VARIANTS, W) × (G, VARIANTS, W) → (Q, G) distances: 1 − the best cosine of
     one side's whole picture with any view of the other (either way round)."""
-    q, g = len(query), len(gallery)
+    q, g, width = len(query), len(gallery), query.shape[-1]
     best = np.full((q, g), -1.0, np.float32)
     per = max(1, _BLOCK // VARIANTS)
     for gs in range(0, g, per):
         gal = np.asarray(gallery[gs : gs + per], np.float32)
-        gal_views, gal_whole = gal.reshape(-1, DIM), np.ascontiguousarray(gal[:, 0])
+        gal_views, gal_whole = gal.reshape(-1, width), np.ascontiguousarray(gal[:, 0])
         for qs in range(0, q, per):
             block = np.asarray(query[qs : qs + per], np.float32)
             whole = (block[:, 0] @ gal_views.T).reshape(len(block), len(gal), VARIANTS)
-            views = (block.reshape(-1, DIM) @ gal_whole.T).reshape(len(block), VARIANTS, len(gal))
+            views = (block.reshape(-1, width) @ gal_whole.T).reshape(len(block), VARIANTS, len(gal))
             best[qs : qs + per, gs : gs + per] = np.maximum(whole.max(axis=2), views.max(axis=1))
     return np.clip(1.0 - best, 0.0, 2.0)
 
@@ -185,13 +196,13 @@ def find_pairs(
 class DuplicateIndex:
     """The descriptors of indexed cases (float16, by row id), for checking a new case.
 
-    Thread-safe. About `2 · VARIANTS · DIM · 2` bytes a case (≈ 240 kB)."""
+    Thread-safe. About `3 · VARIANTS · DIM · 2` bytes a case (≈ 360 kB)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rows: list[int] = []
         self._ids: list[str] = []
-        self._stack = {m: np.zeros((0, VARIANTS, DIM), np.float16) for m in MODALITIES}
+        self._stack = {m: np.zeros((0, VARIANTS, WIDTH[m]), np.float16) for m in MODALITIES}
 
     @classmethod
     def from_media(cls, cases: Iterable[tuple[int, str, str | Path, str | Path]]) -> DuplicateIndex:
