@@ -88,7 +88,9 @@ from retrieval.testing import PixelEncoder
 # logging as `fundus2video serve` sets it up
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 engine = Engine.open(sys.argv[1], encoder=PixelEncoder(dim=int(sys.argv[2])))
-uvicorn.run(create_app(Settings(), engine=engine), host="127.0.0.1", port=int(sys.argv[3]),
+# one client address sends everything: no rate limits (they would answer 429)
+settings = Settings(rate_search="", rate_generate="", rate_write="")
+uvicorn.run(create_app(settings, engine=engine), host="127.0.0.1", port=int(sys.argv[3]),
             access_log=False, log_config=None)
 """
 

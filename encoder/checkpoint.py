@@ -4,6 +4,12 @@ A checkpoint folder (a training run folder is one) holds:
 - `config.json`: {"format", "format_version", "model": ScaleConfig dict, "preprocessing",
   "training": training options, "code_version", "iteration"};
 - `generator.safetensors`: the generator's state dict (the config JSON in its metadata).
+
+Each file is replaced atomically, but the two are two renames: a process killed between
+them leaves a `config.json` of the previous checkpoint beside new weights. The weights'
+embedded config is written with them in one file, so `load_generator` takes that one
+(and says so when `config.json` differs). Temporaries are named
+`.NAME.tmp-PID_HOST_XXXX`; the next save removes those of writers that were killed.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .configs import ScaleConfig, get_scale, list_scales
@@ -64,7 +73,9 @@ def _atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    _remove_stale_temporaries(path)
+    prefix = f".{path.name}.tmp-{os.getpid()}_{socket.gethostname()}_"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -73,6 +84,28 @@ def _atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of `path` left by killed writers of this host (as
+    `index.atomic.remove_stale_temporaries`, which `encoder` does not import)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)_([^_/]*)_.*")
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        found = pattern.fullmatch(tmp.name)
+        if found is None or found.group(2) != socket.gethostname():
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        log.info("removed %s, left by a writer that was killed", tmp)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -150,20 +183,46 @@ def load_generator(folder: str | Path) -> tuple[Generator, dict[str, Any]]:
     """Rebuild the generator from `config.json` and load its weights (strict)."""
     folder = Path(str(folder).removeprefix(LOCAL_PREFIX))
     cfg = read_checkpoint_config(folder)
-    scale = ScaleConfig.from_dict(cfg["model"])
-    generator = Generator(scale.generator)
     try:
         state = load_file(str(folder / WEIGHTS_NAME))
+        cfg = _weights_config(folder, cfg)
     except FileNotFoundError as e:
         raise CheckpointError(folder, f"no {WEIGHTS_NAME}") from e
     except SafetensorError as e:
         raise CheckpointError(folder / WEIGHTS_NAME, str(e)) from e
+    scale = ScaleConfig.from_dict(cfg["model"])
+    generator = Generator(scale.generator)
     try:
         generator.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(folder / WEIGHTS_NAME, f"weights do not match config: {e}") from e
     generator.eval()
     return generator, cfg
+
+
+def _weights_config(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config saved inside the weights file (written atomically with them) when it
+    differs from `config.json` for the same model (a save interrupted between the two
+    files), else `cfg` (a model that differs stays an error of `load_generator`)."""
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        text = (f.metadata() or {}).get("config")
+    if text is None:
+        return cfg
+    try:
+        embedded = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(folder / WEIGHTS_NAME, f"invalid embedded config: {e}") from e
+    if embedded == cfg or embedded.get("model") != cfg.get("model"):
+        return cfg
+    log.warning(
+        "%s: %s is from iteration %s, the weights from %s (a save was interrupted); "
+        "using the config saved with the weights",
+        folder,
+        CONFIG_NAME,
+        cfg.get("iteration"),
+        embedded.get("iteration"),
+    )
+    return embedded
 
 
 def create_scale(name_or_config: str | ScaleConfig, **overrides: Any) -> ScaleConfig:

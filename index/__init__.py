@@ -33,6 +33,7 @@ from .keys import (
     estimate_index_bytes,
     parse_index_key,
 )
+from .snapshot import Snapshot, SnapshotError, snapshot_index_folder
 from .vector_index import VectorIndex, neighbour_recall
 
 __all__ = [
@@ -64,5 +65,8 @@ __all__ = [
     "parse_index_key",
     "read_manifest",
     "save_index_folder",
+    "Snapshot",
+    "SnapshotError",
+    "snapshot_index_folder",
     "with_row_ids",
 ]

@@ -7,6 +7,11 @@ finds a complete folder. Elsewhere (or on a file system without the call) the ol
 folder is renamed aside (`.NAME.old-PID`) and the new one renamed in: a crash
 between the two renames leaves only the backup, which `recover_dir` (called by
 `index.load_index_folder`) renames back.
+
+Temporaries are named `.NAME.tmp-PID_HOST_XXXX` (hidden, beside their target). A writer
+killed mid-write (SIGKILL, power loss) leaves its temporary behind; the next write of the
+same target on the same host removes those whose process no longer runs
+(`remove_stale_temporaries`), so crashes do not pile up half-written copies.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -56,6 +63,39 @@ def exchange_paths(a: str | Path, b: str | Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def temp_prefix(name: str) -> str:
+    """The prefix of this process's temporaries for a target called `name`."""
+    return f".{name}.tmp-{os.getpid()}_{socket.gethostname()}_"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, name: str) -> int:
+    """Delete the temporaries of target `name` in `folder` whose writer (a process of this
+    host) no longer runs; returns how many. Live writers' temporaries are left alone."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.tmp-(\d+)_([^_/]*)_.*")
+    host, removed = socket.gethostname(), 0
+    for path in Path(folder).glob(f".{name}.tmp-*"):
+        found = pattern.fullmatch(path.name)
+        if found is None or found.group(2) != host or _pid_running(int(found.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        log.info("removed %s, left by a writer that was killed", path)
+        removed += 1
+    return removed
+
+
 def _backups(final: Path) -> list[Path]:
     return sorted(final.parent.glob(f".{final.name}.old-*"))
 
@@ -90,7 +130,8 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists (choose another output folder)")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temporaries(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -120,7 +161,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -4,6 +4,10 @@
 embeddings are fixed random projections of coarse pixels, synthesis repeats the CF
 green channel under a dye curve. `build_pixel_index` writes an index folder of a
 cohort with it, so `Engine.open(path, encoder=PixelEncoder())` serves it.
+
+`build_micro_index` is the smallest real model instead (torch, imported on call): a
+phantom cohort, a micro generator and embedder trained for a few iterations, and their
+index folder, for the tests' `tiny_index` and the operational benchmarks.
 """
 
 from __future__ import annotations
@@ -165,3 +169,47 @@ def build_pixel_index(
         "suggestion": suggestion_models(encoder, catalog, {"cf": cf, "ffa": ffa}),
     }
     return save_index_folder(out, indexes, catalog, encoder.encoder_id, extra)
+
+
+def train_micro_run(cohort: Path, run: Path) -> None:
+    """A micro generator (3 iterations, 32 px) and its embedder (6 iterations, dim 32, a
+    4x4 grid with a clinical part) trained on `cohort`'s train split into `run`."""
+    import torch
+
+    from encoder import EmbedderConfig
+    from encoder.testing import micro_scale
+    from encoder.train import embed_training_loop, training_loop
+    from retrieval.data.training_data import load_paired
+    from retrieval.models.embedding import case_labels
+
+    opened = Cohort.open(cohort)
+    train = load_paired(opened, size=32, split="train", progress=False)
+    val = load_paired(opened, size=32, split="val", frames=train.frames, progress=False)
+    torch.manual_seed(0)
+    common = {"run_dir": run, "data": train, "val_data": val, "progress": False}
+    training_loop(
+        **common, scale=micro_scale(32), iters=3, batch_size=2, preview_every=0, stats_every=1
+    )
+    embed_training_loop(
+        **common,
+        iters=6,
+        dim=32,
+        batch_size=8,
+        stats_every=2,
+        val_every=3,
+        labels=case_labels(opened, train.case_ids),
+        config=EmbedderConfig(grid=4, clinical_dim=16, clinical_hidden=32),  # 16 regions
+    )
+
+
+def build_micro_index(root: Path, *, seed: int = 7) -> tuple[Path, Path, Path]:
+    """`root`/cohort (24 phantom cases, 64 px, 6 frames), `root`/run (`train_micro_run`)
+    and `root`/index (its index folder); returns the three paths."""
+    from retrieval.data.phantom import write_phantom_cohort
+    from retrieval.models.embedding import build_index
+
+    cohort, run, index = root / "cohort", root / "run", root / "index"
+    write_phantom_cohort(cohort, cases=24, size=64, frames=6, seed=seed, progress=False)
+    train_micro_run(cohort, run)
+    build_index(run, cohort, index, progress=False)
+    return cohort, run, index

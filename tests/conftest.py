@@ -71,7 +71,9 @@ def live_api(pixel_index, tmp_path_factory) -> Iterator[LiveApi]:
     encoder = PixelEncoder()
     encoder.run_dir = run
     engine = Engine.open(pixel_index, encoder=encoder)
-    api = ApiThread(create_app(Settings(report=run / "report.json"), engine=engine)).start()
+    # the dashboard tests send every search from one address: no limits (test_access.py has them)
+    settings = Settings(report=run / "report.json", rate_search="", rate_generate="")
+    api = ApiThread(create_app(settings, engine=engine)).start()
     yield LiveApi(api.url, Path(pixel_index).parent / "cohort")
     api.stop()
     engine.close()
@@ -89,46 +91,9 @@ def tiny_index(tmp_path_factory) -> TinyIndex:
     """A real (if barely trained) model and its index: phantom cohort → micro generator
     (3 iterations) → embedder (6 iterations) → index folder. Read-only: copy to update.
     """
-    from encoder import EmbedderConfig
-    from encoder.testing import micro_scale
-    from encoder.train import embed_training_loop, training_loop
-    from retrieval.data.cohort import Cohort
-    from retrieval.data.phantom import write_phantom_cohort
-    from retrieval.data.training_data import load_paired
-    from retrieval.models.embedding import build_index, case_labels
+    from retrieval.testing import build_micro_index
 
-    root = tmp_path_factory.mktemp("tiny")
-    cohort, run, index = root / "cohort", root / "run", root / "index"
-    write_phantom_cohort(cohort, cases=24, size=64, frames=6, seed=7, progress=False)
-    opened = Cohort.open(cohort)
-    train = load_paired(opened, size=32, split="train", progress=False)
-    val = load_paired(opened, size=32, split="val", frames=train.frames, progress=False)
-    torch.manual_seed(0)
-    training_loop(
-        run_dir=run,
-        data=train,
-        val_data=val,
-        scale=micro_scale(32),
-        iters=3,
-        batch_size=2,
-        progress=False,
-        preview_every=0,
-        stats_every=1,
-    )
-    embed_training_loop(
-        run_dir=run,
-        data=train,
-        val_data=val,
-        iters=6,
-        dim=32,
-        batch_size=8,
-        progress=False,
-        stats_every=2,
-        val_every=3,
-        labels=case_labels(opened, train.case_ids),
-        config=EmbedderConfig(grid=4, clinical_dim=16, clinical_hidden=32),  # 16 regions
-    )
-    build_index(run, cohort, index, progress=False)
+    cohort, run, index = build_micro_index(tmp_path_factory.mktemp("tiny"))
     return TinyIndex(cohort, run, index)
 
 
@@ -139,6 +104,7 @@ def model_api(tiny_index) -> Iterator[LiveApi]:
     from retrieval.api import Settings, create_app
     from retrieval.apps.demo import ApiThread
 
-    api = ApiThread(create_app(Settings(index=tiny_index.index))).start()
+    settings = Settings(index=tiny_index.index, rate_search="", rate_generate="")  # one address
+    api = ApiThread(create_app(settings)).start()
     yield LiveApi(api.url, tiny_index.cohort)
     api.stop()

@@ -78,7 +78,7 @@ def engine(pixel_index, tmp_path_factory) -> Engine:
 
 @pytest.fixture(scope="module")
 def client(engine):
-    with TestClient(create_app(Settings(), engine=engine)) as c:
+    with TestClient(create_app(Settings(open_writes=True), engine=engine)) as c:
         yield c
 
 
@@ -86,7 +86,7 @@ def client(engine):
 def fresh(pixel_index, tmp_path):
     """A client over a private copy of the index (for updates), and its engine."""
     engine = open_engine(pixel_index, tmp_path)
-    with TestClient(create_app(Settings(), engine=engine)) as c:
+    with TestClient(create_app(Settings(open_writes=True), engine=engine)) as c:
         yield c, engine
 
 
@@ -323,7 +323,9 @@ def test_add_search_delete_and_restart(fresh, pixel_index):
     assert client.post("/cases", files=files, data=form).status_code == 409
     # a restart: a new engine and app over the same folder
     with TestClient(
-        create_app(Settings(), engine=Engine.open(engine.path, encoder=PixelEncoder()))
+        create_app(
+            Settings(open_writes=True), engine=Engine.open(engine.path, encoder=PixelEncoder())
+        )
     ) as again:
         assert again.get("/cases/new-001").json() == record
         assert again.get("/health").json()["cases"] == 25
@@ -759,7 +761,7 @@ def test_every_route_against_a_real_index(tiny_index, tmp_path):
     """Settings name the index; the app's lifespan opens it (encoder from its manifest)."""
     path = tmp_path / "index"
     shutil.copytree(tiny_index.index, path)
-    with TestClient(create_app(Settings(index=path))) as client:
+    with TestClient(create_app(Settings(index=path, open_writes=True))) as client:
         assert client.get("/health").json()["loaded"]
         assert client.get("/stats").json()["catalog_rows"] == 24
         case = client.get("/cases", params={"split": "test", "limit": 1}).json()["items"][0]

@@ -26,7 +26,14 @@ ALLOWED = {
     "retrieval.data": {"encoder", "index"} | BASE,
     "retrieval.models": {"encoder", "index", "retrieval.data"} | BASE,
     "retrieval.search": {"encoder", "index", "retrieval.data", "retrieval.models"} | BASE,
-    "retrieval.testing": {"index", "retrieval.data", "retrieval.models", "retrieval.search"} | BASE,
+    "retrieval.testing": {
+        "encoder",
+        "index",
+        "retrieval.data",
+        "retrieval.models",
+        "retrieval.search",
+    }
+    | BASE,
     "retrieval.evaluation": {
         "encoder",
         "index",

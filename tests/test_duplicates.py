@@ -271,7 +271,7 @@ def test_api_409_names_the_existing_case(engine, media):
         "cf": ("copy.png", png_bytes(np.clip(cf * 0.92, 0, 255).astype(np.uint8)), "image/png"),
         "ffa": ("copy.mp4", mp4_bytes(ffa, crf=28), "video/mp4"),
     }
-    with TestClient(create_app(Settings(), engine=engine)) as client:
+    with TestClient(create_app(Settings(open_writes=True), engine=engine)) as client:
         refused = client.post("/cases", files=files, data={"case_id": "re-export"})
         assert refused.status_code == 409, refused.text
         body = refused.json()

@@ -616,3 +616,16 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "white").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_the_dashboard_sends_the_read_key_from_the_environment(monkeypatch):
+    from ui import state
+
+    state.get_client.clear()
+    monkeypatch.setenv(state.KEY_ENV, "read-key-0123456789")
+    assert state.get_client("http://keyed.invalid")._http.headers["X-API-Key"] == (
+        "read-key-0123456789"
+    )
+    monkeypatch.delenv(state.KEY_ENV)
+    assert "X-API-Key" not in state.get_client("http://open.invalid")._http.headers
+    state.get_client.clear()

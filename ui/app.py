@@ -7,14 +7,36 @@ from pathlib import Path
 import streamlit as st
 
 from ui import state
+from ui.client import ApiError
 
 PAGES = Path(__file__).resolve().parent / "views"
 
 
+@st.cache_data(ttl=10, show_spinner=False)
+def readiness(base: str) -> dict | None:
+    """The API's GET /ready body, or None when it cannot say (unreachable, or an older API:
+    the health line then speaks for it)."""
+    try:
+        return state.get_client(base).ready()
+    except ApiError:
+        return None
+
+
+def not_ready_line(ready: dict) -> str:
+    """The sidebar's line for a 503 from /ready: still loading, or the last save failed."""
+    if "index_save" in (ready.get("missing") or ()):
+        return ":red[●] connected, but the last save of the index failed: updates are not saved"
+    return ":orange[●] connected — loading (the model and index are not loaded yet)"
+
+
 def sidebar_status(base: str) -> None:
-    """Which API the dashboard talks to, and what it has loaded."""
+    """Which API the dashboard talks to, and what it has loaded (or is still loading)."""
     with st.sidebar:
         st.caption(f"API: `{base}`")
+        ready = readiness(base)
+        if ready is not None and not ready.get("ready", True):
+            st.caption(not_ready_line(ready))
+            return
         health = state.fetch("API", state.health, base)
         if health is not None and health.get("loaded", True):
             cases = health.get("cases")

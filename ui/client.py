@@ -20,6 +20,11 @@ DEFAULT_API = "http://127.0.0.1:8000"
 TARGETS = ("cf", "ffa", "both")
 VIAS = ("direct", "synthesis", "fused")
 FFA_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
+ACCESS_ERRORS = {  # how an ApiError names these statuses
+    401: "API key missing or wrong",
+    403: "Not allowed",
+    429: "Too many requests",
+}
 
 
 def modality_of(filename: str) -> str:
@@ -35,19 +40,29 @@ class ApiError(Exception):
     """The API answered with an error, or could not be reached.
 
     `status` is the HTTP status (None when the server was unreachable); `message` is
-    the server's own explanation (FastAPI's `detail`), readable as it stands.
+    the server's own explanation (FastAPI's `detail`), readable as it stands;
+    `retry_after` the seconds a 429 (too many requests) says to wait.
     """
 
-    def __init__(self, message: str, status: int | None = None, route: str = ""):
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        route: str = "",
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.status = status
         self.route = route
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         where = f" ({self.route})" if self.route else ""
         if self.status is None:
             return f"{self.message}{where}"
+        if self.status in ACCESS_ERRORS:
+            return f"{ACCESS_ERRORS[self.status]} (HTTP {self.status}{where}): {self.message}"
         return f"API error {self.status}{where}: {self.message}"
 
 
@@ -63,6 +78,13 @@ class NearDuplicateError(ApiError):
         self.existing_case_id = duplicates[0]["case_id"] if duplicates else None
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
 def _api_error(response: httpx.Response, route: str) -> ApiError:
     """The error for a 4xx/5xx answer (a NearDuplicateError when it names duplicates)."""
     try:
@@ -72,7 +94,7 @@ def _api_error(response: httpx.Response, route: str) -> ApiError:
     found = body.get("duplicates") if isinstance(body, dict) else None
     if response.status_code == 409 and isinstance(found, list) and found:
         return NearDuplicateError(_message(response), 409, route, found)
-    return ApiError(_message(response), response.status_code, route)
+    return ApiError(_message(response), response.status_code, route, _retry_after(response))
 
 
 @dataclass(frozen=True)
@@ -241,17 +263,28 @@ class ApiClient:
         self,
         base_url: str = DEFAULT_API,
         *,
+        api_key: str | None = None,
+        write_key: str | None = None,
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,  # tests: httpx.MockTransport
     ):
+        """`api_key` goes with every request (X-API-Key); `write_key`, when given, instead
+        with `add_case` and `delete_case` (the server's FUNDUS2VIDEO_WRITE_KEY)."""
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        headers = {"X-API-Key": api_key} if api_key else None
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, transport=transport, headers=headers
+        )
+        self._write_headers = {"X-API-Key": write_key} if write_key else {}
 
     def close(self) -> None:
         self._http.close()
 
     # -- transport --------------------------------------------------------------------
-    def _request(self, method: str, route: str, **kwargs: Any) -> httpx.Response:
+    def _request(
+        self, method: str, route: str, *, accept: tuple[int, ...] = (), **kwargs: Any
+    ) -> httpx.Response:
+        """The answer; an `ApiError` for a status >= 400 not in `accept`, or no answer."""
         try:
             response = self._http.request(method, route, **kwargs)
         except httpx.TimeoutException as e:
@@ -263,7 +296,7 @@ class ApiClient:
                 None,
                 route,
             ) from e
-        if response.status_code >= 400:
+        if response.status_code >= 400 and response.status_code not in accept:
             raise _api_error(response, route)
         return response
 
@@ -277,6 +310,11 @@ class ApiClient:
     # -- routes ----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         return self._json("GET", "/health")
+
+    def ready(self) -> dict[str, Any]:
+        """GET /ready: `ready` (bool), `missing` (model, index, index_save), `detail`, `cases`;
+        a 503 (not ready) answers its body too, not an `ApiError`."""
+        return self._json("GET", "/ready", accept=(503,), timeout=10.0)
 
     def stats(self) -> dict[str, Any]:
         return self._json("GET", "/stats")
@@ -414,7 +452,12 @@ class ApiClient:
             "cf": (cf[0], cf[1], content_type(cf[0])),
             "ffa": (ffa[0], ffa[1], content_type(ffa[0])),
         }
-        return self._json("POST", "/cases", data=form, files=files)
+        return self._json("POST", "/cases", data=form, files=files, headers=self._write_headers)
+
+    def delete_case(self, case_id: str) -> dict[str, Any]:
+        """`DELETE /cases/{id}`: `{case_id, deleted, catalog_rows}` (needs the write key)."""
+        route = f"/cases/{_quote(case_id)}"
+        return self._json("DELETE", route, headers=self._write_headers)
 
     def case_duplicates(self, case_id: str) -> list[dict[str, Any]]:
         """Indexed cases whose CF or FFA near-duplicates this case's (`GET .../duplicates`)."""

@@ -14,6 +14,7 @@ import streamlit as st
 from .client import DEFAULT_API, ApiClient, ApiError, CasePage, SearchResponse, Video
 
 API_ENV = "FUNDUS2VIDEO_API"
+KEY_ENV = "FUNDUS2VIDEO_API_KEY"  # the read key, when the server sets one
 T = TypeVar("T")
 
 # session_state keys shared between pages
@@ -43,7 +44,8 @@ def api_url(default: str | None = None) -> str:
 
 @st.cache_resource(show_spinner=False)
 def get_client(base_url: str) -> ApiClient:
-    return ApiClient(base_url)
+    """The API client, with the read key from $FUNDUS2VIDEO_API_KEY when it is set."""
+    return ApiClient(base_url, api_key=os.environ.get(KEY_ENV) or None)
 
 
 def client() -> ApiClient:

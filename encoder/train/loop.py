@@ -240,13 +240,17 @@ class _GeneratorRun:
         self.session.start()
 
     def resume(self) -> None:
-        """Restore the last snapshot; the clock continues from its elapsed time."""
+        """Restore the last snapshot; the clock continues from its elapsed time. The
+        generator is exported again from it: a run killed between writing the state and
+        the export has an export one snapshot behind (or none yet)."""
         s = self.session
         path = s.folder / STATE_NAME
         meta = load_training_state(
             path, self.nets.modules(), self.optimizers, self.scalers, self.np_rng
         )
         s.start(int(meta["iteration"]), float(meta["elapsed_s"]))
+        record = self.options.to_dict()
+        save_generator(s.folder, self.nets.G, self.scale, training=record, iteration=s.iteration)
         log.info("resumed %s at iteration %d (%.0f s trained)", s.folder, s.iteration, s.elapsed())
 
     def snapshot(self) -> None:

@@ -1,12 +1,12 @@
 """Dependencies of the routes, as `Annotated` aliases (`EngineDep`, `SettingsDep`, ...).
 
-They are `async def` although they never await: FastAPI runs a plain `def` dependency
-in the threadpool, a thread hop (~60 µs) per dependency per request.
+They are `async def` although they rarely await: FastAPI runs a plain `def` dependency
+in the threadpool, a thread hop (~60 µs) per dependency per request. `require_api_key`
+and `require_write_key` apply the rules of `access.Access` (`app.state.access`).
 """
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
@@ -14,11 +14,22 @@ from fastapi.security import APIKeyHeader, APIKeyQuery
 
 from retrieval.search.engine import Engine
 
+from .access import READ_REFUSAL, Access
 from .settings import Settings
 from .synthetic import SyntheticStore
 
 _header_key = APIKeyHeader(
-    name="X-API-Key", auto_error=False, description="Required when the server sets an API key."
+    name="X-API-Key",
+    auto_error=False,
+    description="Any configured key: the read key (FUNDUS2VIDEO_API_KEY), the write key "
+    "(FUNDUS2VIDEO_WRITE_KEY) or a keys-file key. Required once a read key is set.",
+)
+_write_key = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="WriteKey",
+    auto_error=False,
+    description="A write key: FUNDUS2VIDEO_WRITE_KEY or a keys-file key with role write "
+    "(a read key is refused with 403).",
 )
 _query_key = APIKeyQuery(
     name="api_key",
@@ -54,24 +65,28 @@ LoadedEngineDep = Annotated[Engine | None, Depends(get_loaded_engine)]
 SyntheticDep = Annotated[SyntheticStore, Depends(get_synthetic_store)]
 
 
-def api_key_ok(settings: Settings, given: str | None) -> bool:
-    """Whether `given` is the configured API key (always, when none is configured)."""
-    if settings.api_key is None:
-        return True
-    expected = settings.api_key.get_secret_value().encode()
-    return bool(given) and secrets.compare_digest(given.encode(), expected)
-
-
 async def require_api_key(
-    settings: SettingsDep,
+    request: Request,
     header: Annotated[str | None, Security(_header_key)] = None,
     query: Annotated[str | None, Security(_query_key)] = None,
 ) -> None:
-    """Refuse the request unless it carries the configured API key (when one is set)."""
-    if not api_key_ok(settings, header or query):
-        raise HTTPException(
-            401,
-            "missing or wrong API key: send it in the X-API-Key header "
-            "(or as the api_key query parameter of a media link)",
-            headers={"WWW-Authenticate": "APIKey"},
-        )
+    """Refuse the request unless it carries a configured key (when a read key is set)."""
+    access: Access = request.app.state.access
+    if not access.may_read(header or query):
+        raise HTTPException(401, READ_REFUSAL, headers={"WWW-Authenticate": "APIKey"})
+
+
+async def require_write_key(
+    request: Request, header: Annotated[str | None, Security(_write_key)] = None
+) -> None:
+    """Refuse a change to the index unless it carries a write key (or writes are open).
+
+    Notes the case id of a POST for the audit line (`access.AccessGuard` writes it)."""
+    if request.method == "POST":
+        form = await request.form()  # already parsed for the route's fields: cached
+        case_id = form.get("case_id")
+        request.state.audit_case_id = case_id if isinstance(case_id, str) else None
+    access: Access = request.app.state.access
+    refusal = access.write_refusal(header)
+    if refusal is not None:
+        raise refusal

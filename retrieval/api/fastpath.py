@@ -5,7 +5,8 @@ a 100k-case HNSW index). This ASGI layer reads the query string as FastAPI does 
 last value of a repeated parameter, every value of a list one), validates it with the
 route's own `SimilarQuery` and answers with the route's own `similar_body`. Whatever it
 cannot answer (invalid parameters, a missing API key, no index, any error) goes on to
-the FastAPI route, which stays the documented contract and writes every error.
+the FastAPI route, which stays the documented contract and writes every error. Rate
+limits apply before both (`access.AccessGuard` wraps this layer).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .deps import api_key_ok
 from .routes.search import SimilarQuery, similar_body
 
 PATH = re.compile(r"/cases/([^/]+)/similar")
@@ -56,7 +56,7 @@ class SimilarFastPath:
         values = query_values(scope["query_string"])
         header = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
         given = header.decode("latin-1") if header else values.get("api_key")
-        if engine is None or not api_key_ok(settings, given):
+        if engine is None or not state.access.may_read(given):
             return None
         try:
             params = SimilarQuery.model_validate(values)

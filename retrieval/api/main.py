@@ -44,19 +44,22 @@ from ..errors import (
     UnknownCase,
     UnreadableMedia,
 )
-from .deps import require_api_key
+from .access import RATE_LIMITED, WRITE_ERRORS, Access, AccessGuard
+from .deps import require_api_key, require_write_key
 from .fastpath import SimilarFastPath
+from .metrics import REFUSAL_STATE, ApiMetrics, MetricsMiddleware
 from .routes import cases, explain, generate, health, insights, media, search, stats
 from .schemas import ErrorResponse
 from .settings import Settings, get_settings
 from .synthetic import SyntheticStore
+from .uploads import UploadRefused
 
 log = logging.getLogger("fundus2video.api")
 
 FREEZE_FROM_CASES = 10_000
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or wrong API key (when one is set)."},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key (when one is needed)."},
     422: {"model": ErrorResponse, "description": "A parameter or file is invalid (`detail`)."},
     503: {"model": ErrorResponse, "description": "No index loaded, or an update not saved."},
 }
@@ -72,7 +75,11 @@ TAGS = [
     {"name": "cases", "description": "The catalog: browse, read, add, delete cases."},
     {"name": "media", "description": "CF photos (PNG) and FFA videos (MP4, range requests)."},
     {"name": "generate", "description": "Synthesized FFA videos, always marked SYNTHETIC."},
-    {"name": "system", "description": "Health, statistics, the model and the embedding map."},
+    {
+        "name": "system",
+        "description": "Liveness, readiness, Prometheus metrics, statistics, the model and "
+        "the embedding map.",
+    },
 ]
 
 
@@ -95,22 +102,33 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.engine = engine
     app.state.synthetic = SyntheticStore(settings.synthetic_cache_size, settings.synthetic_ttl_s)
     app.state.map_cache = {}
+    app.state.access = Access(settings)  # keys, rate limits, audit log
+    app.state.metrics = ApiMetrics(lambda: getattr(app.state, "engine", None))
     _add_error_handlers(app)
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
+    app.include_router(
+        health.metrics_router, dependencies=[] if settings.metrics_public else secured
+    )
     for module in (search, cases, media, generate, stats, insights, explain):
-        app.include_router(module.router, dependencies=secured)
-    if settings.cors_origins:
+        limited = RATE_LIMITED if module in (search, generate, explain) else None
+        app.include_router(module.router, dependencies=secured, responses=limited)
+    app.include_router(
+        cases.write_router, dependencies=[Depends(require_write_key)], responses=WRITE_ERRORS
+    )
+    if settings.fast_path:
+        app.add_middleware(SimilarFastPath, api=app)  # inside the guard: logged, limited
+    app.add_middleware(AccessGuard, access=app.state.access)  # limits both paths; audit
+    if settings.cors_origins:  # outside the fast path and the limits: their answers too
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID", "X-Synthetic", "X-Frame-Times"],
+            expose_headers=["X-Request-ID", "X-Synthetic", "X-Frame-Times", "Retry-After"],
         )
-    if settings.fast_path:
-        app.add_middleware(SimilarFastPath, api=app)  # inside the guard: logged, limited
     app.add_middleware(RequestGuard, max_body=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=lambda: app.routes)
     return app
 
 
@@ -127,7 +145,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # cases): a full collection walks them all (~0.3 s) and stalls every request.
         gc.collect()
         gc.freeze()
+    app.state.metrics.attach(engine)
     yield
+    app.state.metrics.detach(engine)
     if opened is not None:
         opened.close()
         app.state.engine = None
@@ -240,6 +260,8 @@ def _error_response(exc: StarletteHTTPException, rid: str | None) -> JSONRespons
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, UploadRefused):  # for the rejected-uploads metric
+            setattr(request.state, REFUSAL_STATE, exc.reason)
         return _error_response(exc, _request_id(request))
 
     @app.exception_handler(RequestValidationError)

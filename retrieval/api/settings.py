@@ -8,7 +8,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from limits import parse_many
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 HARD_MAX_K = 1000  # the largest k any configuration may allow
@@ -35,7 +36,39 @@ class Settings(BaseSettings):
 
     index: Path | None = Field(default=None, description="The index folder to serve.")
     api_key: SecretStr | None = Field(
-        default=None, description="When set, every route but /health requires it (X-API-Key)."
+        default=None,
+        description='The read key (named "read"): when set, every route but /health and '
+        "/ready requires a key (X-API-Key); /metrics too unless metrics_public.",
+    )
+    write_key: SecretStr | None = Field(
+        default=None,
+        description='The write key (named "write"): POST /cases and DELETE /cases/{case_id} '
+        "need it (X-API-Key); it also reads. A read key there is a 403.",
+    )
+    keys_file: Path | None = Field(
+        default=None,
+        description="A JSON or TOML file of more named keys: keys = [{name, role (read or "
+        "write), key (16+ characters)}].",
+    )
+    open_writes: bool = Field(
+        default=False,
+        description="While no write key is configured, let writes through under the read rule "
+        "(local use, the demo); otherwise they are refused (403).",
+    )
+    rate_search: str = Field(
+        default="600/minute",
+        description="Rate limit per key (per client address without one) of POST /search, "
+        "GET /cases/{case_id}/similar and /explain, e.g. '600/minute' or "
+        "'10/second;600/minute'; empty: none.",
+    )
+    rate_generate: str = Field(default="30/minute", description="The same for POST /generate.")
+    rate_write: str = Field(
+        default="60/minute", description="The same for POST /cases and DELETE /cases/{case_id}."
+    )
+    audit_log: Path | None = Field(
+        default=None,
+        description="Also append the audit log (one JSON line per write attempt, logger "
+        "fundus2video.audit) to this file.",
     )
     max_upload_bytes: int = Field(default=64 * 2**20, ge=1024, description="Largest request body.")
     max_pixels: int = Field(default=40_000_000, ge=256, description="Largest image or frame.")
@@ -51,12 +84,33 @@ class Settings(BaseSettings):
     synthetic_ttl_s: int = Field(default=600, ge=1, description="How long /synthetic/* live.")
     synthetic_cache_size: int = Field(default=64, ge=1)
     report: Path | None = Field(default=None, description="Evaluation report for /model.")
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins that browsers may call the API from (CORS), e.g. "
+        '["https://viewer.example.org"]; empty (the default): no CORS headers at all.',
+    )
     use_gpu: bool | None = None
     fast_path: bool = Field(
         default=True,
         description="Answer GET /cases/{id}/similar without FastAPI's routing (same bodies).",
     )
+    metrics_public: bool = Field(
+        default=False,
+        description="Serve GET /metrics without the API key (for a Prometheus scraper "
+        "that cannot send one); by default it needs the key like every other route.",
+    )
+
+    @field_validator("rate_search", "rate_generate", "rate_write")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        if value.strip():
+            try:
+                parse_many(value)
+            except ValueError as e:
+                raise ValueError(
+                    f"not a rate limit like '600/minute' or '10/second;600/minute' (got {value!r})"
+                ) from e
+        return value.strip()
 
     def accepted_types(self, kind: str) -> tuple[str, ...]:
         types = {"cf": CF_TYPES, "ffa": FFA_TYPES}.get(kind, CF_TYPES + FFA_TYPES) + ANY_TYPES

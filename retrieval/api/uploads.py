@@ -20,6 +20,15 @@ from .settings import Settings
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
+class UploadRefused(HTTPException):
+    """An upload refused (4xx); `reason` (one of `metrics.REFUSAL_REASONS`) labels it in
+    the rejected-uploads metric."""
+
+    def __init__(self, status: int, detail: str, reason: str):
+        super().__init__(status, detail)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Upload:
     modality: str  # cf | ffa
@@ -58,14 +67,18 @@ def read_upload(
     declared = (file.content_type or "").split(";")[0].strip().lower()
     if declared and declared not in settings.accepted_types(expect or "any"):
         accepted = ", ".join(settings.accepted_types(expect or "any"))
-        raise HTTPException(415, f"{label}: content type {declared!r} is not one of {accepted}")
+        raise UploadRefused(
+            415, f"{label}: content type {declared!r} is not one of {accepted}", "bad_type"
+        )
     data = file.file.read()
     if not data:
-        raise HTTPException(422, f"{label} is empty")
+        raise UploadRefused(422, f"{label} is empty", "undecodable")
     kind = sniff(data)
     if kind is None:
-        raise HTTPException(
-            415, f"{label} is not a PNG, JPEG or TIFF image nor an MP4, MOV, AVI or MKV video"
+        raise UploadRefused(
+            415,
+            f"{label} is not a PNG, JPEG or TIFF image nor an MP4, MOV, AVI or MKV video",
+            "bad_type",
         )
     try:
         modality = _modality(data, kind, expect, label)
@@ -78,10 +91,11 @@ def read_upload(
             _check_size(label, width, height, settings)
             limit = min(settings.max_frames, settings.max_video_pixels // max(width * height, 1))
             if frames > limit:
-                raise HTTPException(
+                raise UploadRefused(
                     413,
                     f"{label}: {frames} frames of {width}x{height} exceed the limit of {limit} "
                     f"frames ({settings.max_frames} frames, {settings.max_video_pixels:,} pixels)",
+                    "too_many_frames",
                 )
             array = read_ffa(data, name=label, max_pixels=settings.max_pixels, max_frames=limit)
     except MediaTooLarge as err:
@@ -91,9 +105,9 @@ def read_upload(
                 f"{label}: {err.pixels:,} pixels exceeds the limit of {settings.max_pixels:,} "
                 "(FUNDUS2VIDEO_MAX_PIXELS)"
             )
-        raise HTTPException(413, message) from err
+        raise UploadRefused(413, message, "too_many_pixels") from err
     except UnreadableMedia as err:
-        raise HTTPException(422, str(err)) from err
+        raise UploadRefused(422, str(err), "undecodable") from err
     return Upload(modality, array, len(data))
 
 
@@ -105,7 +119,7 @@ def _modality(data: bytes, kind: str, expect: str | None, label: str) -> str:
     if expect is not None and found != expect:
         wanted = "a CF image (PNG, JPEG, TIFF)" if expect == "cf" else "an FFA video"
         got = "a video" if found == "ffa" else "an image"
-        raise HTTPException(415, f"{label} must be {wanted}; it is {got}")
+        raise UploadRefused(415, f"{label} must be {wanted}; it is {got}", "bad_type")
     return found
 
 
@@ -113,8 +127,10 @@ def _check_size(label: str, width: int, height: int, settings: Settings) -> None
     if width * height > settings.max_pixels:
         raise MediaTooLarge(label, width * height, settings.max_pixels)  # before decoding
     if min(width, height) < settings.min_side:
-        raise HTTPException(
-            422, f"{label}: {width}x{height} pixels is smaller than {settings.min_side} a side"
+        raise UploadRefused(
+            422,
+            f"{label}: {width}x{height} pixels is smaller than {settings.min_side} a side",
+            "too_small",
         )
 
 

@@ -9,6 +9,7 @@ folder or a parameter, named in the message — and exit 2 with that one line
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -251,6 +252,9 @@ def _parse_times(text: str | None) -> list[float] | None:
         raise typer.BadParameter(f"--times must be comma-separated seconds, got {text!r}") from e
 
 
+SNAPSHOT_EVERY_HELP = "Generator iterations per resumable checkpoint (0: at the end only)."
+
+
 @app.command()
 def train(
     cohort: Annotated[Path, typer.Argument(help="Cohort folder (its train split is used).")],
@@ -281,6 +285,7 @@ def train(
         int | None,
         typer.Option(min=1, help="Embedder iterations when both stages run (default: --iters)."),
     ] = None,
+    snapshot_every: Annotated[int, typer.Option(min=0, help=SNAPSHOT_EVERY_HELP)] = 500,
 ):
     """Train the generator, then the embedding heads (progress bars show the losses).
 
@@ -296,6 +301,7 @@ def train(
             options = _generator_options(
                 scale, variant, g_minutes, iters, batch_size, seed, vgg_weights
             )
+            options = dataclasses.replace(options, snapshot_every=snapshot_every)
             typer.echo(_trained(train_run(cohort, out, options, resume=resume), "generator"))
         if stage in (None, "embed"):
             embed = train_embedder(
@@ -474,6 +480,29 @@ def index(
 
 
 @app.command()
+def snapshot(
+    index: Annotated[Path, typer.Argument(help="Index folder (may be served and written).")],
+    out: Annotated[Path, typer.Argument(help="Snapshot folder to write (atomically).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    link: Annotated[
+        bool, typer.Option(help="Hard-link the files instead of copying (same file system).")
+    ] = False,
+):
+    """Copy an index folder as one consistent state, even while `serve` adds and deletes
+    cases (a backup: `serve OUT` serves it)."""
+    from index import snapshot_index_folder
+
+    with bad_input():
+        taken = snapshot_index_folder(index, out, overwrite=overwrite, link=link)
+    counts = ", ".join(f"{m} {n}" for m, n in taken.manifest["counts"].items())
+    typer.echo(
+        f"{out}: snapshot of {index} ({taken.manifest['catalog_rows']} cases; {counts} "
+        f"vectors; {taken.files} files, {taken.bytes / 2**20:.1f} MiB; "
+        f"{taken.attempts} attempt{'s' if taken.attempts > 1 else ''})"
+    )
+
+
+@app.command()
 def search(
     index: Annotated[Path, typer.Argument(help="Index folder (from `fundus2video index`).")],
     file: Annotated[Path, typer.Argument(help="Query: a CF photo, or an FFA video / frames.")],
@@ -628,16 +657,46 @@ def suggestion_line(suggestion) -> str:
     )
 
 
+def serve_banner(cases: int, index: Path, url: str, api) -> str:
+    """`serve`'s start-up lines: what is served where and who may use it; the readiness
+    and liveness probes' and the Prometheus metrics' URLs."""
+    settings = api.state.settings
+    key = " (API key required)" if settings.api_key and not settings.metrics_public else ""
+    return (
+        f"serving {cases} cases from {index} at {url} "
+        f"(docs: /docs; {api.state.access.describe()})\n"
+        f"readiness: {url}/ready  liveness: {url}/health  metrics: {url}/metrics{key}"
+    )
+
+
 @app.command()
 def serve(
     index: Annotated[Path, typer.Argument(help="Index folder (from `fundus2video index`).")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    audit_log: Annotated[
+        Path | None,
+        typer.Option(
+            help="Append the audit log (one JSON line per add/delete attempt) to this file "
+            "(FUNDUS2VIDEO_AUDIT_LOG); it always goes to the logger fundus2video.audit too.",
+            dir_okay=False,
+        ),
+    ] = None,
 ):
     """Serve the HTTP API over an index folder (OpenAPI docs at /docs).
 
-    Limits and the optional API key come from FUNDUS2VIDEO_* environment variables
-    (e.g. FUNDUS2VIDEO_API_KEY, FUNDUS2VIDEO_MAX_UPLOAD_BYTES); see retrieval/api/settings.py.
+    Settings are FUNDUS2VIDEO_* environment variables (retrieval/api/settings.py):
+
+    FUNDUS2VIDEO_API_KEY: the read key (once set, reads need a key).
+    FUNDUS2VIDEO_WRITE_KEY: the write key (POST /cases, DELETE /cases/{id}).
+    FUNDUS2VIDEO_KEYS_FILE: more named keys with roles (JSON or TOML).
+    FUNDUS2VIDEO_OPEN_WRITES=true: writes without a write key (local use).
+    FUNDUS2VIDEO_RATE_SEARCH (600/minute), FUNDUS2VIDEO_RATE_GENERATE
+    (30/minute), FUNDUS2VIDEO_RATE_WRITE (60/minute): limits per key, or per
+    client address without one; empty: no limit.
+    FUNDUS2VIDEO_AUDIT_LOG: as --audit-log.
+    FUNDUS2VIDEO_CORS_ORIGINS: a JSON list of origins (default: no CORS).
+    Limits: FUNDUS2VIDEO_MAX_UPLOAD_BYTES, FUNDUS2VIDEO_MAX_K, ...
     """
     import os
 
@@ -654,18 +713,16 @@ def serve(
 
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        settings = Settings(index=index)
+        settings = Settings(index=index, **({"audit_log": audit_log} if audit_log else {}))
         engine = Engine.open(index, use_gpu=settings.use_gpu)
+        api = create_app(settings, engine=engine)  # checks the keys and the audit log
     except ValidationError as e:  # the environment's settings: the user's input too
         raise _fail(f"bad FUNDUS2VIDEO_* setting: {e}") from e
     except project_errors() as e:
         raise _fail(e) from e
-    typer.echo(
-        f"serving {engine.case_count} cases from {index} at http://{host}:{port} "
-        f"(docs: /docs{'; API key required' if settings.api_key else ''})"
-    )
+    typer.echo(serve_banner(engine.case_count, index, f"http://{host}:{port}", api))
     uvicorn.run(
-        create_app(settings, engine=engine),
+        api,
         host=host,
         port=port,
         access_log=False,

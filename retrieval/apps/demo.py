@@ -250,10 +250,13 @@ class ApiThread:
 
 
 def demo_app(paths: DemoPaths) -> Any:
-    """The API over the demo's index; /model finds the run's report.json once written."""
+    """The API over the demo's index; /model finds the run's report.json once written.
+
+    A local playground: adding and deleting cases is open unless FUNDUS2VIDEO_WRITE_KEY
+    is set (then writes need it); the default rate limits apply."""
     from retrieval.api import Settings, create_app
 
-    return create_app(Settings(index=paths.index))
+    return create_app(Settings(index=paths.index, open_writes=True))
 
 
 def _report_quietly(paths: DemoPaths) -> None:

@@ -31,13 +31,15 @@ Persistence. Every update is saved at once (`index.save_index_folder`: a complet
 new folder swapped in atomically). Media of added cases live in the folder's
 `media/<row_id>/` (cf.png, ffa.mp4), carried into each rewrite by hard links, so
 they survive restarts; the catalog stores them relative to the folder. When a save
-fails, the engine reloads the last saved folder and raises `PersistError`.
+fails, the engine reloads the last saved folder, raises `PersistError` and keeps the
+error in `save_error` until a save succeeds (the API's readiness probe reads it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import math
 import re
@@ -46,7 +48,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -165,6 +167,19 @@ _FILTER_CACHE = 128
 _CASE_ID = re.compile(r"[^/\\\x00-\x1f\x7f]{1,200}")
 
 
+def _announced(search: Callable[..., SearchResult]) -> Callable[..., SearchResult]:
+    """`Engine.search`, then each of the engine's search listeners called with its result."""
+
+    @functools.wraps(search)
+    def announced(self: Engine, *args: Any, **kwargs: Any) -> SearchResult:
+        result = search(self, *args, **kwargs)
+        for listener in self._search_listeners:
+            listener(result)
+        return result
+
+    return announced
+
+
 class WouldBlock(Exception):
     """A non-blocking search found an update in progress (retry it blocking)."""
 
@@ -236,12 +251,17 @@ class Engine:
         }
         self._install(folder)
         self.opened_at = time.time()
+        self.load_seconds: dict[str, float] = {}  # "model", "index": set by `open`
+        self.save_error: str | None = None  # the last save's error; None once one succeeds
+        self._search_listeners: tuple[Callable[[SearchResult], None], ...] = ()
 
     @classmethod
     def open(
         cls, path: str | Path, *, encoder: QueryEncoder | None = None, use_gpu: bool | None = None
     ) -> Engine:
-        """Open an index folder and the run's encoder its manifest names (`extra.run_dir`)."""
+        """Open an index folder and the run's encoder its manifest names (`extra.run_dir`).
+        `load_seconds` records how long the encoder and the index took (model 0: given)."""
+        t0 = time.perf_counter()
         if encoder is None:
             extra = read_manifest(path).get("extra") or {}
             if not extra.get("run_dir"):
@@ -252,8 +272,10 @@ class Engine:
             from retrieval.models.embedding import QueryEncoder as RunEncoder  # imports torch
 
             encoder = RunEncoder.open(extra["run_dir"], extra.get("embedder_dir"))
+        t_model = time.perf_counter() - t0
         folder = load_index_folder(path, expected_encoder_id=encoder.encoder_id, use_gpu=use_gpu)
         engine = cls(folder, encoder)
+        engine.load_seconds = {"model": t_model, "index": time.perf_counter() - t0 - t_model}
         log.info("opened %s: %d cases, encoder %s", path, engine.case_count, encoder.encoder_id)
         return engine
 
@@ -372,6 +394,7 @@ class Engine:
         return self._folder.indexes[modality].reconstruct(row_ids)
 
     # ------------------------------------------------------------------ search
+    @_announced
     def search(
         self,
         query: Query | str | np.ndarray,
@@ -432,6 +455,13 @@ class Engine:
             suggestion=suggested,
             suggestion_model=model if suggested is not None else None,
         )
+
+    def add_search_listener(self, listener: Callable[[SearchResult], None]) -> None:
+        """Call `listener(result)` after every search (e.g. the API's latency metrics)."""
+        self._search_listeners = (*self._search_listeners, listener)
+
+    def remove_search_listener(self, listener: Callable[[SearchResult], None]) -> None:
+        self._search_listeners = tuple(f for f in self._search_listeners if f != listener)
 
     def _similarity(self, similarity: str | None) -> tuple[str, np.ndarray]:
         """The search's similarity (None: the default) and its query factors."""
@@ -975,12 +1005,14 @@ class Engine:
         try:
             self._folder.save(keep=(MEDIA_DIR,))
         except Exception as err:
+            self.save_error = f"{type(err).__name__}: {err}"
             log.exception("saving %s failed; reloading the last saved index", self.path)
             folder = load_index_folder(self.path, expected_encoder_id=self.encoder_id)
             with self._lock.write():
                 self._install(folder)
             raise PersistError(f"could not save the index ({err}); nothing was changed") from err
         self._revision = revision
+        self.save_error = None
 
     @contextlib.contextmanager
     def _disk_lock(self) -> Iterator[None]:

@@ -162,7 +162,9 @@ def test_serve_refuses_a_missing_index(tmp_path):
 def pixel_server(pixel_index, tmp_path):
     shutil.copytree(pixel_index, tmp_path / "index")
     engine = Engine.open(tmp_path / "index", encoder=PixelEncoder())
-    with uvicorn_thread(create_app(Settings(), engine=engine)) as url:
+    # one client address sends every request: no search limit (tests/test_access.py has them)
+    settings = Settings(open_writes=True, rate_search="")
+    with uvicorn_thread(create_app(settings, engine=engine)) as url:
         yield url, engine
 
 

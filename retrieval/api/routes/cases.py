@@ -1,4 +1,8 @@
-"""The catalog: GET /cases (paged, filtered), GET/DELETE /cases/{case_id}, POST /cases."""
+"""The catalog: GET /cases (paged, filtered), GET/DELETE /cases/{case_id}, POST /cases.
+
+The routes that change the index are on `write_router` (the app gives it the write-key
+rule, `deps.require_write_key`); the others on `router`.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,25 @@ from ..uploads import parse_times, read_upload, split_values
 from .search import CASE_ERRORS, FILTER_HELP, UPLOAD_ERRORS, CaseId
 
 router = APIRouter(tags=["cases"])
+
+
+def _case_link(operation_ref: str, description: str) -> dict:
+    """An OpenAPI link from a response holding `case_id` to an operation on that case."""
+    return {
+        "operationRef": operation_ref,
+        "parameters": {"case_id": "$response.body#/case_id"},
+        "description": description,
+    }
+
+
+CASE_LINKS = {  # what a client can do next with an added case (OpenAPI links)
+    "GetCase": _case_link("#/paths/~1cases~1%7Bcase_id%7D/get", "The added case."),
+    "SimilarCases": _case_link(
+        "#/paths/~1cases~1%7Bcase_id%7D~1similar/get", "Cases similar to the added case."
+    ),
+    "DeleteCase": _case_link("#/paths/~1cases~1%7Bcase_id%7D/delete", "Remove the added case."),
+}
+write_router = APIRouter(tags=["cases"])  # POST /cases, DELETE /cases/{case_id}
 
 
 @router.get("/cases", response_model=CasePage, summary="One page of the catalog, filtered")
@@ -54,12 +77,13 @@ def get_case(case_id: CaseId, engine: EngineDep) -> dict:
     return case_record(engine.case(case_id))
 
 
-@router.post(
+@write_router.post(
     "/cases",
     response_model=CaseRecord,
     status_code=201,
     summary="Add a case (CF photo + FFA video + metadata) without rebuilding",
     responses={
+        201: {"description": "The added case.", "links": CASE_LINKS},
         **UPLOAD_ERRORS,
         409: {
             "model": ErrorResponse,
@@ -134,7 +158,7 @@ def add_case(
     return record
 
 
-@router.delete(
+@write_router.delete(
     "/cases/{case_id}",
     response_model=DeletedCase,
     summary="Remove a case from the index (and its stored media, if it was added)",
