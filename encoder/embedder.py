@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -598,19 +599,28 @@ def embedder_id(folder: str | Path) -> str:
 # ---------------------------------------------------------------------- numpy
 
 
+@contextlib.contextmanager
+def _evaluating(embedder: Embedder) -> Iterator[None]:
+    """The embedder in eval mode for the block, its training flag restored after."""
+    was = embedder.training
+    embedder.eval()
+    try:
+        yield
+    finally:
+        embedder.train(was)
+
+
 @torch.no_grad()
 def embed_cf_array(embedder: Embedder, cf: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """CF photos uint8 (N, S, S, 3) → float32 (N, dim), unit norm (eval mode, no grad)."""
     s = embedder.config.image_size
     if cf.dtype != np.uint8 or cf.ndim != 4 or cf.shape[1:] != (s, s, 3):
         raise DataError(f"cf must be uint8 (N, {s}, {s}, 3), got {cf.dtype} {cf.shape}")
-    was = embedder.training
-    embedder.eval()
     out = [np.zeros((0, embedder.config.out_dim), np.float32)]
-    for i in range(0, len(cf), batch_size):
-        x = cf_tensor(cf[i : i + batch_size]).to(embedder.device)  # (b, 3, S, S)
-        out.append(embedder.embed_cf(x).cpu().numpy())
-    embedder.train(was)
+    with _evaluating(embedder):
+        for i in range(0, len(cf), batch_size):
+            x = cf_tensor(cf[i : i + batch_size]).to(embedder.device)  # (b, 3, S, S)
+            out.append(embedder.embed_cf(x).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -629,16 +639,14 @@ def embed_ffa_array(
     times_s = np.asarray(times_s, dtype=np.float32)
     if times_s.shape != ffa.shape[:2]:
         raise DataError(f"times_s must be (N, T) = {ffa.shape[:2]}, got {times_s.shape}")
-    was = embedder.training
-    embedder.eval()
     dev = embedder.device
     out = [np.zeros((0, embedder.config.out_dim), np.float32)]
-    for i in range(0, len(ffa), batch_size):
-        x = to_model(ffa[i : i + batch_size]).to(dev)  # (b, T, S, S)
-        t = torch.from_numpy(times_s[i : i + batch_size]).to(dev)  # (b, T)
-        m = None if mask is None else torch.from_numpy(mask[i : i + batch_size]).to(dev)
-        out.append(embedder.embed_ffa(x, t, m).cpu().numpy())
-    embedder.train(was)
+    with _evaluating(embedder):
+        for i in range(0, len(ffa), batch_size):
+            x = to_model(ffa[i : i + batch_size]).to(dev)  # (b, T, S, S)
+            t = torch.from_numpy(times_s[i : i + batch_size]).to(dev)  # (b, T)
+            m = None if mask is None else torch.from_numpy(mask[i : i + batch_size]).to(dev)
+            out.append(embedder.embed_ffa(x, t, m).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -649,10 +657,8 @@ def cf_parts_array(embedder: Embedder, cf: np.ndarray) -> np.ndarray:
     s = embedder.config.image_size
     if cf.dtype != np.uint8 or cf.shape != (s, s, 3):
         raise DataError(f"cf must be uint8 ({s}, {s}, 3), got {cf.dtype} {cf.shape}")
-    was = embedder.training
-    embedder.eval()
-    parts = embedder.cf_parts(cf_tensor(cf[None]).to(embedder.device))[0]
-    embedder.train(was)
+    with _evaluating(embedder):
+        parts = embedder.cf_parts(cf_tensor(cf[None]).to(embedder.device))[0]
     return parts.cpu().numpy()
 
 
@@ -668,12 +674,10 @@ def ffa_parts_array(
     times_s = np.asarray(times_s, dtype=np.float32)
     if times_s.shape != ffa.shape[:1]:
         raise DataError(f"times_s must be ({len(ffa)},), got {times_s.shape}")
-    was = embedder.training
-    embedder.eval()
     dev = embedder.device
     x, t = to_model(ffa[None]).to(dev), torch.from_numpy(times_s[None]).to(dev)
-    parts, weights = embedder.ffa_parts(x, t)
-    embedder.train(was)
+    with _evaluating(embedder):
+        parts, weights = embedder.ffa_parts(x, t)
     return parts[0].cpu().numpy(), weights[0].cpu().numpy()
 
 
