@@ -507,7 +507,7 @@ class Server:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.proc = start([CLI, "serve", str(index), "--port", str(port)], log)
-        wait_http(self.url + "/health", timeout=120, alive=lambda: self.proc.poll() is None)
+        wait_http(self.url + "/ready", timeout=120, alive=lambda: self.proc.poll() is None)
 
     def kill(self) -> None:
         kill(self.proc)

@@ -116,7 +116,7 @@ def server_env(key: str) -> dict[str, str]:
 
 
 def start_server(index: Path, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """`fundus2video serve INDEX` on a free port; the process and its base URL once /health
+    """`fundus2video serve INDEX` on a free port; the process and its base URL once /ready
     answers."""
     from retrieval.apps.processes import free_port, wait_http
 
@@ -128,7 +128,7 @@ def start_server(index: Path, log: Path, env: dict[str, str]) -> tuple[subproces
             command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent
         )
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/health", timeout=180, alive=lambda: proc.poll() is None)
+    wait_http(f"{url}/ready", timeout=180, alive=lambda: proc.poll() is None)
     return proc, url
 
 

@@ -5,7 +5,8 @@ A checkpoint folder (a training run folder is one) holds:
   "training": training options, "code_version", "iteration"};
 - `generator.safetensors`: the generator's state dict (the config JSON in its metadata).
 
-Each file is replaced atomically, but the two are two renames: a process killed between
+Each file is replaced atomically (flushed to disk before its rename, the folder after
+it), but the two are two renames: a process killed between
 them leaves a `config.json` of the previous checkpoint beside new weights. The weights'
 embedded config is written with them in one file, so `load_generator` takes that one
 (and says so when `config.json` differs). Temporaries are named
@@ -79,11 +80,25 @@ def _atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file or a folder's entries to disk, so a power loss after the rename leaves
+    the old or the new file (as `index.atomic.fsync_path`; FUNDUS2VIDEO_FSYNC=0: off)."""
+    if os.environ.get("FUNDUS2VIDEO_FSYNC", "1").strip().lower() in ("0", "false", "no"):
+        return
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_stale_temporaries(path: Path) -> None:

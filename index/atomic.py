@@ -8,6 +8,11 @@ folder is renamed aside (`.NAME.old-PID`) and the new one renamed in: a crash
 between the two renames leaves only the backup, which `recover_dir` (called by
 `index.load_index_folder`) renames back.
 
+Durability: before the rename, every file and folder of the new state is flushed to
+disk (fsync), and after it the parent folder, so after a power loss the target is the
+old or the new state, never a renamed but unwritten one. `FUNDUS2VIDEO_FSYNC=0` turns
+the flushes off (a scratch disk, where speed matters more than power loss).
+
 Temporaries are named `.NAME.tmp-PID_HOST_XXXX` (hidden, beside their target). A writer
 killed mid-write (SIGKILL, power loss) leaves its temporary behind; the next write of the
 same target on the same host removes those whose process no longer runs
@@ -34,6 +39,35 @@ log = logging.getLogger(__name__)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def durable() -> bool:
+    """Whether writes are flushed to disk (FUNDUS2VIDEO_FSYNC, default on)."""
+    return os.environ.get("FUNDUS2VIDEO_FSYNC", "1").strip().lower() not in ("0", "false", "no")
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush one file, or one folder's entries, to disk (when `durable()`)."""
+    if not durable():
+        return
+    flags = os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file and folder under `root`, and `root`, to disk (when `durable()`)."""
+    if not durable():
+        return
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                fsync_path(path)
+        fsync_path(folder)
 
 
 def _renameat2():
@@ -138,7 +172,9 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
+        fsync_tree(tmp)
         if final.exists() and exchange_paths(tmp, final):
+            fsync_path(final.parent)
             shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
             return
         old = None
@@ -146,6 +182,7 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
         tmp.rename(final)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -166,7 +203,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

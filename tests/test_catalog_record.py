@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 from fastapi import FastAPI
 from pydantic import TypeAdapter
 
@@ -21,6 +22,8 @@ from retrieval.api.convert import case_record
 from retrieval.api.routes import cases as case_routes
 from retrieval.api.schemas import CaseRecord, ResultRow
 from retrieval.data.cohort import (
+    CASE_FIELDS,
+    CASE_MEASURED,
     CASE_METADATA,
     CATALOG_FIELDS,
     CATALOG_SCHEMA,
@@ -28,9 +31,11 @@ from retrieval.data.cohort import (
     EYES,
     SPLITS,
     Case,
+    Cohort,
     case_values,
     catalog_from_rows,
 )
+from retrieval.errors import CohortError
 from retrieval.search.engine import CaseInfo, Engine, NewCase
 from ui import client as ui_client
 from ui import components as ui_components
@@ -38,6 +43,7 @@ from ui import components as ui_components
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f.name for f in CATALOG_FIELDS]
 METADATA = [f.name for f in CASE_METADATA]
+RECORD = [f.name for f in CASE_FIELDS]  # the metadata and the measured fields
 MEDIA = [f.name for f in CATALOG_FIELDS if f.media]
 API_ONLY = ["modalities", "added", "cf_url", "ffa_url", "synthetic"]  # not catalog fields
 
@@ -53,6 +59,8 @@ def _example_row() -> dict:
 def test_the_schema_and_the_python_records_follow_the_fields():
     assert list(CATALOG_SCHEMA) == NAMES
     assert MEDIA == ["cf_path", "ffa_path"]
+    assert RECORD == [name for name in NAMES if name not in MEDIA]
+    assert {f.name for f in CASE_MEASURED} == set(RECORD) - set(METADATA)
     assert _names(Case) == NAMES
     assert _names(CaseInfo) == [*NAMES, "row_id", "added"]
     assert _names(NewCase) == METADATA
@@ -68,11 +76,11 @@ def test_every_field_example_makes_a_valid_catalog_row():
 
 
 def test_the_api_case_record_is_the_metadata_and_the_media_urls():
-    assert list(CaseRecord.model_fields) == [*METADATA, *API_ONLY]
+    assert list(CaseRecord.model_fields) == [*RECORD, *API_ONLY]
     example = CaseRecord.model_json_schema()["example"]
     assert set(example) == set(CaseRecord.model_fields)
     assert CaseRecord.model_validate(example).model_dump() == example
-    for f in CASE_METADATA:
+    for f in CASE_FIELDS:
         assert CaseRecord.model_fields[f.name].description == f.description
 
 
@@ -82,7 +90,26 @@ def test_case_record_gives_every_field_of_the_model():
     record = case_record(info)
     assert list(record) == list(CaseRecord.model_fields)
     assert CaseRecord.model_validate(record).model_dump() == record
-    assert {k: record[k] for k in METADATA} == {k: row[k] for k in METADATA}
+    assert {k: record[k] for k in RECORD} == {k: row[k] for k in RECORD}
+
+
+def test_a_catalog_without_the_measured_columns_still_opens(tmp_path):
+    """Catalogs written before the measured fields existed read them as empty."""
+    row = _example_row()
+    old = catalog_from_rows([row]).drop([f.name for f in CASE_MEASURED])
+    old.write_parquet(tmp_path / "catalog.parquet")
+    (case,) = Cohort.open(tmp_path).cases()
+    assert all(getattr(case, f.name) is None for f in CASE_MEASURED)
+    assert case.diagnosis == row["diagnosis"]
+
+
+def test_catalog_rows_may_leave_the_measured_fields_out_but_nothing_else():
+    row = {k: v for k, v in _example_row().items() if k not in {f.name for f in CASE_MEASURED}}
+    assert catalog_from_rows([row])["registration"].to_list() == [None]
+    with pytest.raises(CohortError, match=r"missing field\(s\) \['eye'\]"):
+        catalog_from_rows([{k: v for k, v in row.items() if k != "eye"}])
+    with pytest.raises(CohortError, match="unknown field"):
+        catalog_from_rows([{**row, "fov": [1.0, 2.0, 3.0]}])
 
 
 def test_a_new_case_becomes_a_whole_catalog_row():

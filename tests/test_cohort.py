@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 
 import polars as pl
 import pytest
 
-from index.atomic import atomic_dir
+from index.atomic import atomic_dir, atomic_write_bytes
 from retrieval import CATALOG_SCHEMA, Cohort, CohortError, hash_split, patient_split
 from retrieval.data.cohort import catalog_from_rows, validate_catalog, write_catalog
 
@@ -98,6 +100,34 @@ def test_patient_split_exact_counts_and_small_cohorts():
     assert Counter(split_of.values()) == {"train": 70, "val": 15, "test": 15}
     small = patient_split(["a", "b", "c"], seed=0)
     assert sorted(small.values()) == ["test", "train", "val"]
+
+
+def test_atomic_writes_flush_the_new_state_before_and_the_folder_after_the_rename(
+    tmp_path, monkeypatch
+):
+    """Power loss: what a rename makes visible is on disk first, the rename itself after."""
+    flushed: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")))
+    target = tmp_path / "folder"
+    with atomic_dir(target) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.bin").write_bytes(b"a")
+        (tmp / "b.bin").write_bytes(b"b")
+    names = [Path(p).name for p in flushed]
+    assert {"a.bin", "b.bin", "sub"} <= set(names)  # each file and folder of the new state
+    assert flushed[-1] == str(tmp_path)  # then the parent, after the rename
+    assert names.index("a.bin") < names.index("sub")  # a folder after its files
+
+    flushed.clear()
+    atomic_write_bytes(tmp_path / "x.json", b"{}")
+    assert Path(flushed[0]).name.startswith(".x.json.tmp-") and flushed[1] == str(tmp_path)
+
+    flushed.clear()
+    monkeypatch.setenv("FUNDUS2VIDEO_FSYNC", "0")
+    atomic_write_bytes(tmp_path / "y.json", b"{}")
+    assert flushed == [] and (tmp_path / "y.json").read_bytes() == b"{}"
+    monkeypatch.setattr(os, "fsync", real_fsync)
 
 
 def test_atomic_dir_keeps_previous_on_failure(tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -277,6 +279,69 @@ def test_ready_is_503_until_the_engine_is_loaded(engine):
         assert value(scrape(client), "fundus2video_ready") == 1
 
 
+def test_a_background_load_answers_503_loading_until_the_index_is_open(
+    pixel_index, tmp_path, monkeypatch
+):
+    """`serve` listens at once: /ready is 503 "loading" while the index opens, then 200."""
+    opening, release = threading.Event(), threading.Event()
+    real_open = Engine.open
+
+    def slow_open(path, **kwargs):
+        opening.set()
+        assert release.wait(30)
+        return real_open(path, encoder=PixelEncoder())
+
+    monkeypatch.setattr(Engine, "open", slow_open)
+    index = tmp_path / "index"
+    shutil.copytree(pixel_index, index)
+    app = create_app(open_settings(index=index, load_in_background=True))
+    with TestClient(app) as client:
+        assert opening.wait(30)
+        loading = client.get("/ready")
+        assert loading.status_code == 503 and loading.json()["detail"].startswith("loading")
+        assert client.get("/health").json()["loaded"] is False  # alive, not ready
+        assert client.get("/cases").status_code == 503
+        assert value(scrape(client), "fundus2video_ready") == 0
+        release.set()
+        deadline = time.monotonic() + 30
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, "never became ready"
+            time.sleep(0.05)
+        assert client.get("/cases").json()["total"] == 24
+        assert value(scrape(client), "fundus2video_ready") == 1
+
+
+def test_a_failed_background_load_is_503_and_says_so_without_the_error(tmp_path, monkeypatch):
+    def broken_open(path, **kwargs):
+        raise OSError(5, f"Input/output error: {path}/vectors-cf.faiss")
+
+    monkeypatch.setattr(Engine, "open", broken_open)
+    app = create_app(open_settings(index=tmp_path, load_in_background=True))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while app.state.load_state != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        failed = client.get("/ready")
+        assert failed.status_code == 503
+        assert "could not be loaded" in failed.json()["detail"]
+        assert str(tmp_path) not in failed.text and "Input/output" not in failed.text
+        assert client.get("/health").status_code == 200
+    # without the background load, a bad index stops the startup itself
+    blocking = create_app(open_settings(index=tmp_path))
+    with pytest.raises(OSError, match="Input/output"), TestClient(blocking):
+        pass
+
+
+def test_serve_refuses_a_folder_that_is_not_an_index_before_listening(tmp_path):
+    from typer.testing import CliRunner
+
+    from retrieval.apps.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path), "--port", "9"])
+    assert result.exit_code == 2 and "manifest" in result.output and str(tmp_path) in result.output
+
+
 def test_a_failed_save_sets_the_engine_flag_and_ready_503(engine, monkeypatch):
     first, second = (c.case_id for c in engine.cases(0, 2)[1])
 
@@ -352,9 +417,14 @@ def test_sidebar_says_loading_when_ready_is_503(monkeypatch):
 
     from ui import client as client_mod
 
-    loading = {"ready": False, "missing": ["model", "index"], "detail": "loading"}
+    loading = {"ready": False, "missing": ["model", "index"], "detail": "loading: ..."}
     failed = {"ready": False, "missing": ["index_save"], "detail": "save failed"}
-    for body, words in ((loading, "loading"), (failed, "last save of the index failed")):
+    unloadable = {**loading, "detail": "not ready: the index folder could not be loaded"}
+    for body, words in (
+        (loading, "loading"),
+        (failed, "last save of the index failed"),
+        (unloadable, "connected, but the index folder could not be loaded"),
+    ):
         monkeypatch.setattr(client_mod.ApiClient, "ready", lambda self, body=body: body)
         monkeypatch.setattr(client_mod.ApiClient, "health", lambda self: {"loaded": True})
         at = AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=60)

@@ -23,10 +23,14 @@ def readiness(base: str) -> dict | None:
 
 
 def not_ready_line(ready: dict) -> str:
-    """The sidebar's line for a 503 from /ready: still loading, or the last save failed."""
+    """The sidebar's line for a 503 from /ready: still loading, the index failed to load
+    or was not given, or the last save failed."""
     if "index_save" in (ready.get("missing") or ()):
         return ":red[●] connected, but the last save of the index failed: updates are not saved"
-    return ":orange[●] connected — loading (the model and index are not loaded yet)"
+    detail = ready.get("detail") or ""
+    if detail.startswith("loading"):
+        return ":orange[●] connected — loading (the model and index are not loaded yet)"
+    return f":red[●] connected, but {detail.removeprefix('not ready: ') or 'not ready'}"
 
 
 def sidebar_status(base: str) -> None:

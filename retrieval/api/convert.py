@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from pydantic_core import to_json
 
-from retrieval.data.cohort import CASE_METADATA
+from retrieval.data.cohort import CASE_FIELDS
 from retrieval.data.media_write import SYNTHETIC_LABEL
 from retrieval.search.engine import MODALITIES, CaseInfo, SearchResult, suggestion_record
 
@@ -32,9 +32,9 @@ def case_urls(case_id: str) -> tuple[str, str]:
 
 
 def case_record(case: CaseInfo) -> dict[str, Any]:
-    """The case as `CaseRecord`: its catalog metadata (tuples as lists) and media URLs."""
+    """The case as `CaseRecord`: its catalog fields (tuples as lists) and media URLs."""
     record: dict[str, Any] = {}
-    for f in CASE_METADATA:
+    for f in CASE_FIELDS:
         value = getattr(case, f.name)
         record[f.name] = list(value) if isinstance(value, tuple) else value
     cf_url, ffa_url = case_urls(case.case_id)

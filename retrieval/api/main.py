@@ -11,6 +11,7 @@ content, file names, case and patient ids are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.load_state = None  # "loading", "loaded" or "failed" once an index is opened
     app.state.synthetic = SyntheticStore(settings.synthetic_cache_size, settings.synthetic_ttl_s)
     app.state.map_cache = {}
     app.state.access = Access(settings)  # keys, rate limits, audit log
@@ -134,23 +136,52 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open `settings.index` unless the app was given an engine; close what it opened."""
-    settings, opened = app.state.settings, None
+    """Open `settings.index` unless the app was given an engine; close what it opened.
+
+    With `settings.load_in_background` the app answers at once while the index loads
+    (`app.state.load_state`: "loading", then "loaded" or "failed"; /ready says which);
+    otherwise startup waits for the index, and a bad one stops it."""
+    settings, loader = app.state.settings, None
     if app.state.engine is None and settings.index is not None:
-        opened = await run_in_threadpool(Engine.open, settings.index, use_gpu=settings.use_gpu)
-        app.state.engine = opened
-    engine = app.state.engine
+        loader = asyncio.create_task(_open_engine(app))
+        if not settings.load_in_background:
+            await loader
+    else:
+        _take_engine(app, app.state.engine)
+    yield
+    if loader is not None and not loader.done():
+        loader.cancel()  # the loading thread finishes on its own; its engine is dropped
+    app.state.metrics.detach(app.state.engine)
+    if loader is not None and app.state.engine is not None:
+        app.state.engine.close()
+        app.state.engine = None
+
+
+async def _open_engine(app: FastAPI) -> None:
+    """Open `settings.index` in a worker thread and take it; record a failure."""
+    settings = app.state.settings
+    app.state.load_state = "loading"
+    try:
+        engine = await run_in_threadpool(Engine.open, settings.index, use_gpu=settings.use_gpu)
+    except Exception:
+        app.state.load_state = "failed"
+        log.exception("could not open the index folder %s", settings.index)
+        if not settings.load_in_background:
+            raise
+        return
+    _take_engine(app, engine)
+
+
+def _take_engine(app: FastAPI, engine: Engine | None) -> None:
+    """Serve `engine` (None: nothing to serve)."""
     if engine is not None and engine.case_count >= FREEZE_FROM_CASES:
         # The catalog lookups are ~5 long-lived objects per case (half a million at 100k
         # cases): a full collection walks them all (~0.3 s) and stalls every request.
         gc.collect()
         gc.freeze()
     app.state.metrics.attach(engine)
-    yield
-    app.state.metrics.detach(engine)
-    if opened is not None:
-        opened.close()
-        app.state.engine = None
+    app.state.engine = engine
+    app.state.load_state = "loaded" if engine is not None else None
 
 
 # --------------------------------------------------------------------------- middleware

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from retrieval.data.cohort import CASE_METADATA, CatalogField
+from retrieval.data.cohort import CASE_FIELDS, CatalogField
 from retrieval.data.media_write import SYNTHETIC_LABEL
 from retrieval.search.queries import SUGGESTION_LABEL
 from retrieval.search.region import format_region, parse_region
@@ -41,7 +41,7 @@ Similarity = Literal["combined", "pair", "clinical"]
 FeedbackStrategy = Literal["rocchio", "best_score"]
 
 _CASE_EXAMPLE = {
-    **{f.name: f.example for f in CASE_METADATA},
+    **{f.name: f.example for f in CASE_FIELDS},
     "modalities": ["cf", "ffa"],
     "added": False,
     "cf_url": "/cases/ph0-00017/cf",
@@ -561,7 +561,7 @@ def _case_field(f: CatalogField) -> tuple[Any, Any]:
 
 
 _CaseMetadata = create_model(
-    "_CaseMetadata", __base__=_Model, **{f.name: _case_field(f) for f in CASE_METADATA}
+    "_CaseMetadata", __base__=_Model, **{f.name: _case_field(f) for f in CASE_FIELDS}
 )
 
 

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FUNDUS2VIDEO_", env_file=".env", extra="ignore")
 
     index: Path | None = Field(default=None, description="The index folder to serve.")
+    load_in_background: bool = Field(
+        default=False,
+        description="Open the index folder in the background: the service answers at once, "
+        "/ready is 503 (loading) until the model and index are loaded. `serve` sets it.",
+    )
     api_key: SecretStr | None = Field(
         default=None,
         description='The read key (named "read"): when set, every route but /health and '

@@ -663,10 +663,30 @@ def serve_banner(cases: int, index: Path, url: str, api) -> str:
     settings = api.state.settings
     key = " (API key required)" if settings.api_key and not settings.metrics_public else ""
     return (
-        f"serving {cases} cases from {index} at {url} "
+        f"serving {cases} cases from {index} at {url} once loaded "
         f"(docs: /docs; {api.state.access.describe()})\n"
         f"readiness: {url}/ready  liveness: {url}/health  metrics: {url}/metrics{key}"
     )
+
+
+def _served_app(index: Path, audit_log: Path | None):
+    """`serve`'s app, which loads `index` in the background once it listens (/ready is
+    "loading" meanwhile), and the index's case count; a folder that is not an index, bad
+    settings or keys fail here, before it listens."""
+    from pydantic import ValidationError
+
+    from retrieval.api import Settings, create_app
+    from retrieval.search.engine import Engine
+
+    try:
+        extra = {"audit_log": audit_log} if audit_log else {}
+        settings = Settings(index=index, load_in_background=True, **extra)
+        manifest = Engine.check_folder(index)
+        return create_app(settings), manifest["catalog_rows"]  # checks the keys, the audit log
+    except ValidationError as e:  # the environment's settings: the user's input too
+        raise _fail(f"bad FUNDUS2VIDEO_* setting: {e}") from e
+    except project_errors() as e:
+        raise _fail(e) from e
 
 
 @app.command()
@@ -706,21 +726,10 @@ def serve(
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import uvicorn
-    from pydantic import ValidationError
-
-    from retrieval.api import Settings, create_app
-    from retrieval.search.engine import Engine
 
     torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        settings = Settings(index=index, **({"audit_log": audit_log} if audit_log else {}))
-        engine = Engine.open(index, use_gpu=settings.use_gpu)
-        api = create_app(settings, engine=engine)  # checks the keys and the audit log
-    except ValidationError as e:  # the environment's settings: the user's input too
-        raise _fail(f"bad FUNDUS2VIDEO_* setting: {e}") from e
-    except project_errors() as e:
-        raise _fail(e) from e
-    typer.echo(serve_banner(engine.case_count, index, f"http://{host}:{port}", api))
+    api, cases = _served_app(index, audit_log)
+    typer.echo(serve_banner(cases, index, f"http://{host}:{port}", api))
     uvicorn.run(
         api,
         host=host,

@@ -41,6 +41,7 @@ LESIONS = (
 EYES = ("OD", "OS")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+REGISTRATION_STATUSES = ("ok", "failed")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class CatalogField:
     choices: tuple[str, ...] | None = None  # the allowed values (or empty, unless required)
     empty: Any = None  # a record's value for an empty cell: None (unknown), () (none)
     media: bool = False  # a media path: records serve the file instead
+    measured: bool = False  # measured from the media at ingest, not given by the user;
+    # optional in a catalog file: an older catalog without the column reads as empty
 
     @property
     def python_type(self) -> Any:
@@ -117,12 +120,64 @@ CATALOG_FIELDS = (
         [0.0, 12.1, 15.3, 30.2, 61.0, 300.5, 600.0],
     ),
     CatalogField(
+        "ffa_times_source",
+        pl.String(),
+        "Where the frame times came from: manifest, api, phantom, frame_time, "
+        "frame_time_vector, acquisition_times, instance_times or assumed_interval "
+        "(null when not known).",
+        "frame_time_vector",
+        measured=True,
+    ),
+    CatalogField(
+        "cf_fov",
+        pl.List(pl.Float64()),
+        "The CF photo's field-of-view circle: centre x, centre y and radius in pixels of the "
+        "stored photo (null when not measured).",
+        [700.5, 705.0, 655.25],
+        measured=True,
+    ),
+    CatalogField(
+        "ffa_fov",
+        pl.List(pl.Float64()),
+        "The same circle for the FFA video's frames (one for the video).",
+        [384.0, 384.0, 380.5],
+        measured=True,
+    ),
+    CatalogField(
+        "registration",
+        pl.List(pl.Float64()),
+        "The CF-to-FFA registration: the 2x3 affine matrix [a, b, tx, c, d, ty] that maps a "
+        "CF pixel (x, y) to the FFA pixel (a x + b y + tx, c x + d y + ty); null when not "
+        "registered.",
+        [0.55, -0.01, 3.2, 0.01, 0.55, -1.4],
+        measured=True,
+    ),
+    CatalogField(
+        "registration_quality",
+        pl.Float64(),
+        "How well the registered vessel maps agree, 0 to 1 (null when not attempted).",
+        0.83,
+        measured=True,
+    ),
+    CatalogField(
+        "registration_status",
+        pl.String(),
+        "ok, or failed (the pair is kept unregistered); null when not attempted.",
+        "ok",
+        choices=REGISTRATION_STATUSES,
+        measured=True,
+    ),
+    CatalogField(
         "source", pl.String(), "phantom, or the user dataset's name.", "phantom", required=True
     ),
 )
 CATALOG_SCHEMA: dict[str, pl.DataType] = {f.name: f.dtype for f in CATALOG_FIELDS}
-# the fields a case is described by, apart from its media files
-CASE_METADATA = tuple(f for f in CATALOG_FIELDS if not f.media)
+# the fields a user describes a case by (apart from its media files)
+CASE_METADATA = tuple(f for f in CATALOG_FIELDS if not f.media and not f.measured)
+# the fields measured from a case's media: field of view, registration, frame-time source
+CASE_MEASURED = tuple(f for f in CATALOG_FIELDS if f.measured)
+# the fields of a case's record: all but the media paths
+CASE_FIELDS = tuple(f for f in CATALOG_FIELDS if not f.media)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +196,12 @@ class Case:
     cf_path: Path  # absolute
     ffa_path: Path  # absolute
     ffa_times_s: tuple[float, ...] | None
+    ffa_times_source: str | None
+    cf_fov: tuple[float, ...] | None  # (cx, cy, r) px of the stored CF
+    ffa_fov: tuple[float, ...] | None  # (cx, cy, r) px of the stored FFA frames
+    registration: tuple[float, ...] | None  # 2x3 affine CF px -> FFA px, row-major
+    registration_quality: float | None
+    registration_status: str | None  # "ok" / "failed"; None: not attempted
     source: str
 
 
@@ -199,16 +260,30 @@ def empty_catalog() -> pl.DataFrame:
     return pl.DataFrame(schema=CATALOG_SCHEMA)
 
 
+def with_measured_columns(df: pl.DataFrame) -> pl.DataFrame:
+    """`df` with every measured column it lacks added empty (a catalog written before
+    the column existed), in the catalog's column order."""
+    missing = [f for f in CASE_MEASURED if f.name not in df.columns]
+    if not missing:
+        return df
+    df = df.with_columns(pl.lit(None, f.dtype).alias(f.name) for f in missing)
+    known = [name for name in CATALOG_SCHEMA if name in df.columns]
+    return df.select(*known, *[c for c in df.columns if c not in CATALOG_SCHEMA])
+
+
 def catalog_from_rows(rows: list[dict]) -> pl.DataFrame:
-    """A catalog from row dicts, each giving every catalog field (None when empty)."""
+    """A catalog from row dicts, each giving every catalog field (None when empty); the
+    measured fields may be left out (empty)."""
+    measured = {f.name for f in CASE_MEASURED}
     for row in rows:
-        if row.keys() != CATALOG_SCHEMA.keys():
-            missing = [name for name in CATALOG_SCHEMA if name not in row]
-            unknown = [name for name in row if name not in CATALOG_SCHEMA]
+        missing = [name for name in CATALOG_SCHEMA if name not in row and name not in measured]
+        unknown = [name for name in row if name not in CATALOG_SCHEMA]
+        if missing or unknown:
             raise CohortError(
                 f"catalog row {row.get('case_id')!r}: missing field(s) {missing}, "
                 f"unknown field(s) {unknown}"
             )
+    rows = [{name: row.get(name) for name in CATALOG_SCHEMA} for row in rows]
     df = pl.DataFrame(rows, schema=CATALOG_SCHEMA) if rows else empty_catalog()
     validate_catalog(df)
     return df
@@ -277,6 +352,7 @@ class Cohort:
             df = pl.read_parquet(catalog_path)
         except Exception as e:  # polars raises several kinds for a bad file
             raise CohortError(f"{catalog_path}: unreadable parquet ({e})") from e
+        df = with_measured_columns(df)
         validate_catalog(df, str(catalog_path))
         return cls(root.resolve(), df)
 

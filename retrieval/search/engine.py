@@ -263,12 +263,7 @@ class Engine:
         `load_seconds` records how long the encoder and the index took (model 0: given)."""
         t0 = time.perf_counter()
         if encoder is None:
-            extra = read_manifest(path).get("extra") or {}
-            if not extra.get("run_dir"):
-                raise Fundus2VideoError(
-                    f"{path}: the manifest names no run (extra.run_dir); "
-                    "build it with `fundus2video index RUN COHORT --out INDEX`"
-                )
+            extra = cls.check_folder(path).get("extra") or {}
             from retrieval.models.embedding import QueryEncoder as RunEncoder  # imports torch
 
             encoder = RunEncoder.open(extra["run_dir"], extra.get("embedder_dir"))
@@ -278,6 +273,22 @@ class Engine:
         engine.load_seconds = {"model": t_model, "index": time.perf_counter() - t0 - t_model}
         log.info("opened %s: %d cases, encoder %s", path, engine.case_count, encoder.encoder_id)
         return engine
+
+    @staticmethod
+    def check_folder(path: str | Path) -> dict[str, Any]:
+        """The manifest of the index folder at `path`, checked in milliseconds (before a
+        long load): a readable manifest of this format that names its run, which exists.
+        Raises IndexFormatError or Fundus2VideoError naming the problem."""
+        manifest = read_manifest(path)
+        run_dir = (manifest.get("extra") or {}).get("run_dir")
+        if not run_dir:
+            raise Fundus2VideoError(
+                f"{path}: the manifest names no run (extra.run_dir); "
+                "build it with `fundus2video index RUN COHORT --out INDEX`"
+            )
+        if not Path(run_dir).is_dir():
+            raise Fundus2VideoError(f"{path}: its run folder {run_dir} does not exist")
+        return manifest
 
     def _install(self, folder: IndexFolder) -> None:
         """Take `folder` as the current state (caller holds the write lock, or is __init__)."""
@@ -886,6 +897,7 @@ class Engine:
                 ROW_ID: row_id,
                 "cf_path": f"{MEDIA_DIR}/{row_id}/cf.png",
                 "ffa_path": f"{MEDIA_DIR}/{row_id}/ffa.mp4",
+                "ffa_times_source": None if case.ffa_times_s is None else "api",
             }
             catalog = self._folder.catalog
             new = pl.DataFrame([{c: row.get(c) for c in catalog.columns}], schema=catalog.schema)

@@ -84,7 +84,7 @@ def serve_subprocess(index: Path, env: dict[str, str] | None = None) -> Iterator
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/health", timeout=120, alive=lambda: process.poll() is None)
+        wait_http(f"{url}/ready", timeout=120, alive=lambda: process.poll() is None)
         yield url
     finally:
         process.send_signal(signal.SIGINT)

@@ -30,15 +30,24 @@ READY_EXAMPLE = {
     "missing": [],
     "detail": None,
 }
-LOADING_EXAMPLE = {
+NOT_LOADED_EXAMPLE = {
     "ready": False,
     "model_loaded": False,
     "index_loaded": False,
     "last_save_ok": True,
     "cases": None,
     "missing": ["model", "index"],
-    "detail": "not ready: no model and no index are loaded (yet)",
+    "detail": "not ready: no model and no index are loaded",
 }
+LOADING_EXAMPLE = {
+    **NOT_LOADED_EXAMPLE,
+    "detail": "loading: the model and the index are being loaded",
+}
+LOAD_FAILED_EXAMPLE = {
+    **NOT_LOADED_EXAMPLE,
+    "detail": "not ready: the index folder could not be loaded (see the server log)",
+}
+NOT_LOADED = {None: NOT_LOADED_EXAMPLE, "loading": LOADING_EXAMPLE, "failed": LOAD_FAILED_EXAMPLE}
 SAVE_FAILED_EXAMPLE = {
     "ready": False,
     "model_loaded": True,
@@ -103,11 +112,14 @@ def health(engine: LoadedEngineDep) -> dict:
         200: {"content": {"application/json": {"example": READY_EXAMPLE}}},
         503: {
             "model": Readiness,
-            "description": "Not ready: no index loaded yet, or the last save failed.",
+            "description": "Not ready: the index is loading, failed to load or was not "
+            "given, or the last save failed.",
             "content": {
                 "application/json": {
                     "examples": {
-                        "loading": {"summary": "No index loaded", "value": LOADING_EXAMPLE},
+                        "loading": {"summary": "Still loading", "value": LOADING_EXAMPLE},
+                        "load_failed": {"summary": "Loading failed", "value": LOAD_FAILED_EXAMPLE},
+                        "not_loaded": {"summary": "No index given", "value": NOT_LOADED_EXAMPLE},
                         "save_failed": {"summary": "Save failed", "value": SAVE_FAILED_EXAMPLE},
                     }
                 }
@@ -115,15 +127,16 @@ def health(engine: LoadedEngineDep) -> dict:
         },
     },
 )
-async def ready(engine: LoadedEngineDep) -> JSONResponse:
-    body = readiness(engine)
+async def ready(request: Request, engine: LoadedEngineDep) -> JSONResponse:
+    body = readiness(engine, getattr(request.app.state, "load_state", None))
     return JSONResponse(body.model_dump(), 200 if body.ready else 503)
 
 
-def readiness(engine: Engine | None) -> Readiness:
-    """The readiness of the service over `engine` (None: nothing loaded)."""
+def readiness(engine: Engine | None, load_state: str | None = None) -> Readiness:
+    """The readiness of the service over `engine` (None: nothing loaded; then
+    `load_state` says whether it is loading or failed to load)."""
     if engine is None:
-        return Readiness(**LOADING_EXAMPLE)
+        return Readiness(**NOT_LOADED.get(load_state, NOT_LOADED_EXAMPLE))
     if engine.save_error is not None:
         return Readiness(**{**SAVE_FAILED_EXAMPLE, "cases": engine.case_count})
     return Readiness(**{**READY_EXAMPLE, "cases": engine.case_count})
