@@ -4,6 +4,8 @@ Writers (each a real `fundus2video` subprocess):
 - `ingest`  a CSV manifest of a phantom cohort's media → a cohort folder;
 - `index`   `fundus2video index RUN COHORT --out INDEX` replacing an existing index;
 - `train`   `fundus2video train --stage generator` writing a checkpoint every iteration;
+- `embed`   `fundus2video train --stage embed --overwrite` replacing a run's embedder
+            (`embedder.safetensors` + `config.json`, saved at each better validation);
 - `serve`   `POST /cases` / `DELETE /cases/{id}` streamed by a client while the server
             runs; every acknowledged write (201 add, 200 delete) is recorded. The kill
             clock starts at the first acknowledged add (warm-up).
@@ -11,8 +13,8 @@ Writers (each a real `fundus2video` subprocess):
 Each trial starts the writer, kills its process group with SIGKILL after a delay (seeded;
 the `--kills` delays are spread uniformly over the writer's measured duration), then:
 the output loads with the project's own loaders (`Cohort.open`, `load_index_folder` /
-`Engine.open`, `load_generator` and the training state); it is the old or the new state,
-never a mix (catalog rows = vectors of each modality = media files; never empty; a
+`Engine.open`, `load_generator`, `load_embedder` and the training state); it is the old
+or the new state, never a mix (catalog rows = vectors of each modality = media files; never empty; a
 checkpoint's `config.json` describes the weights beside it); no acknowledged add or
 delete is lost; and the next write succeeds (the writer run again to completion, one
 more add). Prints a table and writes JSON (`--out`).
@@ -46,10 +48,11 @@ sys.path.insert(0, str(ROOT))
 
 from index import load_index_folder  # noqa: E402
 
-WRITERS = ("ingest", "index", "train", "serve")
+WRITERS = ("ingest", "index", "train", "embed", "serve")
 CLI = str(Path(sys.executable).parent / "fundus2video")
 WRITE_KEY = "crash-trials-write-key-0123456789"
 TRAIN_ITERS = 8  # the trial run: a checkpoint after each iteration
+EMBED_ITERS = 12  # the embedder trial run: validated (and maybe saved) every 4 iterations
 SERVE_OPS = 30  # writes in the measured serve stream (after its first, warm-up add)
 
 
@@ -406,6 +409,57 @@ class TrainWriter(OneShotWriter):
         return check_run_state(self.output(trial), TRAIN_ITERS)
 
 
+class EmbedWriter(OneShotWriter):
+    """Retrains the micro run's embedder in place (`--overwrite`): the old state is the
+    micro embedder (or a save of the new run before it finished), the new one the
+    embedder of a run that finished."""
+
+    name = "embed"
+
+    def output(self, trial: Path) -> Path:
+        return trial / "run" / "embedder"
+
+    def setup(self, trial: Path) -> None:
+        shutil.copytree(self.fx.run, trial / "run")
+
+    def command(self, trial: Path, again: bool) -> list[str]:
+        cmd = [CLI, "train", str(self.fx.cohort), "--out", str(trial / "run"), "--stage", "embed"]
+        return cmd + ["--iters", str(EMBED_ITERS), "--overwrite"]
+
+    def check(self, trial: Path) -> str:
+        return check_embedder_state(self.output(trial), self.fx.run / "embedder")
+
+
+def check_embedder_state(folder: Path, old: Path) -> str:
+    """ "new" (the embedder of a run that finished: a save of this run, and its log's stop
+    line), or "old" (the old embedder, or a save of the run before it finished); raises
+    Inconsistent when it does not load or is neither."""
+    from encoder import load_embedder
+
+    try:
+        _, cfg = load_embedder(folder)
+    except Exception as err:
+        raise Inconsistent(f"{folder}: the embedder does not load: {err}") from err
+    if _same_tensors(folder, old):
+        return "old"
+    if cfg["training"].get("iters") != EMBED_ITERS:
+        raise Inconsistent(f"{folder}: neither the old embedder nor a save of the new run")
+    log = folder / "log.txt"
+    finished = log.is_file() and f"stopped (iters) at iteration {EMBED_ITERS} " in log.read_text()
+    return "new" if finished else "old"
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Whether two embedder folders hold the same weights (their metadata aside: it
+    names the run folder)."""
+    from safetensors.numpy import load_file
+
+    from encoder.embedder import WEIGHTS_NAME
+
+    x, y = load_file(a / WEIGHTS_NAME), load_file(b / WEIGHTS_NAME)
+    return x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
 def leftovers(output: Path) -> int:
     """Temporary siblings (`.NAME.tmp-*`, `.NAME.old-*`) beside `output` and inside it."""
     found = list(output.parent.glob(f".{output.name}.tmp-*"))
@@ -641,7 +695,8 @@ def kill_moments(duration: float, kills: int, rng: np.random.Generator) -> list[
 
 
 def one_shot_writer(name: str, fx: Fixtures) -> OneShotWriter:
-    return {"ingest": IngestWriter, "index": IndexWriter, "train": TrainWriter}[name](fx)
+    writers = {"ingest": IngestWriter, "index": IndexWriter, "train": TrainWriter}
+    return {**writers, "embed": EmbedWriter}[name](fx)
 
 
 def writer_trials(name: str, fx: Fixtures, kills: int, seed: int, work: Path) -> dict:

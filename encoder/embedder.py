@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -62,6 +63,8 @@ from .configs import GeneratorConfig
 from .data import cf_tensor, to_model
 from .errors import CheckpointError, ConfigError, DataError
 from .networks import Generator
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fundus2video-embedder"
 FORMAT_VERSION = 3  # 2: region-aligned projection heads; 3: + clinical heads
@@ -520,13 +523,49 @@ def save_embedder(
 
 
 def read_embedder_config(folder: str | Path) -> dict[str, Any]:
-    path = Path(str(folder).removeprefix(LOCAL_PREFIX)) / CONFIG_NAME
+    """The embedder's config: `config.json`, or the copy saved inside the weights file
+    (written atomically with them) when the two differ or `config.json` is missing: a
+    save interrupted between the two files leaves a config that does not describe the
+    weights beside them."""
+    folder = Path(str(folder).removeprefix(LOCAL_PREFIX))
+    path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    embedded = _weights_config(weights) if weights.is_file() else None
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise CheckpointError(path.parent, f"no {CONFIG_NAME}") from e
+        if embedded is None:
+            raise CheckpointError(path.parent, f"no {CONFIG_NAME}") from e
+        cfg = None
     except json.JSONDecodeError as e:
-        raise CheckpointError(path, f"invalid JSON: {e}") from e
+        if embedded is None:
+            raise CheckpointError(path, f"invalid JSON: {e}") from e
+        cfg = None
+    if embedded is not None and embedded != cfg:
+        log.warning(
+            "%s: %s does not describe the weights beside it (a save was interrupted); "
+            "using the config saved with the weights",
+            folder,
+            CONFIG_NAME,
+        )
+        cfg, path = embedded, weights
+    return _checked_config(cfg, path)
+
+
+def _weights_config(weights: Path) -> dict[str, Any] | None:
+    """The config saved in the weights file's metadata (None: none there)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            text = (f.metadata() or {}).get("config")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(weights, str(e)) from e
+    try:
+        return None if text is None else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(weights, f"invalid embedded config: {e}") from e
+
+
+def _checked_config(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`cfg` if it is an embedder config of a version this code reads."""
     if cfg.get("format") != FORMAT:
         raise CheckpointError(path, f"format {cfg.get('format')!r} is not {FORMAT!r}")
     version = cfg.get("format_version", 0)

@@ -14,7 +14,9 @@ from open_clip.loss import ClipLoss
 
 from encoder import EmbedderConfig, create_embedder, embed_cf_array, load_embedder
 from encoder.augment import AugmentConfig, augment_cf
+from encoder.checkpoint import atomic_save_safetensors
 from encoder.embedder import similarity_weights
+from encoder.errors import CheckpointError
 from encoder.losses import label_affinity, label_contrastive_loss
 from encoder.testing import toy_paired_videos
 from encoder.train import CaseLabels, embed_training_loop
@@ -196,8 +198,33 @@ def test_version_2_embedder_folder_loads_without_a_clinical_part(tmp_path, run_d
     cfg["format_version"] = 2
     del cfg["embedder"]["clinical_dim"]  # written before the clinical heads
     (folder / "config.json").write_text(json.dumps(cfg))
-    loaded, _ = load_embedder(folder)
-    assert loaded.config.clinical_dim == 0
+    meta = {"config": json.dumps(cfg)}  # the weights carry the same config
+    atomic_save_safetensors(folder / "embedder.safetensors", e.state_dict(), meta)
+    loaded, loaded_cfg = load_embedder(folder)
+    assert loaded.config.clinical_dim == 0 and loaded_cfg["format_version"] == 2
+
+
+def test_an_interrupted_save_loads_the_config_saved_with_the_weights(
+    tmp_path, run_dir, caplog
+) -> None:
+    """A save killed between the weights and config.json leaves a config.json that does
+    not describe the weights (another model, or none yet): the weights' own config wins."""
+    from encoder import save_embedder
+
+    old = save_embedder(tmp_path / "e", create_embedder(SMALL, run_dir=run_dir, clinical_dim=0))
+    new = create_embedder(SMALL, run_dir=run_dir, clinical_dim=8)
+    text = json.dumps(json.loads((old / "config.json").read_text()) | {"iteration": 9})
+    meta = {"config": text.replace('"clinical_dim": 0', '"clinical_dim": 8')}
+    atomic_save_safetensors(old / "embedder.safetensors", new.state_dict(), meta)
+    with caplog.at_level(logging.WARNING, logger="encoder.embedder"):
+        loaded, cfg = load_embedder(old)  # config.json still says clinical_dim 0
+    assert loaded.config.clinical_dim == 8 and cfg["iteration"] == 9
+    assert "a save was interrupted" in caplog.text
+    (old / "config.json").unlink()  # the very first save, killed between the two files
+    assert load_embedder(old)[0].config.clinical_dim == 8
+    (old / "embedder.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_embedder(old)
 
 
 def test_camera_augmentation() -> None:

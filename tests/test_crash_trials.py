@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from benchmarks.crash_trials import (
+    EMBED_ITERS,
     WRITERS,
     Inconsistent,
     WriteStream,
     check_cohort_state,
+    check_embedder_state,
     check_index_state,
     check_run_state,
     check_serve_state,
@@ -188,6 +191,31 @@ def test_load_generator_takes_the_config_saved_with_the_weights(run_copy, caplog
     assert check_run_state(run_copy, 2) == "new"
 
 
+def test_embedder_checker_tells_old_from_new_and_catches_a_torn_one(micro_run_dir, tmp_path):
+    from encoder import EmbedderConfig, create_embedder, save_embedder
+
+    def saved(folder: Path, seed: int, iters: int, log: str = "") -> Path:
+        torch.manual_seed(seed)
+        config = EmbedderConfig(image_size=32, dim=8, grid=2, attn_hidden=8, clinical_dim=0)
+        e = create_embedder(config, run_dir=micro_run_dir)
+        save_embedder(folder, e, training={"iters": iters}, iteration=iters)
+        (folder / "log.txt").write_text(log)
+        return folder
+
+    old = saved(tmp_path / "old", 0, 6, "stopped (iters) at iteration 6 after 1 s")
+    assert check_embedder_state(old, old) == "old"
+    midway = saved(tmp_path / "mid", 1, EMBED_ITERS)  # saved at a validation, not finished
+    assert check_embedder_state(midway, old) == "old"
+    done = saved(tmp_path / "done", 1, EMBED_ITERS, f"stopped (iters) at iteration {EMBED_ITERS} ")
+    assert check_embedder_state(done, old) == "new"
+    with pytest.raises(Inconsistent, match="neither"):
+        check_embedder_state(saved(tmp_path / "other", 2, 99), old)
+    weights = done / "embedder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(Inconsistent, match="does not load"):
+        check_embedder_state(done, old)
+
+
 def test_resume_exports_the_generator_from_the_restored_state(run_copy, pixel_index):
     """A run killed after its state but before its export resumes with the export brought
     level with the state."""
@@ -282,11 +310,11 @@ def test_leftovers_counts_temporary_siblings(tmp_path):
 
 @pytest.mark.slow
 def test_crash_trials_find_no_failure(tmp_path):
-    """Three SIGKILLs per writer (ingest, index, train, serve): every output loads as the
+    """Two SIGKILLs per writer (ingest, index, train, embed, serve): every output loads as the
     old or the new state, no acknowledged write is lost, the next write succeeds."""
-    report = run_trials(WRITERS, kills=3, seed=1, work=tmp_path)
+    report = run_trials(WRITERS, kills=2, seed=1, work=tmp_path)
     failures = [t for t in report["trials"] if t["state"] == "failure"]
     assert failures == []
-    assert [r["kills"] for r in report["summary"]] == [3] * len(WRITERS)
+    assert [r["kills"] for r in report["summary"]] == [2] * len(WRITERS)
     serve = [t for t in report["trials"] if t["writer"] == "serve"]
     assert sum(t["acknowledged"]["adds"] for t in serve) > 0

@@ -28,6 +28,7 @@ from encoder import (
     save_embedder,
     save_generator,
 )
+from encoder.checkpoint import atomic_save_safetensors
 from encoder.data import cf_tensor, to_model
 from encoder.testing import micro_scale, toy_paired_videos
 from encoder.train import EmbedderTrainOptions, embed_training_loop
@@ -349,15 +350,21 @@ def test_bad_checkpoints(tmp_path, run_dir, data) -> None:
         load_embedder(tmp_path)
     e = _embedder("pixels", run_dir, data)
     folder = save_embedder(tmp_path / "emb", e)
+
+    def rewrite_config(cfg: dict) -> None:  # config.json and the copy inside the weights
+        (folder / "config.json").write_text(json.dumps(cfg))
+        meta = {"config": json.dumps(cfg)}
+        atomic_save_safetensors(folder / "embedder.safetensors", e.state_dict(), meta)
+
     cfg = json.loads((folder / "config.json").read_text())
     cfg["embedder"]["dim"] = 32
-    (folder / "config.json").write_text(json.dumps(cfg))
+    rewrite_config(cfg)
     with pytest.raises(CheckpointError, match="do not match"):
         load_embedder(folder)
     with pytest.raises(CheckpointError, match="no embedder.safetensors"):
         embedder_id(tmp_path)
     cfg["format_version"] = 1  # written before the region-aligned heads
-    (folder / "config.json").write_text(json.dumps(cfg))
+    rewrite_config(cfg)
     with pytest.raises(CheckpointError, match="format_version 1 .* retrain"):
         load_embedder(folder)
 

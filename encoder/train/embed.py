@@ -155,7 +155,9 @@ def embed_training_loop(
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / DEFAULT_SUBDIR
     if (out_dir / WEIGHTS_NAME).exists() and not overwrite:
-        raise OutputExists(f"{out_dir} already holds an embedder (pass overwrite=True)")
+        raise OutputExists(
+            f"{out_dir} already holds an embedder (pass overwrite=True, or --overwrite)"
+        )
     config = dataclasses.replace(
         config or EmbedderConfig(), backbone=options.backbone, dim=options.dim, image_size=data.size
     )

@@ -286,6 +286,7 @@ def train(
         typer.Option(min=1, help="Embedder iterations when both stages run (default: --iters)."),
     ] = None,
     snapshot_every: Annotated[int, typer.Option(min=0, help=SNAPSHOT_EVERY_HELP)] = 500,
+    overwrite: Annotated[bool, typer.Option(help="Replace an embedder in its folder.")] = False,
 ):
     """Train the generator, then the embedding heads (progress bars show the losses).
 
@@ -312,6 +313,7 @@ def train(
                 seed=seed,
                 minutes=e_minutes,
                 iters=e_iters,
+                overwrite=overwrite,
             )
             typer.echo(_trained(embed, f"embedder ({backbone})"))
 

@@ -297,8 +297,10 @@ def train_embedder(
     iters: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ):
-    """Train the embedding heads of `run` on the cohort's train split (val split for R@1).
+    """Train the embedding heads of `run` on the cohort's train split (val split for R@1);
+    `overwrite` replaces an embedder already in the output folder.
 
     The image size is the run's generator size, so every backbone sees the same pixels.
     """
@@ -327,6 +329,7 @@ def train_embedder(
         val_data=val,
         labels=case_labels(opened, train.case_ids),  # the train split's labels only
         progress=progress,
+        overwrite=overwrite,
     )
 
 
