@@ -16,6 +16,17 @@ from `index.keys.estimate_index_bytes`, includes it). QPS goes through
 is a bare FAISS `IndexFlatIP`.
 
     .venv/bin/python benchmarks/index_bench.py --sizes 100000 --threads 2
+
+`--backend faiss,milvus` compares the vector-store backends instead, each with the index
+type the rules choose (`choose_index_key`; Milvus maps it, `index.milvus`) over the same
+vectors and a synthetic catalog: build time (insert, index, tuning), QPS of single
+queries from 1 and 4 client threads, recall@10, and p50 / p95 latency unfiltered and
+filtered (`diagnosis` = one of 7 values, inside the search: FAISS through an id selector,
+Milvus through its boolean expression). Milvus runs on a Milvus Lite file (a temporary
+one unless `--milvus-uri`, which may name a server; its token from
+`FUNDUS2VIDEO_MILVUS_TOKEN`). Needs the `scale` extra for `milvus`.
+
+    .venv/bin/python benchmarks/index_bench.py --sizes 100000 --backend faiss,milvus
 """
 
 # ruff: noqa: E741  (D, I are FAISS's names for scores and ids)
@@ -191,8 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", default=None, help="comma-separated subset of families")
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with GPUs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/index_bench.json"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON report path")
+    parser.add_argument("--backend", default=None, help="compare backends: faiss,milvus")
+    parser.add_argument("--milvus-uri", default=None, help="Milvus URI (default: a Lite file)")
+    parser.add_argument("--clients", default="1,4", help="client threads for the QPS figures")
     args = parser.parse_args(argv)
+    if args.backend:
+        return backend_main(args)
+    args.out = args.out or Path("benchmarks/results/index_bench.json")
 
     faiss.omp_set_num_threads(args.threads)
     use_gpu = gpu_count() > 0 and not args.cpu
@@ -241,6 +258,184 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- backends
+
+DIAGNOSES = ("normal", "NPDR", "PDR", "BRVO", "CRVO", "wet-AMD", "CSC")
+BACKEND_FILTER = {"diagnosis": ["PDR"]}
+
+
+def synthetic_catalog(n: int, seed: int):
+    """A catalog of n rows with the filter columns (diagnosis, eye, split, lesions)."""
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    lesions = (["microaneurysm"], ["haemorrhage", "leakage"], [], ["drusen"])
+    return pl.DataFrame(
+        {
+            "row_id": np.arange(n, dtype=np.int64),
+            "case_id": [f"case-{i}" for i in range(n)],
+            "eye": rng.choice(["OD", "OS"], n),
+            "diagnosis": rng.choice(DIAGNOSES, n),
+            "split": rng.choice(["train", "val", "test"], n),
+            "lesions": [lesions[i] for i in rng.integers(0, len(lesions), n)],
+        },
+        schema_overrides={"lesions": pl.List(pl.String)},
+    )
+
+
+def concurrent_qps(search: Callable[[np.ndarray], object], q: np.ndarray, clients: int, budget_s):
+    """Single-query searches per second from `clients` threads, for about `budget_s`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def worker(offset: int) -> int:
+        done, t_end = 0, time.perf_counter() + budget_s
+        while time.perf_counter() < t_end:
+            i = (offset + done * clients) % len(q)
+            search(q[i : i + 1])
+            done += 1
+        return done
+
+    search(q[:1])  # warm-up
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        total = sum(pool.map(worker, range(clients)))
+    return total / (time.perf_counter() - t0)
+
+
+def latencies_ms(search: Callable[[np.ndarray], object], q: np.ndarray, n: int) -> np.ndarray:
+    """Milliseconds of `n` single-query searches (after 20 warm-up ones)."""
+    for i in range(min(20, len(q))):
+        search(q[i : i + 1])
+    out = []
+    for i in range(min(n, len(q))):
+        t0 = time.perf_counter()
+        search(q[i : i + 1])
+        out.append((time.perf_counter() - t0) * 1000)
+    return np.asarray(out)
+
+
+def build_backend(backend: str, x, catalog, args, workdir: Path):
+    """The store of `backend` over `x` (ids = catalog row ids) and its filter argument."""
+    from index import MilvusTarget, build_store, catalog_allowed_ids
+    from index.backend import filtered_ids
+
+    ids = catalog["row_id"].to_numpy()
+    allowed = catalog_allowed_ids(catalog, BACKEND_FILTER)
+    target, options = None, {"use_gpu": False}
+    if backend == "milvus":
+        target = MilvusTarget.from_env(args.milvus_uri or str(workdir / "bench.db"), "bench")
+        allowed = filtered_ids(allowed, BACKEND_FILTER)
+        options = {"progress": True}
+    store = build_store(
+        x,
+        ids,
+        modality="cf",
+        backend=backend,
+        milvus=target,
+        encoder_id="bench",
+        catalog=catalog,
+        target_recall=args.target_recall,
+        **options,
+    )
+    return store, allowed
+
+
+def bench_backend(backend: str, x, q, catalog, truths, args, workdir: Path) -> dict:
+    truth, filtered_truth = truths
+    t0 = time.perf_counter()
+    store, allowed = build_backend(backend, x, catalog, args, workdir)
+    build_s = time.perf_counter() - t0
+    plain = lambda b: store.search(b, K)  # noqa: E731
+    filtered = lambda b: store.search(b, K, allowed=allowed)  # noqa: E731
+    found = np.concatenate([plain(q[i : i + 64])[1] for i in range(0, len(q), 64)])
+    found_f = np.concatenate([filtered(q[i : i + 64])[1] for i in range(0, len(q), 64)])
+    lat, lat_f = latencies_ms(plain, q, 200), latencies_ms(filtered, q, 200)
+    row = {
+        "backend": backend,
+        "key": store.key,
+        "index_type": store.stats().get("index_type", store.key),
+        "build_s": build_s,
+        "build_timings": {k: round(v, 2) for k, v in store.build_timings.items()},
+        "recall@10": neighbour_recall(found, truth),
+        "filtered_recall@10": neighbour_recall(found_f, filtered_truth),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "filtered_p50_ms": float(np.percentile(lat_f, 50)),
+        "filtered_p95_ms": float(np.percentile(lat_f, 95)),
+        "search_params": store.search_params,
+        "filter_selectivity": float(np.asarray(allowed).size / len(x)),
+    }
+    for c in [int(c) for c in args.clients.split(",")]:
+        row[f"qps_c{c}"] = concurrent_qps(plain, q, c, args.time_per_qps)
+    if backend == "milvus" and args.milvus_uri:
+        store.drop()  # a server keeps collections; the temporary Lite file goes with workdir
+    return row
+
+
+def print_backend_table(rows: list[dict], clients: list[int]) -> None:
+    cols = ["n", "backend", "key", "build_s", *[f"qps_c{c}" for c in clients], "recall@10"]
+    cols += ["filtered_recall@10", "p50_ms", "filtered_p50_ms", "filtered_p95_ms"]
+    print(" | ".join(f"{c:>12}" for c in cols))
+    print("-" * (15 * len(cols)))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r[c]
+            cells.append(f"{v:>12,.3f}" if isinstance(v, float) else f"{v!s:>12}")
+        print(" | ".join(cells))
+
+
+def backend_main(args) -> int:
+    """`--backend`: the backends side by side (see the module docstring)."""
+    import tempfile
+
+    faiss.omp_set_num_threads(args.threads)
+    backends = [b for b in args.backend.split(",") if b]
+    out = args.out or Path("benchmarks/results/index_backends.json")
+    rows: list[dict] = []
+    mixture = dict(rank=args.rank, clusters=args.clusters, spread=args.spread, noise=args.noise)
+    for n in [int(s) for s in args.sizes.split(",") if s]:
+        x = clustered_vectors(n, args.dim, seed=args.seed, **mixture)
+        q = clustered_vectors(args.queries, args.dim, seed=args.seed + 1, **mixture)
+        catalog = synthetic_catalog(n, args.seed)
+        keep = catalog["diagnosis"].is_in(BACKEND_FILTER["diagnosis"]).to_numpy()
+        truth = faiss.knn(q, x, K, faiss.METRIC_INNER_PRODUCT)[1]
+        filtered_truth = np.flatnonzero(keep)[
+            faiss.knn(q, x[keep], K, faiss.METRIC_INNER_PRODUCT)[1]
+        ]
+        for backend in backends:
+            with tempfile.TemporaryDirectory(prefix="index-bench-") as workdir:
+                row = bench_backend(
+                    backend, x, q, catalog, (truth, filtered_truth), args, Path(workdir)
+                )
+                if backend == "milvus":
+                    from index.milvus import close_clients
+
+                    close_clients()
+            rows.append({"n": n, "d": args.dim, **row})
+            tqdm.write(f"  n={n:,} {backend}: {row}")
+            gc.collect()
+    clients = [int(c) for c in args.clients.split(",")]
+    print_backend_table(rows, clients)
+    report = {
+        "benchmark": "index_backends",
+        "config": {**vars(args), "out": str(out), "k": K, "filter": BACKEND_FILTER},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "faiss": faiss.__version__,
+            "load_average_at_end": os.getloadavg(),
+            "note": "shared with other work while measured; figures are indicative",
+        },
+        "results": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

@@ -149,14 +149,23 @@ def patch_nce_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.07) 
 
 
 def masked_l1(
-    fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor | None = None, alpha: float = 2.0
+    fake: torch.Tensor,
+    real: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    alpha: float = 2.0,
+    weight_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L1 with per-pixel weight 1 + alpha·mask; fake, real (B, K, H, W), mask (B, 1, H, W)."""
+    """L1 with per-pixel weight 1 + alpha·mask; fake, real (B, K, H, W), mask (B, 1, H, W).
+
+    `weight_sum` replaces the weights' sum as the normaliser: a part of a batch split across
+    processes passes the mean of the parts' sums, so the mean of the parts' losses is the
+    whole batch's."""
     diff = (fake - real).abs()
     if mask is None:
         return diff.mean()
     w = 1.0 + alpha * mask.to(diff.dtype)  # (B, 1, H, W)
-    return (diff * w).sum() / (w.sum() * diff.shape[1])
+    total = w.sum() if weight_sum is None else weight_sum
+    return (diff * w).sum() / (total * diff.shape[1])
 
 
 def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

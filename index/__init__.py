@@ -1,9 +1,19 @@
-"""Vector store: FAISS indexes (GPU/CPU), the case catalog, persistence.
+"""Vector store: FAISS indexes (GPU/CPU) or Milvus collections, the case catalog, persistence.
 
-Knows nothing about images or models: numpy vectors in, `(D, I)` out.
+Knows nothing about images or models: numpy vectors in, `(D, I)` out. The Milvus
+backend (`index.milvus`) imports pymilvus only when used.
 """
 
 from .atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text
+from .backend import (
+    BACKENDS,
+    TOKEN_ENV,
+    BackendError,
+    FilteredIds,
+    MilvusTarget,
+    VectorStore,
+    build_store,
+)
 from .errors import (
     DimensionMismatch,
     DuplicateIds,
@@ -37,6 +47,13 @@ from .snapshot import Snapshot, SnapshotError, snapshot_index_folder
 from .vector_index import VectorIndex, neighbour_recall
 
 __all__ = [
+    "BACKENDS",
+    "TOKEN_ENV",
+    "BackendError",
+    "FilteredIds",
+    "MilvusTarget",
+    "VectorStore",
+    "build_store",
     "neighbour_recall",
     "FORMAT_VERSION",
     "ROW_ID",

@@ -8,6 +8,11 @@ INDEX/
   cf.tombstones.npy      HNSW only, when removed ids await a compaction
 ```
 
+The manifest records each modality's backend (`index.backend`): `faiss` (the files
+above; a manifest without one is FAISS) or `milvus`, whose vectors live in a Milvus
+collection that the manifest names with its URI (never a token); such a folder holds
+the manifest and the catalog alone.
+
 A folder is always written whole into a temporary sibling and renamed into place
 (`index.atomic.atomic_dir`), so an interrupted write leaves the previous folder
 loadable. Entries the caller keeps inside the folder besides these (`keep=`, e.g. a
@@ -35,6 +40,7 @@ import numpy as np
 import polars as pl
 
 from .atomic import atomic_dir, recover_dir
+from .backend import DEFAULT_BACKEND, VectorStore, filtered_ids
 from .errors import EncoderMismatch, FilterError, IndexFormatError, IndexStoreError
 from .vector_index import VectorIndex
 
@@ -90,14 +96,37 @@ class IndexFolder:
     """A loaded index folder: indexes per modality, catalog, manifest."""
 
     path: Path
-    indexes: dict[str, VectorIndex]
+    indexes: dict[str, VectorStore]  # VectorIndex (faiss) or index.milvus.MilvusIndex
     catalog: pl.DataFrame
     encoder_id: str
     extra: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def allowed_ids(self, filters: Mapping[str, Any] | None) -> np.ndarray | None:
-        return catalog_allowed_ids(self.catalog, filters)
+        """`catalog_allowed_ids`; as `FilteredIds` when a store filters in its own terms."""
+        ids = catalog_allowed_ids(self.catalog, filters)
+        if ids is None or not any(
+            getattr(s, "filters_inside", False) for s in self.indexes.values()
+        ):
+            return ids
+        return filtered_ids(ids, filters or {})
+
+    @property
+    def backend(self) -> str:
+        """The backend of its stores: "faiss" or "milvus"."""
+        return next(iter(self.indexes.values())).stats().get("backend", DEFAULT_BACKEND)
+
+    def add_rows(self, vectors: Mapping[str, Any], rows: pl.DataFrame) -> None:
+        """Add catalog `rows` (with `row_id`) and their vectors (one (n, d) array per
+        modality, in the rows' order); a store that keeps catalog fields gets the rows."""
+        ids = rows[ROW_ID].to_numpy().astype(np.int64)
+        for modality, vecs in vectors.items():
+            store = self.indexes[modality]
+            if getattr(store, "filters_inside", False):
+                store.add(vecs, ids, rows=rows)
+            else:
+                store.add(vecs, ids)
+        self.catalog = pl.concat([self.catalog, rows])
 
     def search(
         self,
@@ -131,7 +160,7 @@ class IndexFolder:
 
 def save_index_folder(
     path: str | Path,
-    indexes: Mapping[str, VectorIndex],
+    indexes: Mapping[str, VectorStore],
     catalog: pl.DataFrame,
     encoder_id: str,
     extra: Mapping[str, Any] | None = None,
@@ -177,6 +206,7 @@ def save_index_folder(
             "encoder_id": encoder_id,
             "dim": next(iter(dims.values())),
             "metric": "inner_product",
+            "backend": _backend(modalities),
             "counts": {m: meta["count"] for m, meta in modalities.items()},
             "index_keys": {m: meta["key"] for m, meta in modalities.items()},
             "catalog_rows": catalog.height,
@@ -206,14 +236,23 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_modality(tmp: Path, modality: str, vi: VectorIndex, row_ids: np.ndarray) -> dict:
-    file = tmp / f"{modality}.faiss"
-    written = vi.write(file)
-    tombstones = written.pop("tombstones")
+def _backend(modalities: Mapping[str, dict[str, Any]]) -> str:
+    backends = {meta.get("backend", DEFAULT_BACKEND) for meta in modalities.values()}
+    if len(backends) != 1:
+        raise ValueError(f"all modalities must share one backend, got {sorted(backends)}")
+    return backends.pop()
+
+
+def _write_modality(tmp: Path, modality: str, vi: VectorStore, row_ids: np.ndarray) -> dict:
     live = vi.ids()
     if not np.isin(live, row_ids).all():
         missing = live[~np.isin(live, row_ids)][:10].tolist()
         raise IndexStoreError(f"{modality} index holds ids absent from the catalog: {missing}")
+    if not isinstance(vi, VectorIndex):
+        return vi.manifest_entry()  # the vectors live elsewhere (index.milvus)
+    file = tmp / f"{modality}.faiss"
+    written = vi.write(file)
+    tombstones = written.pop("tombstones")
     meta = {"file": file.name, "bytes": file.stat().st_size, **written}
     meta["tombstones_file"] = None
     if tombstones.size:
@@ -282,12 +321,38 @@ def load_index_folder(
         )
     row_ids = _row_ids(catalog, path)
     indexes = {
-        m: _load_modality(path, m, meta, manifest, row_ids, use_gpu)
+        m: _open_modality(path, m, meta, manifest, row_ids, use_gpu)
         for m, meta in manifest["modalities"].items()
     }
     return IndexFolder(
         path, indexes, catalog, encoder_id, dict(manifest.get("extra") or {}), manifest
     )
+
+
+def _open_modality(
+    path: Path,
+    modality: str,
+    meta: dict[str, Any],
+    manifest: dict[str, Any],
+    row_ids: np.ndarray,
+    use_gpu: bool | None,
+) -> VectorStore:
+    """One modality's store, of the backend its manifest entry names."""
+    backend = meta.get("backend", DEFAULT_BACKEND) if isinstance(meta, dict) else None
+    if backend == DEFAULT_BACKEND:
+        return _load_modality(path, modality, meta, manifest, row_ids, use_gpu)
+    if backend != "milvus":
+        raise IndexFormatError(path, f"{modality}: unknown backend {backend!r}")
+    from .milvus import MilvusIndex  # pymilvus only for Milvus folders
+
+    if meta.get("dim") != manifest["dim"]:
+        raise IndexFormatError(
+            path, f"{modality} has dimension {meta.get('dim')}, manifest {manifest['dim']}"
+        )
+    try:
+        return MilvusIndex.open(meta, encoder_id=manifest["encoder_id"], row_ids=row_ids, path=path)
+    except (KeyError, TypeError) as err:
+        raise IndexFormatError(path, f"malformed manifest entry {modality!r}: {err!r}") from err
 
 
 def _load_modality(

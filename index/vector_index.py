@@ -21,7 +21,9 @@ Filters (`allowed=` a set of ids) are applied inside the search: on CPU through 
 by over-fetching k·(n/allowed) results, doubling until each row has k allowed
 ones. Rows still short (a selective filter defeats HNSW's or IVF's pruning) are
 finished exhaustively — IVF with every list probed, HNSW by exact scoring of the
-allowed vectors — so a filtered search returns min(k, #allowed) rows.
+allowed vectors — so a filtered search returns min(k, #allowed) rows. On HNSW a filter
+of at most 4096 ids is scored exactly; a wider one that keeps a share s of the rows
+walks with efSearch / s (at most 1024), as the walk meets allowed rows at that rate.
 
 Tuning: `build` holds out a seeded sample of up to 256 vectors, adds the rest,
 raises efSearch / nprobe until recall@10 of the held-out queries against their
@@ -71,6 +73,7 @@ ADD_CHUNK = 65536
 DEFAULT_EF_SEARCH = 64  # untuned defaults
 DEFAULT_NPROBE = 16
 EXACT_SUBSET_MAX = 4096  # HNSW: score a filter this small exactly instead of walking
+FILTERED_EF_MAX = 1024  # HNSW: the widest efSearch a filter may raise the tuned one to
 RECONSTRUCT_CHUNK = 16384
 TRAIN_POINTS_PER_LIST = 64
 
@@ -474,9 +477,18 @@ class VectorIndex:
                 subset,
                 self._index.ntotal,
             )
-        if self.spec.kind == "hnsw" and subset is not None and subset.size <= EXACT_SUBSET_MAX:
-            return self._search_exact_subset(q, k, subset)
+        if self.spec.kind == "hnsw" and subset is not None:
+            if subset.size <= EXACT_SUBSET_MAX:
+                return self._search_exact_subset(q, k, subset)
+            return self._search_selector(q, k, subset, self._filtered_ef(subset.size))
         return self._search_selector(q, k, subset)
+
+    def _filtered_ef(self, allowed: int) -> dict[str, int]:
+        """HNSW under a filter: efSearch divided by the share of rows the filter keeps (a
+        walk through the graph meets that share of allowed rows), at most FILTERED_EF_MAX."""
+        ef = int(self.search_params.get("efSearch", DEFAULT_EF_SEARCH))
+        share = allowed / max(int(self._ids.size), 1)
+        return {"efSearch": int(min(max(ef, math.ceil(ef / share)), max(ef, FILTERED_EF_MAX)))}
 
     def vector(self, id: int) -> np.ndarray:
         """The stored vector of one live id, as a (1, d) query (cheaper than `reconstruct`)."""

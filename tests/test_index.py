@@ -189,6 +189,19 @@ def test_filtered_search_only_allowed_and_k_rows(data, built, key, overfetch, n_
         assert recall_at(I[:, : truth.shape[1]], truth) >= (1.0 if key == "Flat" else 0.9)
 
 
+def test_a_filtered_hnsw_search_widens_its_walk_to_keep_recall(data, built):
+    """A filter keeping a quarter of the rows: efSearch / 0.25, recall@10 at the target."""
+    x, ids, q = data
+    vi = built["HNSW32"]
+    allowed = np.random.default_rng(5).choice(ids, 5000, replace=False)  # > the exact cut
+    ef = vi.search_params["efSearch"]
+    assert vi._filtered_ef(5000) == {"efSearch": min(max(ef, 1024), -(-ef * N_ANN // 5000))}
+    _, I = vi.search(q, 10, allowed=allowed)
+    mask = np.isin(ids, allowed)
+    truth = exact(x[mask], ids[mask], q, 10)[1]
+    assert recall_at(I, truth) >= 0.95
+
+
 def test_overfetch_path_matches_selector_path(data, built):
     _, ids, q = data
     vi = built["Flat"]

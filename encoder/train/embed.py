@@ -21,6 +21,12 @@ seen, so the first batches are not over-fitted) are drawn from the bank, pairing
 with an independently chosen FFA view of the same case. The backbone is the expensive
 part on a CPU; the heads are cheap, so this multiplies the steps per backbone pass.
 
+Under torchrun (`distributed`) `batch_size` is the global batch: every rank draws and
+augments the whole batch alike (a single process's draw), embeds its part, and the CLIP
+loss (`ClipLoss(local_loss=True, gather_with_grad=True)`) and the label loss see every
+rank's vectors; each rank's feature bank holds the global batch's features. Rank 0 alone
+validates and writes the output folder.
+
 The output folder (default RUN/embedder/) holds:
 - `training_options.json`  the options (+ device, data summary, embedder config);
 - `stats.jsonl`            one JSON line per tick: `Progress/*`, `Loss/clip`,
@@ -59,6 +65,7 @@ from ..embedder import (
 from ..errors import ConfigError, DataError, OutputExists
 from ..losses import label_affinity, label_contrastive_loss
 from ..ranking import recall_at_k
+from . import distributed
 from .session import (
     STATS_NAME,
     TrainingSession,
@@ -149,15 +156,12 @@ def embed_training_loop(
     """Train an embedder on CF / FFA pairs; see the module docstring. The budget counts the
     setup too. Not resumable: a run is minutes."""
     options = EmbedderTrainOptions.merged(options, changes)
+    distributed.setup()  # a no-op unless started by torchrun with several processes
     _check_data(options, data, val_data, labels)
     labelled = labels.labelled if labels is not None else 0
     labels = labels if labelled else None
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / DEFAULT_SUBDIR
-    if (out_dir / WEIGHTS_NAME).exists() and not overwrite:
-        raise OutputExists(
-            f"{out_dir} already holds an embedder (pass overwrite=True, or --overwrite)"
-        )
+    out_dir = _output_folder(run_dir, out_dir, overwrite)
     config = dataclasses.replace(
         config or EmbedderConfig(), backbone=options.backbone, dim=options.dim, image_size=data.size
     )
@@ -174,12 +178,14 @@ def embed_training_loop(
         progress_fn=progress_fn,
         abort_fn=abort_fn,
     )
-    (out_dir / STATS_NAME).unlink(missing_ok=True)
+    if session.main:
+        (out_dir / STATS_NAME).unlink(missing_ok=True)
     with session:
         torch.manual_seed(options.seed)
         embedder = create_embedder(config, run_dir=run_dir if config.spec.needs_generator else None)
         embedder.to(session.device)
         fit_pixels(embedder, data.cf, data.ffa)  # training split only; no-op for others
+        distributed.broadcast_module(embedder)  # every rank starts from rank 0's weights
         val_videos = len(val_data) if val_data is not None else 0
         session.write_options(
             record, embedder=config.to_dict(), data=data_summary(data, val_videos=val_videos)
@@ -188,6 +194,15 @@ def embed_training_loop(
         log.info("labels: %s (%d of %d training cases labelled)", objective, labelled, len(data))
         run = _EmbedderRun(session, options, record, embedder, data, val_data, labels)
         return run.train()
+
+
+def _output_folder(run_dir: Path, out_dir: str | Path | None, overwrite: bool) -> Path:
+    """The embedder's folder (default run_dir / "embedder"); one that already holds an
+    embedder only with `overwrite`."""
+    out = Path(out_dir) if out_dir is not None else run_dir / DEFAULT_SUBDIR
+    if (out / WEIGHTS_NAME).exists() and not overwrite:
+        raise OutputExists(f"{out} already holds an embedder (pass overwrite=True, or --overwrite)")
+    return out
 
 
 def _check_data(
@@ -236,13 +251,22 @@ class _EmbedderRun:
             self.affinity = label_affinity(labels.diagnoses, labels.lesions)
         self.frozen = not embedder.config.train_backbone
         self.opt = torch.optim.AdamW(self._param_groups())
+        self.part = distributed.part(options.batch_size)  # this rank's rows of a batch
         self.loss_fn = ClipLoss()
+        if distributed.active():  # over the global batch: every rank's vectors, with grads
+            self.loss_fn = ClipLoss(
+                local_loss=True,
+                gather_with_grad=True,
+                rank=distributed.rank(),
+                world_size=distributed.world_size(),
+            )
         self.np_rng = np.random.default_rng(options.seed)
         self.torch_rng = torch.Generator().manual_seed(options.seed)
         self.order: list[int] = []
         self.bank = _FeatureBank(len(data), options.bank_views, int(options.bank_gb * 2**30))
         self.best: tuple[float, float] | None = None  # (R@1, R@5) of the saved checkpoint
-        self.val_feats = self._val_features() if self.frozen and val_data is not None else None
+        self.validating = val_data is not None and session.main  # rank 0 alone validates
+        self.val_feats = self._val_features() if self.frozen and self.validating else None
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """CLIP's rule: no weight decay on gains, biases and the logit scale; each group
@@ -272,8 +296,8 @@ class _EmbedderRun:
         return np.asarray(idx)
 
     def _batch(self) -> tuple[np.ndarray, tuple[torch.Tensor, ...]]:
-        """→ case indices (B,), (cf (B, 3, S, S), frames (B, T, S, S), times (B, T),
-        select (B, T')), augmented."""
+        """→ case indices (B,), (cf (b, 3, S, S), frames (b, T, S, S), times (b, T),
+        select (b, T')), augmented: the global batch's cases, this rank's rows of it."""
         o, d, g = self.options, self.data, self.torch_rng
         idx = self._indices(o.batch_size)
         cf = cf_tensor(d.cf[idx])  # (B, 3, S, S)
@@ -287,7 +311,8 @@ class _EmbedderRun:
         cf, frames = augment_cf(cf, g, o.augment), augment_video(frames, g, o.augment)
         t, n = frames.shape[1], min(o.train_frames, frames.shape[1])
         select = torch.rand(len(idx), t, generator=g).argsort(1)[:, :n].sort(1).values  # (B, n)
-        return idx, (cf, frames, times.to(self.device), select.to(self.device))
+        tensors = (cf, frames, times.to(self.device), select.to(self.device))
+        return idx, tuple(x[self.part] for x in tensors)
 
     def _features(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         cf, frames, times, select = batch
@@ -297,20 +322,24 @@ class _EmbedderRun:
         return f_cf, f_ffa, times.gather(1, select)
 
     def _step(self, idx: np.ndarray, feats: tuple[torch.Tensor, ...]) -> dict[str, float]:
-        """One optimizer step on the batch of cases `idx` → its losses."""
+        """One optimizer step on the batch of cases `idx` (global; `feats` this rank's rows)
+        → its losses."""
         f_cf, f_ffa, t = feats
         e, o = self.embedder, self.options
         z_cf, z_ffa = e.cf_head_embed(f_cf), e.ffa_head_embed(f_ffa, t)
         clip = self.loss_fn(z_cf, z_ffa, e.logit_scale.exp())
         losses = {"clip": clip}
         if self.affinity is not None:
-            c = torch.cat([e.cf_clinical_embed(f_cf), e.ffa_clinical_embed(f_ffa)])  # (2B, Dc)
+            c_cf, c_ffa = e.cf_clinical_embed(f_cf), e.ffa_clinical_embed(f_ffa)
+            gathered = distributed.gather_with_grad  # identity in a single process
+            c = torch.cat([gathered(c_cf), gathered(c_ffa)])  # (2B, Dc)
             cases = torch.from_numpy(np.concatenate([idx, idx]))
             affinity = self.affinity[cases][:, cases]
             losses["label"] = label_contrastive_loss(c, affinity, o.clinical_temperature)
         loss = clip + o.clinical_loss * losses.get("label", 0.0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.opt)  # a no-op in a single process
         self.opt.step()
         with torch.no_grad():
             e.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
@@ -325,10 +354,11 @@ class _EmbedderRun:
         fresh = self._step(idx, feats)
         s.record({f"Loss/{k}": v for k, v in fresh.items()})
         if self.frozen and o.replay:
-            self.bank.add(idx, *feats)
+            self.bank.add(idx, *(distributed.gather(f) for f in feats))  # the global batch's
             # replay grows with the bank's coverage: no over-fitting of the first cases
+            rank, world = distributed.rank(), distributed.world_size()
             for _ in range(o.replay * len(self.bank.filled) // len(self.data)):
-                replayed_idx, replayed = self.bank.sample(o.batch_size, self.torch_rng)
+                replayed_idx, replayed = self.bank.sample(o.batch_size, self.torch_rng, rank, world)
                 losses = self._step(replayed_idx, replayed)
                 s.record({f"Loss/{k}_replay": v for k, v in losses.items()})
         return fresh
@@ -401,7 +431,7 @@ class _EmbedderRun:
 
     def train(self) -> TrainingSummary:
         """Iterate until the budget is spent; validate and save at the end."""
-        s, o, validating = self.session, self.options, self.val_data is not None
+        s, o, validating = self.session, self.options, self.validating
         lr, val = o.lr, {}
         self.embedder.train()
         while s.running():
@@ -415,8 +445,9 @@ class _EmbedderRun:
         val = end_val or val
         if s.pending or end_val:
             self.tick(o.lr, end_val)
-        if not validating or not o.keep_best:
+        if s.main and (not validating or not o.keep_best):
             self.save()
+        distributed.barrier()  # the others read nothing before rank 0 has written
         return s.finish(f"; { ({k: round(v, 3) for k, v in val.items()}) }")
 
     def tick(self, lr: float, val: dict[str, float]) -> None:
@@ -472,17 +503,21 @@ class _FeatureBank:
         while self.bytes > self.max_bytes and len(self.filled) > 1:  # the oldest view goes
             self._drop_oldest(min(self.filled, key=lambda case: self.items[case][0][0]))
 
-    def sample(self, n: int, g: torch.Generator) -> tuple[np.ndarray, tuple[torch.Tensor, ...]]:
-        """n distinct cases (fewer if the bank holds fewer); per case a random CF view and an
-        independently chosen FFA view → case indices (n,), (cf (n, C, g, g),
-        ffa (n, T', C, g, g), times (n, T'))."""
+    def sample(
+        self, n: int, g: torch.Generator, rank: int = 0, world: int = 1
+    ) -> tuple[np.ndarray, tuple[torch.Tensor, ...]]:
+        """n distinct cases (fewer if the bank holds fewer; a multiple of `world`); per case
+        a random CF view and an independently chosen FFA view → case indices (n,),
+        (cf (m, C, g, g), ffa (m, T', C, g, g), times (m, T')) of rank `rank`'s m = n / world
+        of them (every rank draws alike)."""
         pick = torch.randperm(len(self.filled), generator=g)[:n].tolist()
-        cf, ffa, t = [], [], []
+        pick = pick[: len(pick) // world * world]
+        views = []
         for p in pick:
-            views = [v for _, v in self.items[self.filled[p]]]
-            a, b = torch.randint(len(views), (2,), generator=g).tolist()
-            cf.append(views[a][0])
-            ffa.append(views[b][1])
-            t.append(views[b][2])
+            case = [v for _, v in self.items[self.filled[p]]]
+            a, b = torch.randint(len(case), (2,), generator=g).tolist()
+            views.append((case[a][0], case[b][1], case[b][2]))
+        each = len(pick) // world
+        cf, ffa, t = zip(*views[rank * each : (rank + 1) * each], strict=True)
         cases = np.asarray([self.filled[p] for p in pick])
         return cases, (torch.stack(cf).float(), torch.stack(ffa).float(), torch.stack(t))

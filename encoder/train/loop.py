@@ -8,6 +8,10 @@ A run folder holds:
 - `config.json` + `generator.safetensors`  the latest generator (create_generator(run_dir));
 - `training-state.safetensors`  everything needed to resume (see state.py).
 `iters` and `minutes` are totals for the run, counted across resumes.
+
+Under torchrun every rank trains its part of each global batch (`batch_size` is the
+global batch; see `distributed`); rank 0 alone writes the run folder, and every rank
+resumes from its snapshot.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..configs import ScaleConfig
 from ..data import PairedVideos
 from ..errors import ConfigError, DataError, OutputExists
 from ..losses import KNOWLEDGE_THRESHOLD
+from . import distributed
 from .preview import save_preview
 from .session import TrainingSession, TrainingSummary, TrainOptions, data_summary, schedule
 from .state import STATE_NAME, load_training_state, read_training_meta, save_training_state
@@ -108,6 +113,7 @@ def training_loop(
 ) -> TrainingSummary:
     """Train a Fundus2Video generator; resumable; see the module docstring for the run folder."""
     options = GeneratorTrainOptions.merged(options, changes)
+    distributed.setup()  # a no-op unless started by torchrun with several processes
     run_dir = Path(run_dir)
     resuming = _resuming(run_dir, resume)
     scale = options.scale_config()
@@ -179,6 +185,7 @@ class _GeneratorRun:
     sampler: WindowSampler
     preview_set: PairedVideos
     step_options: StepOptions
+    part: slice  # this rank's rows of each global batch (all of it in one process)
 
     @classmethod
     def build(
@@ -195,6 +202,8 @@ class _GeneratorRun:
         np_rng = np.random.default_rng(o.seed)
         nets = Nets.build(scale, knowledge=o.knowledge_mask, vgg_weights=o.vgg_weights)
         nets.to(session.device)
+        for module in nets.modules().values():
+            distributed.broadcast_module(module)
         opt_g, opt_d = make_optimizers(nets, lr=o.lr, betas=o.betas)
         shown = val_data if val_data is not None else data
         sampler = WindowSampler(
@@ -219,6 +228,7 @@ class _GeneratorRun:
             sampler=sampler,
             preview_set=shown.subset(range(min(o.preview_cases, len(shown)))),
             step_options=StepOptions(o.knowledge_mask, o.autoregressive, o.loss_weights),
+            part=distributed.part(o.batch_size),
         )
 
     @property
@@ -250,12 +260,17 @@ class _GeneratorRun:
         )
         s.start(int(meta["iteration"]), float(meta["elapsed_s"]))
         record = self.options.to_dict()
-        save_generator(s.folder, self.nets.G, self.scale, training=record, iteration=s.iteration)
+        if s.main:
+            save_generator(
+                s.folder, self.nets.G, self.scale, training=record, iteration=s.iteration
+            )
         log.info("resumed %s at iteration %d (%.0f s trained)", s.folder, s.iteration, s.elapsed())
 
     def snapshot(self) -> None:
-        """Resumable state first, then the exported generator (each file atomic)."""
+        """Resumable state first, then the exported generator (each file atomic; rank 0)."""
         s, record = self.session, self.options.to_dict()
+        if not s.main:
+            return
         meta = {
             "iteration": s.iteration,
             "elapsed_s": s.elapsed(),
@@ -273,6 +288,8 @@ class _GeneratorRun:
         save_generator(s.folder, self.nets.G, self.scale, training=record, iteration=s.iteration)
 
     def preview(self) -> None:
+        if not self.session.main:
+            return
         path = self.session.folder / "previews" / f"preview-{self.session.iteration:06d}.png"
         save_preview(self.nets.G, self.preview_set, path)
 
@@ -298,6 +315,7 @@ class _GeneratorRun:
         self.snapshot()
         if not s.due(o.preview_every):
             self.preview()
+        distributed.barrier()  # the others read nothing before rank 0 has written
         return s.finish()
 
     def step(self, frac: float) -> tuple[float, float]:
@@ -309,7 +327,7 @@ class _GeneratorRun:
                 group["lr"] = lr
         ss = scheduled_sampling_prob(frac, o.ss_max, o.ss_start, o.ss_end)
         ss = ss if o.autoregressive else 0.0
-        batch = self.sampler.sample(o.batch_size).to(self.session.device)
+        batch = self.sampler.sample(o.batch_size, self.part).to(self.session.device)
         stats = train_step(
             self.nets,
             self.opt_g,

@@ -2,7 +2,9 @@
 
 `TrainingSession` owns the device, the iteration / time budget and its stop reasons,
 `log.txt`, `stats.jsonl` (one row per tick, non-finite values written as null), the
-progress bar, and the cadence of ticks and checkpoints.
+progress bar, and the cadence of ticks and checkpoints. Under torchrun (see
+`distributed`) only rank 0 writes and shows progress, rank 0 decides when every rank
+stops, and each step's stats are averaged over the ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import atomic_write_text, code_version
 from ..data import PairedVideos
 from ..errors import ConfigError
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,8 @@ def schedule(frac: float, decay_start: float = 0.5) -> float:
 
 
 def pick_device(device: str | None) -> torch.device:
-    """`device`, or cuda when available, else cpu."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`device`, or cuda when available, else cpu (under torchrun: this rank's GPU)."""
+    return distributed.device(device)
 
 
 def finite_or_none(row: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +143,9 @@ class TrainingSession:
         self.folder, self.options = folder, options
         self.device = pick_device(device)
         self.progress, self.progress_fn, self.abort_fn = progress, progress_fn, abort_fn
+        self.main = distributed.is_main()  # rank 0 (or the only process) writes the files
+        self.shared = distributed.active()  # the budget and stats are agreed with other ranks
+        self._budget_s: float | None = None  # rank 0's clock at the last running() (shared)
         self.iteration = 0
         self.stop_reason = ""
         self.last_row: dict[str, Any] = {}
@@ -154,6 +160,8 @@ class TrainingSession:
     # ---------------------------------------------------------------- log.txt
 
     def __enter__(self) -> Self:
+        if not self.main:
+            return self
         self.folder.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.folder / LOG_NAME, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -178,6 +186,8 @@ class TrainingSession:
 
     def write_options(self, record: dict[str, Any], **extra: Any) -> None:
         """training_options.json: the run's `record`, the device, code version and `extra`."""
+        if not self.main:
+            return
         info = record | {"device": str(self.device), "code_version": code_version()} | extra
         atomic_write_text(self.folder / OPTIONS_NAME, json.dumps(info, indent=2) + "\n")
 
@@ -198,7 +208,8 @@ class TrainingSession:
         if iters is not None:
             parts.append(self.iteration / iters if iters else 1.0)
         if minutes is not None:
-            parts.append(self.elapsed() / (60 * minutes))
+            elapsed = self.elapsed() if self._budget_s is None else self._budget_s
+            parts.append(elapsed / (60 * minutes))
         return min(1.0, max(parts))
 
     def _stop(self) -> str:
@@ -218,11 +229,13 @@ class TrainingSession:
             self._bar = tqdm(
                 total=self.options.iters,
                 initial=self.iteration,
-                disable=not self.progress,
+                disable=not self.progress or not self.main,
                 unit="it",
                 dynamic_ncols=True,
             )
         self.stop_reason = self._stop()
+        if self.shared:
+            self.stop_reason, self._budget_s = distributed.agree(self.stop_reason, self.elapsed())
         return not self.stop_reason
 
     def due(self, every: int) -> bool:
@@ -232,7 +245,9 @@ class TrainingSession:
     # ---------------------------------------------------------------- stats
 
     def record(self, stats: dict[str, float]) -> None:
-        """Stats of a step, averaged into the next tick."""
+        """Stats of a step, averaged into the next tick (and over the ranks)."""
+        if self.shared:
+            stats = distributed.mean_stats(stats)
         for k, v in stats.items():
             self._stats[k].append(v)
 
@@ -261,10 +276,11 @@ class TrainingSession:
         }
         row |= extra | {k: float(np.mean(v)) for k, v in sorted(self._stats.items())}
         row = finite_or_none(row)
-        with open(self.folder / STATS_NAME, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.progress_fn is not None:
-            self.progress_fn(row)
+        if self.main:
+            with open(self.folder / STATS_NAME, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.progress_fn is not None:
+                self.progress_fn(row)
         self._stats.clear()
         self._tick_started, self._tick_iters = time.monotonic(), 0
         self.last_row = row
@@ -272,7 +288,8 @@ class TrainingSession:
 
     def finish(self, detail: str = "") -> TrainingSummary:
         """Log the stop and summarise the run."""
-        log.info(
+        log.log(
+            logging.INFO if self.main else logging.DEBUG,
             "stopped (%s) at iteration %d after %.0f s%s",
             self.stop_reason,
             self.iteration,

@@ -24,6 +24,7 @@ from ..losses import (
     patch_nce_loss,
 )
 from ..networks import Generator
+from . import distributed
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,14 @@ class WindowSampler:
         fov = torch.from_numpy(self.data.fov) if self.centred else None
         self.masks = knowledge_mask(first, last, self.threshold, fov).numpy()
 
-    def sample(self, batch_size: int) -> Batch:
+    def sample(self, batch_size: int, part: slice = slice(None)) -> Batch:
+        """Draw a batch of `batch_size` windows; build its rows `part` (a rank's share of a
+        global batch: the draw is the same for every rank)."""
         n, t = len(self.data), self.data.frames
         vids = self.rng.integers(0, n, size=batch_size)
         starts = self.rng.integers(0, t - self.k + 1, size=batch_size)
         flips = self.rng.random(batch_size) < 0.5 if self.flip else np.zeros(batch_size, bool)
-        return self.batch(vids, starts, flips)
+        return self.batch(vids[part], starts[part], flips[part])
 
     def batch(self, vids: np.ndarray, starts: np.ndarray, flips: np.ndarray | None = None) -> Batch:
         k = self.k
@@ -190,13 +193,30 @@ def nce_loss(nets: Nets, batch: Batch, fake: torch.Tensor, knowledge: bool) -> t
         feats_k = nets.G.encoder_features(x_k)
     feats_q = [feats_q[i] for i in nce.layers]
     feats_k = [feats_k[i] for i in nce.layers]
-    ids = nets.F.sample_ids(feats_k, nce.num_patches, weights)
+    ids = _patch_ids(nets.F, feats_k, nce.num_patches, weights)
     q = nets.F(feats_q, ids)
     with torch.no_grad():
         k = nets.F(feats_k, ids)
     return torch.stack(
         [patch_nce_loss(a, b, nce.temperature) for a, b in zip(q, k, strict=True)]
     ).mean()
+
+
+def _patch_ids(
+    head: PatchSampleMLP,
+    feats: list[torch.Tensor],
+    num_patches: int,
+    weights: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """PatchNCE locations of this batch; under torchrun drawn for the global batch (its
+    weights gathered; every rank draws alike) and this rank's rows kept."""
+    world = distributed.world_size()
+    if world == 1:
+        return head.sample_ids(feats, num_patches, weights)
+    b, rank = feats[0].shape[0], distributed.rank()
+    shapes = [f.new_empty(b * world, 1, *f.shape[2:]) for f in feats]  # only shapes matter
+    full = distributed.gather(weights) if weights is not None else None
+    return [ids[rank * b : (rank + 1) * b] for ids in head.sample_ids(shapes, num_patches, full)]
 
 
 def train_step(
@@ -233,8 +253,10 @@ def previous_frames(
     without autoregression."""
     if not autoregressive:
         return torch.full_like(batch.prev, -1.0), {}
-    prev = batch.prev
-    use = torch.rand(prev.shape[0], device=prev.device) < ss_prob  # (B,)
+    prev, b, rank = batch.prev, batch.prev.shape[0], distributed.rank()
+    # drawn for the global batch (every rank alike), this rank's rows kept
+    draw = torch.rand(b * distributed.world_size(), device=prev.device)
+    use = draw[rank * b : (rank + 1) * b] < ss_prob  # (B,)
     if use.any():
         with torch.no_grad(), ctx:
             gen = nets.G(batch.cf[use], batch.prev2[use], batch.prev_times[use]).float()
@@ -317,9 +339,11 @@ def generator_phase(
             nets.vgg(fake, batch.target) if nets.vgg is not None else fake.new_zeros(())
         )
     # pixel losses in float32, outside autocast
-    losses["G_l1"] = masked_l1(
-        fake.float(), batch.target, batch.mask if know else None, w.mask_alpha
-    )
+    mask = batch.mask if know else None
+    weight_sum = None  # under torchrun: the mean over ranks (the global batch's mean L1)
+    if mask is not None and distributed.active():
+        weight_sum = distributed.mean_value((1.0 + w.mask_alpha * mask).sum())
+    losses["G_l1"] = masked_l1(fake.float(), batch.target, mask, w.mask_alpha, weight_sum)
     patch = min(w.gv_patch, nets.G.config.image_size)
     losses["G_gv"] = gradient_variance_loss(fake.float(), batch.target, patch)
     total = (
@@ -346,10 +370,12 @@ def _backward_step(
 ) -> None:
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
+        distributed.average_gradients(opt)  # a no-op in a single process
         scaler.step(opt)
         scaler.update()
     else:
         loss.backward()
+        distributed.average_gradients(opt)
         opt.step()
 
 

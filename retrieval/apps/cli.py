@@ -253,6 +253,7 @@ def _parse_times(text: str | None) -> list[float] | None:
 
 
 SNAPSHOT_EVERY_HELP = "Generator iterations per resumable checkpoint (0: at the end only)."
+BATCH_SIZE_HELP = "Generator batch; under torchrun the global batch, split evenly."
 
 
 @app.command()
@@ -266,7 +267,7 @@ def train(
     variant: Annotated[
         str, typer.Option(help="full, or an ablation: no-knowledge-mask, per-frame.")
     ] = "full",
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help=BATCH_SIZE_HELP)] = 4,
     seed: Annotated[int, typer.Option()] = 0,
     vgg_weights: Annotated[
         Path | None, typer.Option(help="Local VGG19 state dict: enables the perceptual loss.")
@@ -470,15 +471,40 @@ def index(
     embedder: Annotated[
         Path | None, typer.Option(help="Embedder folder (default: RUN/embedder).")
     ] = None,
+    backend: Annotated[
+        str, typer.Option(help="Vector store: faiss (files in the folder) or milvus.")
+    ] = "faiss",
+    uri: Annotated[
+        str | None,
+        typer.Option(help="Milvus: http://host:19530, or a Milvus Lite file FILE.db."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FUNDUS2VIDEO_MILVUS_TOKEN",
+            help="Milvus token (user:password or API key); never written to the folder.",
+        ),
+    ] = None,
+    milvus_prefix: Annotated[
+        str, typer.Option(help="Milvus collection names: PREFIX_cf_..., PREFIX_ffa_....")
+    ] = "fundus2video",
 ):
-    """Embed every case of a cohort and write an index folder (FAISS per modality + catalog)."""
+    """Embed every case of a cohort and write an index folder (FAISS per modality + catalog;
+    with --backend milvus, a Milvus collection per modality that the folder names)."""
+    from index import MilvusTarget
     from retrieval.models.embedding import build_index
 
     with bad_input():
-        manifest = build_index(run, cohort, out, embedder_dir=embedder)
+        if uri is not None and backend != "milvus":
+            raise _fail("--uri is for --backend milvus")
+        target = MilvusTarget(uri or "", token, milvus_prefix) if backend == "milvus" else None
+        manifest = build_index(
+            run, cohort, out, embedder_dir=embedder, backend=backend, milvus=target
+        )
     counts = ", ".join(f"{m} {n}" for m, n in manifest["counts"].items())
     keys = ", ".join(f"{m} {k}" for m, k in manifest["index_keys"].items())
-    typer.echo(f"{out}: {counts} vectors of dimension {manifest['dim']} ({keys})")
+    where = f"; {manifest['backend']}" if manifest.get("backend", "faiss") != "faiss" else ""
+    typer.echo(f"{out}: {counts} vectors of dimension {manifest['dim']} ({keys}{where})")
 
 
 @app.command()
@@ -740,3 +766,7 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=5,
     )
+
+
+if __name__ == "__main__":  # `python -m retrieval.apps.cli`, e.g. under torchrun
+    app()

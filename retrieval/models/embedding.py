@@ -30,7 +30,8 @@ from encoder.embedder import (
     load_embedder,
     similarity_weights,
 )
-from index import ROW_ID, VectorIndex, save_index_folder, with_row_ids
+from index import ROW_ID, MilvusTarget, build_store, save_index_folder, with_row_ids
+from index.backend import check_backend
 from retrieval.data.cohort import Cohort
 from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.media_write import mark_synthetic
@@ -258,8 +259,12 @@ def build_index(
     *,
     embedder_dir: str | Path | None = None,
     progress: bool = True,
+    backend: str = "faiss",
+    milvus: MilvusTarget | None = None,
 ) -> dict[str, Any]:
-    """Embed every case of `cohort` with the run's embedder; write the index folder `out`."""
+    """Embed every case of `cohort` with the run's embedder; write the index folder `out`.
+    `backend` "milvus" puts the vectors in collections at `milvus` (the folder names them)."""
+    check_backend(backend)
     encoder = QueryEncoder.open(run, embedder_dir)
     opened = Cohort.open(cohort)
     catalog, cf, ffa = embed_cohort(encoder, opened, progress=progress)
@@ -267,7 +272,15 @@ def build_index(
     ids = catalog[ROW_ID].to_numpy().astype(np.int64)
     indexes = {}
     for modality, vectors in zip(MODALITIES, (cf, ffa), strict=True):
-        indexes[modality] = VectorIndex.build(vectors, ids)
+        indexes[modality] = build_store(
+            vectors,
+            ids,
+            modality=modality,
+            backend=backend,
+            milvus=milvus,
+            encoder_id=encoder.encoder_id,
+            catalog=catalog,
+        )
     extra = {
         "run_dir": str(Path(run).resolve()),
         "embedder_dir": str(encoder.embedder_dir.resolve()),
@@ -305,9 +318,10 @@ def train_embedder(
     The image size is the run's generator size, so every backbone sees the same pixels.
     """
     from encoder import read_checkpoint_config
-    from encoder.train import EmbedderTrainOptions, embed_training_loop
+    from encoder.train import EmbedderTrainOptions, distributed, embed_training_loop
 
     run = Path(run)
+    distributed.setup()  # under torchrun: join the other processes (else a no-op)
     size = read_checkpoint_config(run)["model"]["generator"]["image_size"]
     opened = Cohort.open(cohort)
     train = load_paired(opened, size=size, split="train", progress=progress)
@@ -318,7 +332,7 @@ def train_embedder(
         backbone=backbone,
         minutes=minutes,
         iters=iters,
-        batch_size=min(EMBED_BATCH_SIZE, len(train)),
+        batch_size=distributed.whole_parts(min(EMBED_BATCH_SIZE, len(train))),
         seed=seed,
     )
     return embed_training_loop(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from encoder import create_generator, synthesize
-from encoder.train import GeneratorTrainOptions, TrainingSummary, training_loop
+from encoder.train import GeneratorTrainOptions, TrainingSummary, distributed, training_loop
 from retrieval.data.cohort import Cohort
 from retrieval.data.media import read_cf
 from retrieval.data.media_write import mark_synthetic
@@ -42,8 +42,10 @@ def train_run(
     """Train a generator on the cohort's train split (previews from its val split)."""
     options = GeneratorTrainOptions.merged(options, changes)
     out = Path(out)
+    distributed.setup()  # under torchrun: join the other processes (else a no-op)
     if not resume and out.exists() and any(out.iterdir()):
         raise OutputExists(f"{out} already holds files (--resume continues a run there)")
+    distributed.barrier()  # every rank has checked before rank 0 writes there
     size = options.scale_config().generator.image_size
     opened = Cohort.open(cohort)
     train = load_paired(opened, size=size, split="train", progress=progress)

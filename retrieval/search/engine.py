@@ -33,6 +33,9 @@ new folder swapped in atomically). Media of added cases live in the folder's
 they survive restarts; the catalog stores them relative to the folder. When a save
 fails, the engine reloads the last saved folder, raises `PersistError` and keeps the
 error in `save_error` until a save succeeds (the API's readiness probe reads it).
+The folder's manifest names its backend (`index.backend`): with `milvus` the vectors
+go to Milvus at once and the folder (manifest, catalog) follows; filters reach the
+store as `FilteredIds` (`IndexFolder.allowed_ids`), which Milvus applies as expressions.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
-from index import ROW_ID, IndexFolder, catalog_allowed_ids, load_index_folder, read_manifest
+from index import ROW_ID, IndexFolder, load_index_folder, read_manifest
 from index.atomic import atomic_write_bytes
 from index.sync import RWLock
 from retrieval.data.cohort import CASE_METADATA, case_values
@@ -393,7 +396,7 @@ class Engine:
             if key in self._filters:
                 return self._filters[key]
         columns = {FILTER_KEYS[k]: list(v) for k, v in flt.items()}
-        allowed = catalog_allowed_ids(self._folder.catalog, columns)
+        allowed = self._folder.allowed_ids(columns)  # the ids; a Milvus store: its filter too
         with self._cache_lock:
             if len(self._filters) >= _FILTER_CACHE:
                 self._filters.pop(next(iter(self._filters)))
@@ -903,9 +906,7 @@ class Engine:
             new = pl.DataFrame([{c: row.get(c) for c in catalog.columns}], schema=catalog.schema)
             info = self._case_info(row)
             with self._lock.write():
-                self._folder.indexes["cf"].add(v_cf, [row_id])
-                self._folder.indexes["ffa"].add(v_ffa, [row_id])
-                self._folder.catalog = pl.concat([catalog, new])
+                self._folder.add_rows({"cf": v_cf, "ffa": v_ffa}, new)  # indexes and catalog
                 self._rows[row_id], self._by_case[info.case_id] = info, row_id
                 self._order = np.append(self._order, np.int64(row_id))
                 self._next_row_id = row_id + 1
