@@ -362,7 +362,8 @@ class IngestWriter(OneShotWriter):
 
     def command(self, trial: Path, again: bool) -> list[str]:
         out = self.output(trial)
-        return [CLI, "ingest", str(self.fx.manifest), str(out), "--allow-duplicates"]
+        cmd = [CLI, "ingest", str(self.fx.manifest), str(out), "--allow-duplicates"]
+        return cmd + ["--no-register"]  # registration is computed before the write
 
     def check(self, trial: Path) -> str:
         return check_cohort_state(self.output(trial), 24)

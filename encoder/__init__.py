@@ -37,6 +37,13 @@ from .embedder import (
 )
 from .errors import CheckpointError, ConfigError, DataError, EncoderError, UnknownModel
 from .evaluate import cf_green_videos, evaluate_generation, train_mean_videos
+from .fov import (
+    FovCircle,
+    detect_fov,
+    detect_video_fov,
+    fov_square,
+    fov_square_video,
+)
 from .losses import (
     PatchSampleMLP,
     VGGLoss,
@@ -73,6 +80,7 @@ __all__ = [
     "DiscriminatorConfig",
     "Embedder",
     "EmbedderConfig",
+    "FovCircle",
     "EncoderError",
     "Generator",
     "GeneratorConfig",
@@ -90,6 +98,8 @@ __all__ = [
     "create_embedder",
     "create_generator",
     "create_scale",
+    "detect_fov",
+    "detect_video_fov",
     "embed_cf_array",
     "embed_ffa_array",
     "embedder_id",
@@ -98,6 +108,8 @@ __all__ = [
     "feature_matching_loss",
     "fit_pixels",
     "fit_square",
+    "fov_square",
+    "fov_square_video",
     "frechet_distance",
     "fvd",
     "fvd_proxy",

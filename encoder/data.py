@@ -3,7 +3,10 @@
 Conventions (shared by training, synthesis and evaluation):
 - arrays are uint8; model tensors are float in [-1, 1] (x / 127.5 - 1), so black = -1;
 - an FFA window's "previous frames" before frame 0 are black (pre-dye darkness);
-- images are made square by centred black padding, then resized (bilinear, antialiased).
+- images are cropped to the square around their field-of-view circle, black outside it,
+  then resized (bilinear, antialiased): `encoder.fov.fov_square`, the one preprocessing of
+  training, indexing, search, synthesis and evaluation (`fit_square`, the plain centred
+  padding, remains for callers that know no circle).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class PairedVideos:
                 f"for {n} videos"
             )
         if h != w:
-            raise DataError(f"frames must be square, got {h}x{w} (use fit_square)")
+            raise DataError(f"frames must be square, got {h}x{w} (use encoder.fov.fov_square)")
 
     @classmethod
     def from_arrays(
@@ -119,8 +122,8 @@ def fit_square(image: np.ndarray, size: int) -> np.ndarray:
     """Centre-pad with black to a square, then resize to size × size (antialiased bilinear).
 
     image uint8 (H, W) or (H, W, C), one image (loop over frames for a video)
-    → uint8 (size, size) or (size, size, C). The cohort loader should use this for CF
-    photos and FFA frames alike, so training and synthesis see the same geometry.
+    → uint8 (size, size) or (size, size, C). The model's preprocessing is
+    `encoder.fov.fov_square` (the same on a frame whose FOV circle fills it).
     """
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise DataError(f"image must be uint8 (H, W) or (H, W, C), got {image.dtype} {image.shape}")

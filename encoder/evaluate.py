@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import PairedVideos, fit_square
+from .data import PairedVideos
 from .errors import ConfigError, DataError
+from .fov import fov_square, square_circle
 from .losses import knowledge_mask
 from .metrics import (
     frechet_distance,
@@ -66,7 +67,8 @@ def _resize_stack(videos: np.ndarray, size: int) -> np.ndarray:
     if videos.shape[-1] == size:
         return videos
     n, t = videos.shape[:2]
-    flat = [fit_square(f, size) for f in videos.reshape(n * t, *videos.shape[2:])]
+    circle = square_circle(videos.shape[-1])  # already FOV squares: a resize
+    flat = [fov_square(f, size, circle) for f in videos.reshape(n * t, *videos.shape[2:])]
     return np.stack(flat).reshape(n, t, size, size)
 
 
@@ -104,7 +106,7 @@ def evaluate_generation(
 ) -> dict[str, Any]:
     """Per-model metrics and the two baselines, all on the same test frames at test.size.
 
-    Generators run at their own size on the test CF (fit_square) and their frames are
+    Generators run at their own size on the test CF (fov_square) and their frames are
     resized to test.size. The distribution metric is `fvd` over I3D features when
     `i3d_path` is given, else `fvd_proxy` over the encoder of `models[proxy_generator]`
     (default: the first model) — one extractor for every row, so rows are comparable.
@@ -115,7 +117,8 @@ def evaluate_generation(
         raise DataError(f"evaluate_generation needs >= 2 test videos for FVD, got {len(test)}")
     fakes: dict[str, np.ndarray] = {}
     for name, gen in models.items():
-        cf = np.stack([fit_square(c, gen.config.image_size) for c in test.cf])
+        circle = square_circle(test.size)  # test.cf are FOV squares already: a resize
+        cf = np.stack([fov_square(c, gen.config.image_size, circle) for c in test.cf])
         fakes[name] = synthesize_batch(
             gen, cf, test.times_s, out_size=test.size, batch_size=batch_size
         )

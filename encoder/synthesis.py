@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import cf_tensor, fit_square, from_model, window
+from .data import cf_tensor, from_model, window
 from .errors import DataError
+from .fov import FovCircle, fov_square
 from .networks import Generator
 
 
@@ -88,17 +89,18 @@ def synthesize(
     cf_uint8: np.ndarray,
     times_s: np.ndarray | list[float],
     out_size: int | None = None,
+    circle: FovCircle | None = None,
 ) -> np.ndarray:
     """One CF photo uint8 (H, W, 3), any size → FFA frames uint8 (T, S, S) at `times_s`.
 
-    The CF is centre-padded to a square and resized to the model size S (fit_square);
-    the frames are returned at S, or at `out_size` when given. Eval mode, no grad,
-    deterministic (no sampling anywhere).
+    The CF is cropped to its field of view (`circle`, detected when None) and resized to
+    the model size S (`fov_square`); the frames are returned at S, or at `out_size` when
+    given. Eval mode, no grad, deterministic (no sampling anywhere).
     """
     if cf_uint8.dtype != np.uint8 or cf_uint8.ndim != 3 or cf_uint8.shape[-1] != 3:
         raise DataError(f"cf must be uint8 (H, W, 3), got {cf_uint8.dtype} {cf_uint8.shape}")
     times = np.asarray(times_s, dtype=np.float32)
     if times.ndim != 1:
         raise DataError(f"times_s must be 1-D (T,), got shape {times.shape}")
-    cf = fit_square(cf_uint8, generator.config.image_size)
+    cf = fov_square(cf_uint8, generator.config.image_size, circle)
     return synthesize_batch(generator, cf[None], times[None], out_size=out_size)[0]

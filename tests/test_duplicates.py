@@ -173,20 +173,17 @@ def test_ingest_reports_skips_or_keeps_duplicates(cohort, tmp_path):
     manifest = _manifest(tmp_path, cohort, copy_of=1)
     source = cohort.cases()[1].case_id
     with pytest.raises(ManifestError) as err:
-        ingest(manifest, tmp_path / "a", allow_outside=True, progress=False)
+        ingest(manifest, tmp_path / "a", allow_outside=True, progress=False, register=False)
     (problem,) = err.value.problems
     assert problem.row == 5 and problem.case_id == "copy"
     assert f"near-duplicate of row 2 ({source})" in problem.message
     assert not (tmp_path / "a").exists()
-    skipped = ingest(
-        manifest, tmp_path / "b", allow_outside=True, skip_duplicates=True, progress=False
-    )
+    kw = {"allow_outside": True, "progress": False, "register": False}  # not about registration
+    skipped = ingest(manifest, tmp_path / "b", skip_duplicates=True, **kw)
     assert skipped.written == 4 and [p.case_id for p in skipped.skipped] == ["copy"]
     report = pl.read_csv(tmp_path / "b" / "skipped.csv")
     assert report["case_id"].to_list() == ["copy"] and "row 2" in report["problem"][0]
-    kept = ingest(
-        manifest, tmp_path / "c", allow_outside=True, allow_duplicates=True, progress=False
-    )
+    kept = ingest(manifest, tmp_path / "c", allow_duplicates=True, **kw)
     assert kept.written == 5 and kept.skipped == []
     assert {(p.a, p.b) for p in kept.duplicates} == {(source, "copy")}
 
@@ -195,7 +192,7 @@ def test_cli_duplicates_and_ingest_skip(cohort, tmp_path):
     manifest = _manifest(tmp_path, cohort, copy_of=0)
     runner = CliRunner()
     out = tmp_path / "cohort"
-    args = ["ingest", str(manifest), str(out), "--allow-outside"]
+    args = ["ingest", str(manifest), str(out), "--allow-outside", "--no-register"]
     refused = runner.invoke(cli_app, args)
     assert refused.exit_code == 2 and "near-duplicate of row 1" in refused.output
     done = runner.invoke(cli_app, [*args, "--skip-duplicates"])
@@ -203,7 +200,8 @@ def test_cli_duplicates_and_ingest_skip(cohort, tmp_path):
     assert "wrote 4 cases" in done.output and "skipped 1 row(s)" in done.output
     kept = tmp_path / "kept"
     done = runner.invoke(
-        cli_app, ["ingest", str(manifest), str(kept), "--allow-outside", "--allow-duplicates"]
+        cli_app,
+        [*args[:2], str(kept), "--allow-outside", "--allow-duplicates", "--no-register"],
     )
     assert done.exit_code == 0, done.output
     listed = runner.invoke(cli_app, ["duplicates", str(kept), "--json"])

@@ -191,6 +191,9 @@ def test_get_explain_sums_to_the_similar_score(tiny_client, tiny_index):
     assert np.asarray(body["query"]["regions"]).shape == (4, 4)
     assert [p["phase"] for p in body["result"]["phases"]] == ["arterial", "venous", "late"]
     assert body["query"]["phases"] is None
+    # the phantom's FOV circle fills 0.95 of its square frame: the square is the frame
+    for side in (body["query"], body["result"]):
+        np.testing.assert_allclose(side["square"], [0, 0, 1, 1], atol=0.05)
 
 
 def test_explain_errors_name_the_parameter(tiny_client, tiny_index):
@@ -283,6 +286,12 @@ def test_heat_overlay_blends_the_map_over_the_image():
     np.testing.assert_allclose(out[0, 0], HEAT_POSITIVE, atol=30)  # hot top left
     np.testing.assert_allclose(out[-1, -1], HEAT_NEGATIVE, atol=30)  # cold bottom right
     assert (heat_overlay(gray, regions, 0.0) == 100).all()  # opacity 0: the image alone
+    # the field-of-view square (the API's `square`): the map covers its right half only
+    right = heat_overlay(gray, regions, 1.0, [0.5, 0.0, 1.0, 0.75])  # 30 x 30 px
+    assert (right[:, :30] == 100).all()  # left of the square: no map
+    np.testing.assert_allclose(right[0, 30], HEAT_POSITIVE, atol=30)
+    np.testing.assert_allclose(right[29, 59], HEAT_NEGATIVE, atol=30)
+    assert (right[30:] == 100).all()  # below the square: no map
     side = {
         "phases": [
             {"phase": "late", "start_s": 300.0, "end_s": None, "frames": 2, "contribution": 0.25}

@@ -16,6 +16,8 @@ from retrieval.data import ingest as ingest_module
 from retrieval.data.cohort import validate_catalog
 from retrieval.data.ingest import ingest
 from retrieval.data.media_write import write_mp4, write_png
+from retrieval.data.phantom import phantom_case
+from retrieval.data.registration import MIN_QUALITY, corner_error, similarity_matrix
 
 SIZE = 48
 FRAMES = 4
@@ -223,3 +225,51 @@ def test_cli_reports_problems_and_exits_2(tmp_path, good_rows):
     ok = CliRunner().invoke(app, ["ingest", str(manifest), str(tmp_path / "out"), "--skip-bad"])
     assert ok.exit_code == 0, ok.output
     assert "skipped 6 row(s)" in ok.output
+
+
+def _phantom_rows(folder: Path, indices: list[int], cf_from: dict[int, int] | None = None):
+    """Manifest rows of phantom cases (seed 5, 96 px); `cf_from` pairs a case's FFA with
+    another case's CF (a pair that cannot register)."""
+    cases = {i: phantom_case(5, i, size=96, frames=8) for i in indices}
+    rows = []
+    for i in indices:
+        case = cases[cf_from.get(i, i) if cf_from else i]
+        name = f"p{i}"
+        write_png(folder / "ph" / f"{name}.png", case.cf)
+        write_mp4(folder / "ph" / f"{name}.mp4", cases[i].ffa)
+        times = ";".join(f"{t:.3f}" for t in cases[i].times_s)
+        row = {"case_id": name, "cf_path": f"ph/{name}.png", "ffa_path": f"ph/{name}.mp4"}
+        rows.append(row | {"ffa_times_s": times})
+    return rows, cases
+
+
+def test_ingest_registers_and_measures_the_field_of_view(tmp_path):
+    rows, cases = _phantom_rows(tmp_path, [1, 3, 6], cf_from={6: 3})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    result = ingest(manifest, tmp_path / "out", allow_duplicates=True, progress=False)
+    assert list(result.registration_failed) == ["p6"]
+    cohort = Cohort.open(result.cohort)
+    for i in (1, 3):
+        case = cohort.case(f"p{i}")
+        assert case.registration_status == "ok" and case.ffa_times_source == "manifest"
+        dx, dy, deg = cases[i].registration
+        truth = similarity_matrix(dx, dy, deg, cases[i].fov_circle[:2])
+        matrix = np.asarray(case.registration).reshape(2, 3)
+        assert corner_error(matrix, truth, (96, 96)) < 1.5
+        assert case.registration_quality >= MIN_QUALITY
+        assert len(case.cf_fov) == 3 and len(case.ffa_fov) == 3
+    failed = cohort.case("p6")
+    assert failed.registration_status == "failed" and failed.registration is None
+    assert failed.registration_quality < MIN_QUALITY
+
+
+def test_cli_no_register_leaves_registration_empty(tmp_path):
+    rows, _ = _phantom_rows(tmp_path, [1, 3])
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["ingest", str(manifest), str(out), "--no-register"])
+    assert result.exit_code == 0, result.output
+    catalog = Cohort.open(out).catalog
+    for name in ("registration", "registration_quality", "registration_status"):
+        assert catalog[name].null_count() == 2
+    assert catalog["cf_fov"].null_count() == 0 and catalog["ffa_fov"].null_count() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -170,7 +171,11 @@ def test_a_snapshot_serves_and_takes_writes(tiny_index, tmp_path, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.setdefault("app", app))
     result = CliRunner().invoke(app, ["serve", str(out), "--port", "0"])
     assert result.exit_code == 0, result.output
-    with TestClient(served["app"]) as client:
+    with TestClient(served["app"]) as client:  # serve loads the index in the background
+        deadline = time.monotonic() + 120
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/ready").json()
+            time.sleep(0.05)
         page = client.get("/cases", params={"limit": 100}).json()
     assert page["total"] == 24
     engine = Engine.open(out)

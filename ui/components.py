@@ -593,26 +593,43 @@ HEAT_NEGATIVE = np.array([255.0, 0.0, 255.0])  # takes from it
 PHASE_ORDER = ("arterial", "venous", "late")
 
 
-def heat_overlay(image: bytes | np.ndarray, regions: Any, opacity: float) -> np.ndarray:
+def heat_overlay(
+    image: bytes | np.ndarray, regions: Any, opacity: float, square: Any = None
+) -> np.ndarray:
     """`image` (PNG/JPEG bytes or a uint8 array, gray or RGB) under its signed region map
-    (grid x grid shares of the score): upsampled bilinearly over the image padded to a
-    square (the embedder's view), green where a region adds to the score and magenta where
-    it takes away, each pixel's alpha `opacity` x sqrt(|share| / the largest |share|) (the
-    square root keeps the smaller shares visible next to a dominant region)."""
+    (grid x grid shares of the score): upsampled bilinearly over the embedder's square —
+    `square` (x0, y0, x1, y1 as fractions of the image; the API's field-of-view square), or
+    the image centre-padded to a square —, green where a region adds to the score and
+    magenta where it takes away, each pixel's alpha `opacity` x sqrt(|share| / the largest
+    |share|) (the square root keeps the smaller shares visible next to a dominant region)."""
     if isinstance(image, bytes | bytearray):
         image = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
     rgb = np.asarray(image, np.float64)
     rgb = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb[..., :3]
     grid = np.asarray(regions, np.float32)
     h, w = rgb.shape[:2]
-    side = max(h, w)
+    left, top, side = _square_px(h, w, square)
     scaled = grid / max(float(np.abs(grid).max()), 1e-12)  # [-1, 1]
     up = Image.fromarray(scaled, mode="F").resize((side, side), Image.Resampling.BILINEAR)
-    top, left = (side - h) // 2, (side - w) // 2
-    up = np.asarray(up)[top : top + h, left : left + w, None]
+    canvas = np.zeros((h, w), np.float32)  # the map where the square covers the image
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + side, h), min(left + side, w)
+    if y1 > y0 and x1 > x0:
+        canvas[y0:y1, x0:x1] = np.asarray(up)[y0 - top : y1 - top, x0 - left : x1 - left]
+    up = canvas[..., None]
     colour = np.where(up >= 0, HEAT_POSITIVE, HEAT_NEGATIVE)
     alpha = np.sqrt(np.clip(np.abs(up), 0.0, 1.0)) * float(opacity)
     return (rgb * (1 - alpha) + colour * alpha).round().clip(0, 255).astype(np.uint8)
+
+
+def _square_px(h: int, w: int, square: Any) -> tuple[int, int, int]:
+    """(left, top, side) in pixels of the embedder's square on an h x w image."""
+    if square is None:
+        side = max(h, w)
+        return -((side - w) // 2), -((side - h) // 2), side
+    x0, y0, x1, y1 = (float(v) for v in square)
+    side = max(1, round(max((x1 - x0) * w, (y1 - y0) * h)))
+    return round(x0 * w), round(y0 * h), side
 
 
 def phase_table(side: dict[str, Any]) -> list[dict[str, Any]]:
@@ -737,7 +754,7 @@ def explanation_panel(explained: dict[str, Any], shown: list[dict], frames: list
             if image is None:
                 st.caption(f"no {what} to draw the map on")
             else:
-                overlay = heat_overlay(image, side["regions"], opacity)
+                overlay = heat_overlay(image, side["regions"], opacity, side.get("square"))
                 st.image(overlay, caption=f"{what}: share of the score", width=COMPARE_WIDTH)
             rows = phase_table(side)
             if rows:

@@ -337,7 +337,7 @@ class QueryInfo(_Model):
     region_cells: list[int] | None = Field(
         default=None,
         description="The embedder's grid cells the box covers: row0, row1, col0, col1 (end "
-        "exclusive) on the photo centre-padded to a square.",
+        "exclusive) on the model's square: the photo's field-of-view square.",
     )
     positive: list[str] | None = Field(
         default=None, description="Relevance feedback: the case ids marked relevant."
@@ -406,6 +406,7 @@ _SIDE_EXAMPLE = {
     "top_regions": [
         {"row": 9, "col": 4, "box": [0.25, 0.5625, 0.3125, 0.625], "contribution": 0.39}
     ],
+    "square": [0.0, 0.0, 1.0, 1.0],
     "frames": [
         {"index": 0, "time_s": 11.1, "phase": "arterial", "attention": 0.7, "contribution": 0.5}
     ],
@@ -435,7 +436,9 @@ _EXPLANATION_EXAMPLE = {
 class RegionShare(_Model):
     row: int = Field(description="Grid row, from the top.")
     col: int = Field(description="Grid column, from the left.")
-    box: list[float] = Field(description="x0, y0, x1, y1 in [0, 1] of the square-padded photo.")
+    box: list[float] = Field(
+        description="x0, y0, x1, y1 in [0, 1] of the photo (or frame), clipped to it."
+    )
     contribution: float
 
 
@@ -462,9 +465,15 @@ class SideExplanation(_Model):
     total: float = Field(description="The sum of `regions`: the score.")
     regions: list[list[float]] = Field(
         description="grid x grid signed shares of the score, row-major from the top left of "
-        "the photo (or video) padded to a square."
+        "the model's square (`square`)."
     )
     top_regions: list[RegionShare]
+    square: list[float] | None = Field(
+        default=None,
+        description="Where the model's square lies on the photo (or frame): x0, y0, x1, y1 as "
+        "fractions of it, beyond [0, 1] where the square overhangs it. It is the bounding "
+        "square of the field-of-view circle; null: the photo centre-padded to a square.",
+    )
     frames: list[FrameShare] | None = Field(description="FFA only: each frame's share.")
     phases: list[PhaseShare] | None = Field(
         description="FFA only: arterial (< 20 s), venous (20 s to 5 min), late (from 5 min)."

@@ -90,13 +90,48 @@ def phantom(
     preview: Annotated[
         Path | None, typer.Option(help="Also write a contact sheet PNG (one case per diagnosis).")
     ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="png: a cohort (CF PNG, FFA MP4, catalog); dicom: Ophthalmic Photography "
+            "files for ingest-dicom.",
+        ),
+    ] = "png",
+    aspect: Annotated[str, typer.Option(help="Frame width:height, e.g. 3:2 (black sides).")] = "1",
+    fov_deg: Annotated[
+        str | None, typer.Option(help="Field of view in degrees, or a range per case: 30-55.")
+    ] = None,
+    circle: Annotated[
+        str | None,
+        typer.Option(help="FOV circle diameter / frame height (a range: 0.95-1.1; > 1 cuts it)."),
+    ] = None,
+    shift: Annotated[
+        float, typer.Option(min=0, max=0.25, help="Circle centre offset, up to x frame height.")
+    ] = 0.0,
 ):
     """Write a procedural retinal phantom cohort of paired CF photos and FFA videos."""
     from retrieval.data.phantom import write_phantom_cohort, write_preview
+    from retrieval.data.phantom.anatomy import framing_options
 
+    if fmt not in ("png", "dicom"):
+        raise _fail(f"--format {fmt!r} is not one of png, dicom")
+    try:
+        framing = framing_options(aspect, fov_deg, circle, shift)
+    except ValueError as e:
+        raise _fail(e) from e
     _new_folder(out)
     with bad_input():
-        write_phantom_cohort(out, cases=cases, size=size, frames=frames, seed=seed, workers=workers)
+        write_phantom_cohort(
+            out,
+            cases=cases,
+            size=size,
+            frames=frames,
+            seed=seed,
+            workers=workers,
+            format=fmt,
+            **framing,
+        )
     typer.echo(f"wrote {cases} cases to {out}")
     if preview is not None:
         with _writing("--preview", preview):
@@ -125,6 +160,10 @@ def ingest(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse larger images/frames.")
     ] = 50_000_000,
+    register: Annotated[
+        bool,
+        typer.Option("--register/--no-register", help="Register each CF photo onto its FFA video."),
+    ] = True,
 ):
     """Validate a user manifest and build a cohort from it (nothing written if a row is bad)."""
     from retrieval.data.ingest import ingest as ingest_manifest
@@ -140,14 +179,118 @@ def ingest(
             allow_outside=allow_outside,
             seed=seed,
             max_pixels=max_pixels,
+            register=register,
+            progress=sys.stderr.isatty(),
         )
     typer.echo(f"wrote {result.written} cases to {result.cohort}")
     for pair in result.duplicates:
         typer.echo(f"near-duplicate {pair.modality}: {pair.a} ~ {pair.b} ({pair.distance:.3f})")
+    for line in registration_failures(result.registration_failed):
+        typer.echo(line)
     if result.skipped:
         typer.echo(
             f"skipped {len(result.skipped)} row(s), listed in {result.cohort / 'skipped.csv'}"
         )
+
+
+def registration_failures(failed: dict[str, float]) -> list[str]:
+    """Lines naming the cases whose CF↔FFA registration failed (kept unregistered)."""
+    if not failed:
+        return []
+    lines = [f"registration failed (kept unregistered): {len(failed)} case(s)"]
+    return lines + [f"  {case_id} (quality {q:.2f})" for case_id, q in failed.items()]
+
+
+@app.command("register")
+def register_command(
+    cohort: Annotated[Path, typer.Argument(help="A cohort folder (its catalog is rewritten).")],
+    force: Annotated[
+        bool, typer.Option(help="Register again the cases already registered or failed.")
+    ] = False,
+):
+    """Register each CF photo of a cohort onto its FFA video, in place (atomic rewrite)."""
+    from retrieval.data.registration import register_cohort
+
+    with bad_input():
+        result = register_cohort(cohort, force=force, progress=sys.stderr.isatty())
+    typer.echo(
+        f"{result.cohort}: registered {result.registered}, failed {len(result.failed)}, "
+        f"kept {result.kept} as they were"
+    )
+    for line in registration_failures(result.failed):
+        typer.echo(line)
+
+
+@app.command("ingest-dicom")
+def ingest_dicom(
+    folder: Annotated[Path, typer.Argument(help="Folder of DICOM files, or a DICOMDIR.")],
+    out: Annotated[Path, typer.Argument(help="Cohort folder to create (must not exist).")],
+    salt: Annotated[
+        str | None,
+        typer.Option(envvar="FUNDUS2VIDEO_DICOM_SALT", help="Secret for hashed ids (required)."),
+    ] = None,
+    assume_interval: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Seconds between FFA frames when the DICOM gives no times."),
+    ] = None,
+    ffa_format: Annotated[
+        str, typer.Option(help="mp4, or frames (a folder of PNG frames, lossless).")
+    ] = "mp4",
+    name: Annotated[str, typer.Option(help="The cohort's `source` value.")] = "dicom",
+    skip_bad: Annotated[
+        bool, typer.Option(help="Leave out the eyes that cannot be used instead of failing.")
+    ] = False,
+    allow_burned_in: Annotated[
+        bool, typer.Option(help="Accept images marked BurnedInAnnotation YES (checked by you).")
+    ] = False,
+    register: Annotated[
+        bool,
+        typer.Option("--register/--no-register", help="Register each CF photo onto its FFA video."),
+    ] = True,
+    skip_duplicates: Annotated[
+        bool, typer.Option(help="Leave out cases whose CF or FFA near-duplicates another's.")
+    ] = False,
+    allow_duplicates: Annotated[
+        bool, typer.Option(help="Keep near-duplicate cases (they are still listed).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the patient-level split.")] = 0,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Refuse larger images/frames.")
+    ] = 50_000_000,
+):
+    """Build a de-identified cohort from DICOM ophthalmic photos and angiograms."""
+    from retrieval.data.dicom import ingest_dicom as ingest_dicom_folder
+
+    _new_folder(out)
+    with bad_input():
+        result = ingest_dicom_folder(
+            folder,
+            out,
+            salt=salt,
+            assume_interval=assume_interval,
+            ffa_format=ffa_format,
+            name=name,
+            skip_bad=skip_bad,
+            allow_burned_in=allow_burned_in,
+            skip_duplicates=skip_duplicates,
+            allow_duplicates=allow_duplicates,
+            seed=seed,
+            max_pixels=max_pixels,
+            register=register,
+            progress=sys.stderr.isatty(),
+        )
+    _dicom_report(result)
+
+
+def _dicom_report(result) -> None:
+    """What `ingest-dicom` wrote, found and left out."""
+    typer.echo(f"wrote {result.written} cases to {result.cohort}")
+    for pair in result.duplicates:
+        typer.echo(f"near-duplicate {pair.modality}: {pair.a} ~ {pair.b} ({pair.distance:.3f})")
+    for line in registration_failures(result.registration_failed):
+        typer.echo(line)
+    for problem in result.skipped:
+        typer.echo(f"skipped: {problem.message}")
 
 
 @app.command()

@@ -14,6 +14,12 @@ row's (`retrieval.data.duplicates`: re-saved, recompressed, resized, slightly cr
 brightness shifted) is a problem naming both rows; `skip_duplicates` leaves such rows
 out (listed in `skipped.csv`) and `allow_duplicates` keeps them (still reported in
 `IngestResult.duplicates`).
+
+Measured fields: each written case gets its field-of-view circles (`cf_fov`, `ffa_fov`,
+`encoder.fov`) and, unless `register=False`, its CF → FFA registration
+(`retrieval.data.registration`): `registration`, `registration_quality` and
+`registration_status`. A pair whose registration fails is kept unregistered (status
+`failed`) and listed in `IngestResult.registration_failed`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from retrieval.errors import ManifestError, OutputExists, RowProblem, Unreadable
 from .cohort import CATALOG_NAME, SPLITS, catalog_from_rows, patient_split, write_catalog
 from .duplicates import DuplicatePair, case_descriptor, find_pairs
 from .media import DEFAULT_MAX_PIXELS, read_cf, read_ffa
+from .registration import measure_pair
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class IngestResult:
     written: int
     skipped: list[RowProblem] = field(default_factory=list)
     duplicates: list[DuplicatePair] = field(default_factory=list)  # (earlier, later) case ids
+    registration_failed: dict[str, float] = field(default_factory=dict)  # case id → quality
 
 
 @dataclass
@@ -116,8 +124,9 @@ def _parse_metadata(raw: dict[str, str], frames: int) -> dict:
         if any(b <= a for a, b in zip(times, times[1:], strict=False)):
             raise ValueError("ffa_times_s must be strictly increasing")
         meta["ffa_times_s"] = times
+        meta["ffa_times_source"] = raw.get("ffa_times_source") or "manifest"
     else:
-        meta["ffa_times_s"] = None
+        meta["ffa_times_s"] = meta["ffa_times_source"] = None
     return meta
 
 
@@ -164,11 +173,14 @@ def validate_manifest(
     allow_outside: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    rows: list[dict[str, str]] | None = None,
 ) -> tuple[list[_Row], list[RowProblem]]:
-    """Check every row; return the good rows and every problem found."""
+    """Check every row (`rows`, as `read_manifest` gives them, instead of reading the
+    manifest: paths are then relative to its folder all the same); return the good rows
+    and every problem found."""
     manifest = Path(manifest)
     base = manifest.parent.resolve()
-    rows = read_manifest(manifest)
+    rows = read_manifest(manifest) if rows is None else rows
     good: list[_Row] = []
     problems: list[RowProblem] = []
     first_row_of: dict[str, int] = {}
@@ -251,6 +263,48 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def measure_rows(
+    rows: list[_Row], *, register: bool, max_pixels: int, progress: bool
+) -> dict[str, float]:
+    """Add each row's measured fields (field of view; registration when `register`) to its
+    metadata; → the case ids whose registration failed, with their quality."""
+    failed: dict[str, float] = {}
+    desc = "register" if register else "measure"
+    for r in tqdm(rows, desc=desc, unit="case", disable=not progress):
+        cf = read_cf(r.cf_src, max_pixels=max_pixels)
+        ffa = read_ffa(r.ffa_src, max_pixels=max_pixels)
+        r.meta.update(measure_pair(cf, ffa, r.meta["ffa_times_s"], register=register))
+        if r.meta["registration_status"] == "failed":
+            failed[r.meta["case_id"]] = r.meta["registration_quality"]
+    return failed
+
+
+def _write_cohort(tmp: Path, rows: list[_Row], problems: list[RowProblem], progress: bool) -> None:
+    """Copy the rows' media into the (temporary) cohort folder `tmp`, write its catalog and,
+    when rows were left out, `skipped.csv`."""
+    (tmp / "cf").mkdir()
+    (tmp / "ffa").mkdir()
+    taken_cf: set[str] = set()
+    taken_ffa: set[str] = set()
+    catalog_rows = []
+    for r in tqdm(rows, desc="copy", unit="case", disable=not progress):
+        cf_rel = f"cf/{_media_name(r.meta['case_id'], r.cf_src, taken_cf)}"
+        ffa_rel = f"ffa/{_media_name(r.meta['case_id'], r.ffa_src, taken_ffa)}"
+        _copy(r.cf_src, tmp / cf_rel)
+        _copy(r.ffa_src, tmp / ffa_rel)
+        catalog_rows.append({**r.meta, "cf_path": cf_rel, "ffa_path": ffa_rel})
+    write_catalog(catalog_from_rows(catalog_rows), tmp / CATALOG_NAME)
+    if problems:
+        report = pl.DataFrame(
+            {
+                "row": [p.row for p in problems],
+                "case_id": [p.case_id for p in problems],
+                "problem": [p.message for p in problems],
+            }
+        )
+        atomic_write_text(tmp / "skipped.csv", report.write_csv())
+
+
 def ingest(
     manifest: str | Path,
     out: str | Path,
@@ -261,14 +315,16 @@ def ingest(
     allow_outside: bool = False,
     seed: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    register: bool = True,
     progress: bool = True,
+    rows: list[dict[str, str]] | None = None,
 ) -> IngestResult:
-    """Validate `manifest` and write a cohort folder at `out` (see the module docstring)."""
+    """Validate `manifest` (or `rows`) and write a cohort folder at `out` (module docstring)."""
     manifest, out = Path(manifest), Path(out)
     if out.exists():
         raise OutputExists(f"{out} already exists (choose another output folder)")
     rows, problems = validate_manifest(
-        manifest, allow_outside=allow_outside, max_pixels=max_pixels, progress=progress
+        manifest, allow_outside=allow_outside, max_pixels=max_pixels, progress=progress, rows=rows
     )
     dup_problems, pairs = near_duplicate_problems(rows)
     if problems and not skip_bad or dup_problems and not (skip_duplicates or allow_duplicates):
@@ -283,27 +339,11 @@ def ingest(
         split_of = patient_split((r.meta["patient_id"] for r in rows), seed=seed)
         for r in rows:
             r.meta["split"] = split_of[r.meta["patient_id"]]
+    failed = measure_rows(rows, register=register, max_pixels=max_pixels, progress=progress)
     with atomic_dir(out) as tmp:
-        (tmp / "cf").mkdir()
-        (tmp / "ffa").mkdir()
-        taken_cf: set[str] = set()
-        taken_ffa: set[str] = set()
-        catalog_rows = []
-        for r in tqdm(rows, desc="copy", unit="case", disable=not progress):
-            cf_rel = f"cf/{_media_name(r.meta['case_id'], r.cf_src, taken_cf)}"
-            ffa_rel = f"ffa/{_media_name(r.meta['case_id'], r.ffa_src, taken_ffa)}"
-            _copy(r.cf_src, tmp / cf_rel)
-            _copy(r.ffa_src, tmp / ffa_rel)
-            catalog_rows.append({**r.meta, "cf_path": cf_rel, "ffa_path": ffa_rel})
-        write_catalog(catalog_from_rows(catalog_rows), tmp / CATALOG_NAME)
-        if problems:
-            report = pl.DataFrame(
-                {
-                    "row": [p.row for p in problems],
-                    "case_id": [p.case_id for p in problems],
-                    "problem": [p.message for p in problems],
-                }
-            )
-            atomic_write_text(tmp / "skipped.csv", report.write_csv())
-    log.info("ingested %d case(s) into %s; skipped %d", len(rows), out, len(problems))
-    return IngestResult(out, len(rows), problems, pairs)
+        _write_cohort(tmp, rows, problems, progress)
+    log.info(
+        "ingested %d case(s) into %s; skipped %d; registration failed for %d",
+        *(len(rows), out, len(problems), len(failed)),
+    )
+    return IngestResult(out, len(rows), problems, pairs, failed)

@@ -1,4 +1,6 @@
-"""Cohort → `encoder.PairedVideos`: decode, square-fit and resize a split for the model."""
+"""Cohort → `encoder.PairedVideos`: decode, crop to the field of view and resize a split for
+the model (`encoder.fov.fov_square`: the catalog's `cf_fov` / `ffa_fov` circles when
+measured, else detected)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from encoder.data import PairedVideos, fit_square
+from encoder.data import PairedVideos
+from encoder.fov import detect_video_fov, fov_square, fov_square_video, stored_circle
 
 from .cohort import Case, Cohort
 from .media import read_cf, read_ffa
+from .registration import warp_cf
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,19 @@ def case_times(case: Case, frames: int) -> np.ndarray:
     return np.linspace(*DEFAULT_TIMES_S, frames, dtype=np.float32)
 
 
+def case_squares(case: Case, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A case's CF (size, size, 3) and FFA (T, size, size). A registered CF (status ok) is
+    first warped into the FFA's pixel grid and cropped with the FFA's circle, so the two
+    line up pixel for pixel."""
+    cf, ffa = read_cf(case.cf_path), read_ffa(case.ffa_path)
+    ffa_circle = stored_circle(case.ffa_fov)
+    cf_circle = stored_circle(case.cf_fov)
+    if case.registration_status == "ok" and case.registration is not None:
+        ffa_circle = ffa_circle or detect_video_fov(ffa)
+        cf, cf_circle = warp_cf(cf, case.registration, ffa.shape[1:]), ffa_circle
+    return fov_square(cf, size, cf_circle), fov_square_video(ffa, size, ffa_circle)
+
+
 def load_paired(
     cohort: Cohort,
     *,
@@ -57,10 +74,10 @@ def load_paired(
         raise ValueError(f"{cohort.root}: no cases in split {split!r}")
     cfs, videos, times = [], [], []
     for case in tqdm(cases, desc=f"load {split or 'all'}", unit="case", disable=not progress):
-        cfs.append(fit_square(read_cf(case.cf_path), size))  # (S, S, 3)
-        ffa = read_ffa(case.ffa_path)  # (T, H, W)
-        videos.append(np.stack([fit_square(f, size) for f in ffa]))  # (T, S, S)
-        times.append(case_times(case, len(ffa)))
+        cf, video = case_squares(case, size)  # (S, S, 3), (T, S, S)
+        cfs.append(cf)
+        videos.append(video)
+        times.append(case_times(case, len(video)))
     count = frames or min(len(v) for v in videos)
     resampled = [resample_frames(v, t, count) for v, t in zip(videos, times, strict=True)]
     return PairedVideos.from_arrays(

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from encoder import create_generator, synthesize
-from encoder.data import cf_tensor, fit_square
+from encoder.data import cf_tensor
 from encoder.embedder import (
     cf_parts_array,
     embed_cf_array,
@@ -30,6 +30,7 @@ from encoder.embedder import (
     load_embedder,
     similarity_weights,
 )
+from encoder.fov import FovCircle, fov_square, fov_square_video, stored_circle
 from index import ROW_ID, MilvusTarget, build_store, save_index_folder, with_row_ids
 from index.backend import check_backend
 from retrieval.data.cohort import Cohort
@@ -102,44 +103,64 @@ class QueryEncoder:
         """(dim,) factors: stored vector x factors = a query scoring by `similarity`."""
         return similarity_weights(self.embedder.config, similarity)
 
-    def embed_cf(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    def squares(
+        self, images: Sequence[np.ndarray], circles: Sequence[FovCircle | None] | None = None
+    ) -> np.ndarray:
+        """CF photos, any size → uint8 (N, S, S, 3) as the model sees them: each cropped to
+        its FOV circle (`encoder.fov.fov_square`; detected where `circles` has None)."""
+        circles = list(circles) if circles is not None else [None] * len(images)
+        return np.stack(
+            [fov_square(im, self.image_size, c) for im, c in zip(images, circles, strict=True)]
+        )
+
+    def embed_cf(
+        self,
+        images: Sequence[np.ndarray],
+        batch_size: int = 32,
+        circles: Sequence[FovCircle | None] | None = None,
+    ) -> np.ndarray:
         """CF photos uint8 (H, W, 3), any size → float32 (N, D), L2-normalised."""
         if not len(images):
             return np.zeros((0, self.dim), np.float32)
-        cf = np.stack([fit_square(im, self.image_size) for im in images])  # (N, S, S, 3)
+        cf = self.squares(images, circles)  # (N, S, S, 3)
         return embed_cf_array(self.embedder, cf, batch_size=batch_size)
 
     def embed_ffa(
-        self, videos: Sequence[np.ndarray], times: Sequence[np.ndarray | None] | None = None
+        self,
+        videos: Sequence[np.ndarray],
+        times: Sequence[np.ndarray | None] | None = None,
+        circles: Sequence[FovCircle | None] | None = None,
     ) -> np.ndarray:
-        """FFA videos uint8 (T, H, W) with their frame times → float32 (N, D).
+        """FFA videos uint8 (T, H, W) with their frame times → float32 (N, D); each video
+        cropped to its FOV circle (detected where `circles` has None).
 
         Videos of different lengths are embedded one length-group at a time.
         """
         times = list(times) if times is not None else [None] * len(videos)
+        circles = list(circles) if circles is not None else [None] * len(videos)
         out = np.zeros((len(videos), self.dim), np.float32)
         groups: dict[int, list[int]] = {}
         for i, video in enumerate(videos):
             groups.setdefault(len(video), []).append(i)
         for _, members in sorted(groups.items()):
             ffa = np.stack(
-                [np.stack([fit_square(f, self.image_size) for f in videos[i]]) for i in members]
+                [fov_square_video(videos[i], self.image_size, circles[i]) for i in members]
             )  # (n, T, S, S)
             t = np.stack([video_times(times[i], len(videos[i])) for i in members])  # (n, T)
             out[members] = embed_ffa_array(self.embedder, ffa, t)
         return out
 
-    def cf_parts(self, image: np.ndarray) -> np.ndarray:
+    def cf_parts(self, image: np.ndarray, circle: FovCircle | None = None) -> np.ndarray:
         """A CF photo uint8 (H, W, 3) → float32 (R, D): each region of the embedder's grid
-        (row-major over the photo padded to a square) and its part of `embed_cf([image])`."""
-        return cf_parts_array(self.embedder, fit_square(image, self.image_size))
+        (row-major over the photo's FOV square) and its part of `embed_cf([image])`."""
+        return cf_parts_array(self.embedder, fov_square(image, self.image_size, circle))
 
     def ffa_parts(
-        self, video: np.ndarray, times: np.ndarray | None = None
+        self, video: np.ndarray, times: np.ndarray | None = None, circle: FovCircle | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """An FFA video uint8 (T, H, W) → float32 (T, R, D), each frame's and region's part of
         `embed_ffa([video], [times])`; the frame times used (T,); the attention weights (T,)."""
-        ffa = np.stack([fit_square(f, self.image_size) for f in video])
+        ffa = fov_square_video(video, self.image_size, circle)
         t = video_times(times, len(video))
         parts, attention = ffa_parts_array(self.embedder, ffa, t)
         return parts, t, attention
@@ -150,8 +171,10 @@ class QueryEncoder:
         return int(self.embedder.backbone.feature_shape[-1])
 
     @torch.no_grad()
-    def _cf_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        cf = np.stack([fit_square(im, self.image_size) for im in images])  # (N, S, S, 3)
+    def _cf_features(
+        self, images: Sequence[np.ndarray], circles: Sequence[FovCircle | None] | None = None
+    ) -> torch.Tensor:
+        cf = self.squares(images, circles)  # (N, S, S, 3)
         return self.embedder.cf_features(cf_tensor(cf).to(self.embedder.device))
 
     @torch.no_grad()
@@ -241,9 +264,14 @@ def embed_cohort(
         for start in range(0, len(cases), batch_size):
             part = cases[start : start + batch_size]
             rows = slice(start, start + len(part))
-            cf[rows] = encoder.embed_cf([read_cf(c.cf_path) for c in part])
+            cf[rows] = encoder.embed_cf(
+                [read_cf(c.cf_path) for c in part],
+                circles=[stored_circle(c.cf_fov) for c in part],
+            )
             ffa[rows] = encoder.embed_ffa(
-                [read_ffa(c.ffa_path) for c in part], [c.ffa_times_s for c in part]
+                [read_ffa(c.ffa_path) for c in part],
+                [c.ffa_times_s for c in part],
+                circles=[stored_circle(c.ffa_fov) for c in part],
             )
             bar.update(len(part))
     catalog = cohort.catalog

@@ -125,6 +125,7 @@ from .region import (
     anchored,
     locate,
     parse_region,
+    photo_circle,
     region_info,
     region_query,
 )
@@ -676,7 +677,9 @@ class Engine:
         if not blocking:
             raise WouldBlock("a region query reads the photo and embeds the box (model work)")
         image = self._region_image(query, via)
-        rq = region_query(box, image.shape[:2], self.encoder.region_grid)
+        stored = self.case(query.case_id).cf_fov if isinstance(query, CaseQuery) else None
+        circle = photo_circle(image, stored)  # the FOV square the embedder sees
+        rq = region_query(box, image.shape[:2], self.encoder.region_grid, circle)
         with self._model:
             t = time.perf_counter()
             rq = replace(rq, vector=self.encoder.embed_cf_region([image], rq.cells))
@@ -718,7 +721,8 @@ class Engine:
         with self._model:
             maps = self.encoder.locate_cf_region(rq.vector[0], images, rq.shape, similarity)
         for n, (hit, image) in enumerate(zip(hits, images, strict=True)):
-            box, score = locate(rq, image.shape[:2], None if maps is None else maps[n])
+            circle = photo_circle(image, hit.case.cf_fov)  # the FOV square the embedder saw
+            box, score = locate(rq, image.shape[:2], None if maps is None else maps[n], circle)
             hit.region, hit.region_score = box, score
         timings["locate"] = _ms(t)
         return hits
@@ -854,11 +858,15 @@ class Engine:
 
     def _explain_parts(self, modality: str, media: np.ndarray, times: Any) -> SideParts:
         """One side's embedding split into region (and frame) parts. Model lock held."""
+        hw = media.shape[-3:-1] if modality == "cf" else media.shape[-2:]
+        from encoder.fov import detect_video_fov
+
+        circle = photo_circle(media) if modality == "cf" else detect_video_fov(media)
         if modality == "cf":
-            return SideParts("cf", self.encoder.cf_parts(media))
+            return SideParts("cf", self.encoder.cf_parts(media), hw=hw, circle=circle)
         t = None if times is None else np.asarray(times, np.float32)
         parts, used, attention = self.encoder.ffa_parts(media, t)
-        return SideParts("ffa", parts, np.asarray(used, np.float32), attention)
+        return SideParts("ffa", parts, np.asarray(used, np.float32), attention, hw, circle)
 
     def generate(
         self, image: np.ndarray, times_s: Sequence[float] | None = None

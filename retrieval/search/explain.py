@@ -26,9 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .region import from_square, square_on_photo
+
+if TYPE_CHECKING:
+    from encoder.fov import FovCircle
 
 PHASES: tuple[tuple[str, float, float], ...] = (
     ("arterial", 0.0, 20.0),
@@ -49,12 +54,15 @@ def phase_of(time_s: float) -> str:
 @dataclass(frozen=True)
 class SideParts:
     """One side's embedding split into parts: (R, D) for a CF photo, (T, R, D) for an FFA
-    video with its frame times (T,) and attention weights (T,)."""
+    video with its frame times (T,) and attention weights (T,); and, when known, the photo's
+    (or frames') (height, width) and FOV circle, to place the regions on it."""
 
     modality: str
     parts: np.ndarray
     times_s: np.ndarray | None = None
     attention: np.ndarray | None = None
+    hw: tuple[int, int] | None = None
+    circle: FovCircle | None = None
 
     @property
     def vector(self) -> np.ndarray:
@@ -65,21 +73,33 @@ class SideParts:
 @dataclass(frozen=True)
 class SideMap:
     """One side's share of the score: per region (grid x grid, row-major from the top
-    left of the photo padded to a square) and, for an FFA video, per frame and phase."""
+    left of the model's square: the photo's FOV square) and, for an FFA video, per frame and
+    phase. `hw` and `circle` (when known) place the square on the photo."""
 
     case_id: str | None
     modality: str
     regions: np.ndarray  # (grid, grid) float64
     frames: list[dict[str, Any]] | None = None  # index, time_s, phase, attention, contribution
     phases: list[dict[str, Any]] | None = None  # phase, start_s, end_s, frames, contribution
+    hw: tuple[int, int] | None = None
+    circle: FovCircle | None = None
 
     @property
     def total(self) -> float:
         return float(self.regions.sum())
 
+    def box(self, row: int, col: int) -> list[float]:
+        """The box (x0, y0, x1, y1) in [0, 1] of region (row, col): on the photo (clipped)
+        when its size and FOV circle are known, else on the model's square."""
+        g = self.regions.shape[0]
+        square = (col / g, row / g, (col + 1) / g, (row + 1) / g)
+        if self.hw is None:
+            return list(square)
+        return list(from_square(square, *self.hw, self.circle))
+
     def top_regions(self, n: int = TOP_REGIONS) -> list[dict[str, Any]]:
-        """The n regions of largest contribution: row, col, the box (x0, y0, x1, y1) in
-        [0, 1] of the square photo, and the contribution."""
+        """The n regions of largest contribution: row, col, the box (x0, y0, x1, y1, `box`)
+        and the contribution."""
         g = self.regions.shape[0]
         flat = self.regions.ravel()
         order = np.argsort(-flat, kind="stable")[:n]
@@ -87,7 +107,7 @@ class SideMap:
             {
                 "row": int(i // g),
                 "col": int(i % g),
-                "box": [(i % g) / g, (i // g) / g, (i % g + 1) / g, (i // g + 1) / g],
+                "box": self.box(i // g, i % g),
                 "contribution": float(flat[i]),
             }
             for i in order.tolist()
@@ -100,6 +120,7 @@ class SideMap:
             "total": self.total,
             "regions": self.regions.tolist(),
             "top_regions": self.top_regions(),
+            "square": None if self.hw is None else list(square_on_photo(*self.hw, self.circle)),
             "frames": self.frames,
             "phases": self.phases,
         }
@@ -147,10 +168,13 @@ def side_map(side: SideParts, other: np.ndarray, case_id: str | None) -> SideMap
     g = math.isqrt(per_region.size)
     if g * g != per_region.size:
         raise ValueError(f"{per_region.size} regions are not a square grid")
+    where = {"hw": side.hw, "circle": side.circle}
     if contrib.ndim == 1:
-        return SideMap(case_id, side.modality, per_region.reshape(g, g))
+        return SideMap(case_id, side.modality, per_region.reshape(g, g), **where)
     frames = frame_rows(contrib.sum(1), side.times_s, side.attention)
-    return SideMap(case_id, side.modality, per_region.reshape(g, g), frames, phase_rows(frames))
+    return SideMap(
+        case_id, side.modality, per_region.reshape(g, g), frames, phase_rows(frames), **where
+    )
 
 
 def frame_rows(

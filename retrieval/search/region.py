@@ -1,10 +1,11 @@
 """Region-of-interest queries: the geometry of a box on a photo and the embedder's grid.
 
 A region is a box `(x0, y0, x1, y1)` in normalised coordinates of a CF photo (0 ≤ x0 <
-x1 ≤ 1, 0 ≤ y0 < y1 ≤ 1; x to the right, y down). The embedder sees the photo
-centre-padded to a square (`encoder.data.fit_square`) and cut into a grid × grid of
-regions; `to_square` / `from_square` move a box between the photo and that square, and
-`box_cells` / `cells_box` between a box and the grid cells it covers.
+x1 ≤ 1, 0 ≤ y0 < y1 ≤ 1; x to the right, y down). The embedder sees the photo's FOV
+square (`encoder.fov.fov_square`: the square around its field-of-view circle) cut into a
+grid × grid of regions; `to_square` / `from_square` move a box between the photo and that
+square (given the circle: `photo_circle`; without one, the photo centre-padded to a
+square), and `box_cells` / `cells_box` between a box and the grid cells it covers.
 
 How a region searches ("anywhere in other eyes", chosen by `benchmarks/region_bench.py`):
 the clinical part of the query is computed from the box's regions alone (the per-region
@@ -25,11 +26,14 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrieval.errors import QueryError
+
+if TYPE_CHECKING:  # encoder (torch) is imported on first use: the engine starts without it
+    from encoder.fov import FovCircle
 
 Box = tuple[float, float, float, float]
 Cells = tuple[int, int, int, int]  # row0, row1, col0, col1 (end exclusive)
@@ -79,22 +83,45 @@ def format_region(box: Box) -> str:
     return ",".join(f"{v:.4f}" for v in box)
 
 
-def _square_frame(h: int, w: int) -> tuple[float, float, float]:
-    """(side, x offset, y offset) of an h x w photo centre-padded to a square."""
-    s = max(h, w)
-    return float(s), float((s - w) // 2), float((s - h) // 2)
+def photo_circle(image: np.ndarray, stored: Sequence[float] | None = None) -> FovCircle:
+    """The FOV circle the embedder crops `image` by: `stored` ([cx, cy, r], a catalog's
+    `cf_fov`) when known, else detected (`encoder.fov.detect_fov`)."""
+    from encoder.fov import detect_fov, stored_circle
+
+    known = stored_circle(stored)
+    return detect_fov(image) if known is None else known
 
 
-def to_square(box: Box, h: int, w: int) -> Box:
-    """A box on an h x w photo → the same box on the photo centre-padded to a square."""
-    s, ox, oy = _square_frame(h, w)
+def _square_frame(h: int, w: int, circle: FovCircle | None) -> tuple[float, float, float]:
+    """(side, x offset, y offset) in pixels: where the model's square lies on an h x w
+    photo, its left and top edge at -offset. The FOV square of `circle`, or without one
+    the photo centre-padded to a square."""
+    if circle is None:
+        s = max(h, w)
+        return float(s), float((s - w) // 2), float((s - h) // 2)
+    from encoder.fov import fov_box
+
+    left, top, side = fov_box(circle)
+    return float(side), float(-left), float(-top)
+
+
+def square_on_photo(h: int, w: int, circle: FovCircle | None = None) -> Box:
+    """Where the model's square lies on an h x w photo: x0, y0, x1, y1 as fractions of
+    the photo (beyond [0, 1] where the square overhangs it)."""
+    s, ox, oy = _square_frame(h, w, circle)
+    return (-ox / w, -oy / h, (s - ox) / w, (s - oy) / h)
+
+
+def to_square(box: Box, h: int, w: int, circle: FovCircle | None = None) -> Box:
+    """A box on an h x w photo → the same box on the model's square (`_square_frame`)."""
+    s, ox, oy = _square_frame(h, w, circle)
     x0, y0, x1, y1 = box
     return ((ox + x0 * w) / s, (oy + y0 * h) / s, (ox + x1 * w) / s, (oy + y1 * h) / s)
 
 
-def from_square(box: Box, h: int, w: int) -> Box:
-    """A box on the padded square of an h x w photo → on the photo (clipped to it)."""
-    s, ox, oy = _square_frame(h, w)
+def from_square(box: Box, h: int, w: int, circle: FovCircle | None = None) -> Box:
+    """A box on the model's square of an h x w photo → on the photo (clipped to it)."""
+    s, ox, oy = _square_frame(h, w, circle)
     x0, y0, x1, y1 = box
 
     def clip(v: float) -> float:
@@ -170,21 +197,27 @@ class RegionQuery:
         return r1 - r0, c1 - c0
 
 
-def region_query(box: Box, hw: tuple[int, int], grid: int) -> RegionQuery:
-    """The region query of `box` on a photo of (height, width) `hw`, on a grid x grid."""
-    return RegionQuery(box, box_cells(to_square(box, *hw), grid), grid)
+def region_query(
+    box: Box, hw: tuple[int, int], grid: int, circle: FovCircle | None = None
+) -> RegionQuery:
+    """The region query of `box` on a photo of (height, width) `hw` whose FOV circle is
+    `circle` (`photo_circle`), on a grid x grid."""
+    return RegionQuery(box, box_cells(to_square(box, *hw, circle), grid), grid)
 
 
 def locate(
-    rq: RegionQuery, hw: tuple[int, int], scores: np.ndarray | None
+    rq: RegionQuery,
+    hw: tuple[int, int],
+    scores: np.ndarray | None,
+    circle: FovCircle | None = None,
 ) -> tuple[Box, float | None]:
-    """The matching region of a hit whose photo is (height, width) `hw`: the best window of
-    its score map (`scores`, (grid - rows + 1, grid - cols + 1)) and its score, or, without
-    a map ("same place"), the query's own cells."""
+    """The matching region of a hit whose photo is (height, width) `hw` with FOV circle
+    `circle`: the best window of its score map (`scores`, (grid - rows + 1, grid - cols +
+    1)) and its score, or, without a map ("same place"), the query's own cells."""
     if scores is None:
-        return from_square(cells_box(rq.cells, rq.grid), *hw), None
+        return from_square(cells_box(rq.cells, rq.grid), *hw, circle), None
     cells, score = best_window(np.asarray(scores), *rq.shape)
-    return from_square(cells_box(cells, rq.grid), *hw), score
+    return from_square(cells_box(cells, rq.grid), *hw, circle), score
 
 
 def anchored(region: np.ndarray, whole: np.ndarray, dims: np.ndarray, share: float) -> np.ndarray:

@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .anatomy import Geometry, anatomy_masks, build_anatomy, make_eye
+from .anatomy import (
+    FrameOptions,
+    Geometry,
+    Range,
+    anatomy_masks,
+    build_anatomy,
+    make_eye,
+    plan_framing,
+)
 from .cf import render_cf
 from .ffa import make_phases, render_ffa
 from .layers import Ctx, Lesions
@@ -15,6 +23,7 @@ from .meta import case_meta, frame_times
 from .vessels import grow_tree
 
 _SALT_RENDER = 21
+_SALT_FRAME = 22
 MIN_SIZE, MAX_SIZE = 32, 4096
 
 
@@ -36,7 +45,9 @@ class PhantomCase:
     # Extra ground truth (FFA coordinates), for tests and scoring:
     anatomy: dict[str, np.ndarray] = field(default_factory=dict)  # artery, vein, vein_wall, ...
     phases_s: dict[str, float] = field(default_factory=dict)  # choroidal, arterial, laminar, ...
-    registration: tuple[float, float, float] = (0.0, 0.0, 0.0)  # CF -> FFA: dx, dy px, degrees
+    # CF -> FFA: dx, dy px, degrees, about the FOV circle's centre (`Geometry.registration_px`)
+    registration: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    fov_circle: tuple[float, float, float] = (0.0, 0.0, 0.0)  # true cx, cy, r px (CF and FFA)
 
 
 def check_params(size: int, frames: int) -> None:
@@ -46,13 +57,44 @@ def check_params(size: int, frames: int) -> None:
         raise ValueError(f"frames must be at least 2, got {frames}")
 
 
-def phantom_case(seed: int, index: int, *, size: int = 128, frames: int = 16) -> PhantomCase:
+def phantom_case(
+    seed: int,
+    index: int,
+    *,
+    size: int = 128,
+    frames: int = 16,
+    aspect: float = 1.0,
+    fov_deg: float | Range | None = None,
+    circle: float | Range | None = None,
+    shift: float = 0.0,
+) -> PhantomCase:
     """Case `index` of phantom cohort `seed`, computed from (seed, index) alone.
 
     Vessels, lesion placement and frame times do not depend on `size` (textures and
-    camera noise do), so a case can be rendered again larger.
+    camera noise do), so a case can be rendered again larger. `size` is the frame's
+    height; the framing options (`FrameOptions`: `aspect` width / height, `fov_deg` the
+    field of view in degrees, `circle` the FOV circle's diameter over the frame height,
+    `shift` its centre's offset, up to this x the height; a value or a (lo, hi) range drawn
+    per case) default to the square frame of FOV_R at DEFAULT_FOV_DEG. They are drawn from
+    their own stream: the eye, its vessels and frame times stay the same draws (lesions
+    are kept where the camera sees them); `fov_circle` is the true circle in the frame.
     """
     check_params(size, frames)
+    options = FrameOptions.of(aspect, fov_deg, circle, shift)
+    framing = plan_framing(np.random.default_rng([seed, index, _SALT_FRAME]), size, options)
+    case = _render(seed, index, framing.side, frames, framing.zoom)
+    place = framing.place
+    case.cf = place(case.cf)
+    case.ffa = np.ascontiguousarray(place(case.ffa.transpose(1, 2, 0)).transpose(2, 0, 1))
+    case.masks = {k: place(m) for k, m in case.masks.items()}
+    case.fov = place(case.fov)
+    case.anatomy = {k: place(m) for k, m in case.anatomy.items()}
+    case.fov_circle = framing.circle
+    return case
+
+
+def _render(seed: int, index: int, size: int, frames: int, zoom: float) -> PhantomCase:
+    """The case on its camera's square, `size` px a side, the retina magnified by `zoom`."""
     meta = case_meta(seed, index)
     r_geo, r_les, r_tex, r_cam = (
         np.random.default_rng(s)
@@ -61,7 +103,7 @@ def phantom_case(seed: int, index: int, *, size: int = 128, frames: int = 16) ->
     eye, cup_ratio, ovality = make_eye(r_geo)
     rot = np.radians(r_geo.uniform(1.0, 3.0)) * r_geo.choice([-1.0, 1.0])
     a, d = r_geo.uniform(0, 2 * np.pi), r_geo.uniform(0.02, 0.06)
-    geom = Geometry(size, meta.eye == "OS", float(rot), (d * np.cos(a), d * np.sin(a)))
+    geom = Geometry(size, meta.eye == "OS", float(rot), (d * np.cos(a), d * np.sin(a)), zoom)
     plan = plan_vessels(r_geo, meta.diagnosis)
     arteries = grow_tree(r_geo, eye, "artery", r_geo.uniform(0.0095, 0.011))
     veins = grow_tree(

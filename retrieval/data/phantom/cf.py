@@ -14,8 +14,14 @@ from .anatomy import Anatomy
 from .layers import CfOp, Lesions
 from .raster import smooth_noise, smoothstep
 
-ARTERY_T = np.array([0.9, 0.6, 0.68], np.float32)  # transmission at a vessel's centre
+ARTERY_T = np.array([0.9, 0.6, 0.68], np.float32)  # transmission at a main trunk's centre
 VEIN_T = np.array([0.68, 0.3, 0.42], np.float32)
+TRUNK_R = 0.012  # retina units: a main vein's radius; thinner vessels absorb less
+CALIBRE_POW = 0.65  # optical density ~ (radius / TRUNK_R) ** CALIBRE_POW
+FUNDUS_LIGHT = np.array([0.95, 0.41, 0.28], np.float32)  # a blond fundus
+FUNDUS_DARK = np.array([0.68, 0.25, 0.172], np.float32)  # a heavily pigmented one
+TESSELLATION = 0.1  # choroidal vessels' contrast in the palest fundus
+PALE_PIGMENT = 0.35  # choroidal vessels show through only below this pigment
 
 
 def _apply(img: np.ndarray, op: CfOp) -> None:
@@ -33,15 +39,25 @@ def _apply(img: np.ndarray, op: CfOp) -> None:
         raise ValueError(f"unknown colour op {op.mode!r}")
 
 
+def _tessellation(anat: Anatomy, pigment: float) -> np.ndarray:
+    """(H, W) in [0, 1]: how much the choroidal vessels show through (pale fundi only),
+    softened: broad orange stripes between darker spaces, no thin pale worms."""
+    amount = TESSELLATION * max(0.0, 1 - pigment / PALE_PIGMENT) ** 1.5
+    if amount == 0:
+        return np.zeros(anat.shape, np.float32)
+    soft = ndimage.gaussian_filter(anat.tigroid, 0.012 * anat.geom.ppu, truncate=2.5)
+    return (amount * (1 - soft / max(float(soft.max()), 1e-6))).astype(np.float32)
+
+
 def _fundus(rng: np.random.Generator, anat: Anatomy, pigment: float, age: int) -> np.ndarray:
-    """(H, W, 3) float32 background: orange-red choroid (tigroid when blond), dark macula."""
-    light, dark = np.array([0.95, 0.48, 0.22]), np.array([0.66, 0.28, 0.11])
-    base = (light + (dark - light) * pigment).astype(np.float32)
-    tig_amt = 0.03 + 0.2 * (1 - pigment) ** 1.5
-    shade = 1 - tig_amt * (1 - anat.tigroid)
+    """(H, W, 3) float32 background: orange-red choroid (tessellated when blond), dark
+    macula."""
+    base = FUNDUS_LIGHT + (FUNDUS_DARK - FUNDUS_LIGHT) * pigment
+    between = _tessellation(anat, pigment)  # the pigmented spaces between choroidal vessels
+    shade = 1 - between
     shade *= 1 + 0.06 * smooth_noise(rng, anat.shape, 0.2 * anat.geom.ppu)
     img = shade[..., None] * base
-    img *= np.array([1.0, 0.94, 0.9], np.float32) ** (1 - anat.tigroid)[..., None]
+    img *= np.array([1.0, 0.94, 0.9], np.float32) ** (between / TESSELLATION)[..., None]
     rho = anat.rho_fovea
     mac = 0.45 * np.exp(-((rho / 0.09) ** 2)) + 0.18 * np.exp(-((rho / 0.22) ** 2))
     img *= 1 - mac[..., None] * np.array([0.55, 0.65, 0.7], np.float32)
@@ -72,8 +88,11 @@ def _disc(rng: np.random.Generator, anat: Anatomy, img: np.ndarray, swelling: fl
 
 
 def _vessels(anat: Anatomy, img: np.ndarray) -> None:
+    """Blood absorbs along the path through it: thin vessels are fainter than trunks."""
     for layer, trans in ((anat.vein, VEIN_T), (anat.artery, ARTERY_T)):
-        img *= np.exp(layer.profile[..., None] * np.log(trans))
+        calibre = layer.take(layer.pts["r"]) / (anat.geom.ppu * TRUNK_R)
+        density = layer.profile * np.clip(calibre, 0, 1) ** CALIBRE_POW
+        img *= np.exp(density[..., None] * np.log(trans))
     a = anat.artery
     big = a.take(a.pts["r"]) > 1.0
     reflex = 0.22 * np.exp(-((a.hit.q / 0.25) ** 2)) * big * a.profile
@@ -113,13 +132,13 @@ def render_cf(
     n = anat.geom.size
     v = (np.arange(n, dtype=np.float32) + 0.5) / (n / 2) - 1
     cx, cy = rng.uniform(-0.2, 0.2, 2)
-    fall = 1 - rng.uniform(0.25, 0.55) * ((v[None, :] - cx) ** 2 + (v[:, None] - cy) ** 2) ** 1.2
-    cast = rng.normal(1.0, 0.05, 3).astype(np.float32)
-    img *= (fall[..., None] * cast * rng.uniform(0.85, 1.1)).astype(np.float32)
-    sigma = rng.uniform(0.3, 1.0) * n / 512
+    fall = 1 - rng.uniform(0.15, 0.4) * ((v[None, :] - cx) ** 2 + (v[:, None] - cy) ** 2) ** 1.2
+    cast = rng.normal(1.0, 0.02, 3).astype(np.float32)
+    img *= (fall[..., None] * cast * rng.uniform(0.95, 1.2)).astype(np.float32)
+    sigma = rng.uniform(0.3, 0.8) * n / 512
     if sigma > 0.2:
         img = ndimage.gaussian_filter(img, (sigma, sigma, 0), truncate=2.5)
-    img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(0.006, 0.015)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(0.003, 0.008)
     img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.0)
     img *= anat.fov_soft[..., None]
     return (img * 255 + 0.5).astype(np.uint8)

@@ -99,7 +99,8 @@ class Ctx:
     def inside(self, x: np.ndarray, y: np.ndarray, margin: float = 0.05) -> np.ndarray:
         """(N,) bool: the retina point shows in the camera's field, away from the disc."""
         px, py = self.anat.geom.to_px(np.asarray(x, float), np.asarray(y, float))
-        cam = np.hypot(px + 0.5 - self.ppu, py + 0.5 - self.ppu) / self.ppu
+        half = self.anat.geom.half  # the camera square's half side: its centre and scale
+        cam = np.hypot(px + 0.5 - half, py + 0.5 - half) / half
         e = self.anat.eye
         off_disc = np.hypot(x - e.disc[0], y - e.disc[1]) > e.disc_r * 1.3
         return (cam < 0.95 - margin) & off_disc
