@@ -125,9 +125,9 @@ def test_the_dashboard_command_serves_ui_app():
 
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path):
-    """The real stages on a 64-case cohort with seconds of training, then a reuse."""
+    """The real stages on a 40-case cohort with seconds of training, then a reuse."""
     said: list[str] = []
-    kwargs = {"cases": 64, "generator_minutes": 0.2, "embed_minutes": 0.5, "progress": False}
+    kwargs = {"cases": 40, "generator_minutes": 0.2, "embed_minutes": 0.3, "progress": False}
     paths = demo.prepare_demo(tmp_path / "d", say=said.append, **kwargs)
     assert (paths.index / "manifest.json").is_file()
     api = demo.ApiThread(demo.demo_app(paths)).start()
