@@ -41,6 +41,7 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -627,11 +628,17 @@ def _all_ids(client: Any, name: str, *, lite: bool) -> np.ndarray:
 
 
 def copy_to_milvus(
-    src: str | Path, out: str | Path, target: MilvusTarget, **options: Any
+    src: str | Path,
+    out: str | Path,
+    target: MilvusTarget,
+    *,
+    keep: Sequence[str] = (),
+    **options: Any,
 ) -> dict[str, Any]:
-    """The index folder `src` as a new folder `out` whose vectors live in Milvus at
-    `target`: the same vectors (copied, not embedded again), catalog, encoder and extra.
-    `options` as for `MilvusIndex.build`; returns the new manifest."""
+    """The index folder `src` as a folder `out` (may be `src` itself) whose vectors live
+    in Milvus at `target`: the same vectors (copied, not embedded again), catalog, encoder
+    and extra; `keep` as for `save_index_folder`. `options` as for `MilvusIndex.build`;
+    returns the new manifest."""
     from .folder import load_index_folder, save_index_folder
 
     folder = load_index_folder(src, use_gpu=False)
@@ -647,4 +654,6 @@ def copy_to_milvus(
             catalog=folder.catalog,
             **options,
         )
-    return save_index_folder(out, stores, folder.catalog, folder.encoder_id, folder.extra)
+    return save_index_folder(
+        out, stores, folder.catalog, folder.encoder_id, folder.extra, keep=keep
+    )

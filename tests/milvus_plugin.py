@@ -46,23 +46,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def to_milvus(path: Path, uri: str) -> None:
     """The index folder `path` rewritten with its vectors in new Milvus collections."""
-    from index import MilvusTarget, load_index_folder, save_index_folder
-    from index.milvus import MilvusIndex
+    from index import MilvusTarget
+    from index.milvus import copy_to_milvus
 
-    folder = load_index_folder(path, use_gpu=False)
-    stores = {}
-    for modality, vi in folder.indexes.items():
-        ids = vi.ids()
-        stores[modality] = MilvusIndex.build(
-            vi.reconstruct(ids),
-            ids,
-            target=MilvusTarget(uri, prefix="plugin"),
-            modality=modality,
-            encoder_id=folder.encoder_id,
-            catalog=folder.catalog,
-        )
     keep = ("media",) if (path / "media").is_dir() else ()
-    save_index_folder(path, stores, folder.catalog, folder.encoder_id, folder.extra, keep=keep)
+    copy_to_milvus(path, path, MilvusTarget(uri, prefix="plugin"), keep=keep)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
