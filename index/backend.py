@@ -42,6 +42,30 @@ class BackendError(IndexStoreError):
     """A vector-store backend that is unknown, not installed, or cannot be reached."""
 
 
+class LiveIds:
+    """The introspection every store shares: the key of its `spec` and its sorted live
+    ids `_ids` (`VectorIndex`, `index.milvus.MilvusIndex`)."""
+
+    spec: Any
+    _ids: np.ndarray
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def ntotal(self) -> int:
+        """Live vectors (tombstones excluded)."""
+        return int(self._ids.size)
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def ids(self) -> np.ndarray:
+        """Sorted live ids."""
+        return self._ids.copy()
+
+
 @runtime_checkable
 class VectorStore(Protocol):
     """One modality's vectors under int64 row ids (see the module docstring)."""

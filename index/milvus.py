@@ -50,7 +50,14 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from .backend import TOKEN_ENV, BackendError, FilteredIds, MilvusTarget, is_local_uri
+from .backend import (
+    TOKEN_ENV,
+    BackendError,
+    FilteredIds,
+    LiveIds,
+    MilvusTarget,
+    is_local_uri,
+)
 from .errors import (
     DimensionMismatch,
     DuplicateIds,
@@ -205,7 +212,7 @@ def _row_values(rows: pl.DataFrame | None, ids: np.ndarray, fields: dict[str, st
     return [{f: by_id[int(i)][f] for f in fields} for i in ids]
 
 
-class MilvusIndex:
+class MilvusIndex(LiveIds):
     """One modality's vectors in a Milvus collection. See the module docstring."""
 
     filters_inside = True  # FilteredIds become Milvus expressions
@@ -510,20 +517,6 @@ class MilvusIndex:
         return out
 
     # ------------------------------------------------------------ introspection
-    @property
-    def key(self) -> str:
-        return self.spec.key
-
-    @property
-    def ntotal(self) -> int:
-        return int(self._ids.size)
-
-    def __len__(self) -> int:
-        return self.ntotal
-
-    def ids(self) -> np.ndarray:
-        return self._ids.copy()
-
     @property
     def tombstones(self) -> np.ndarray:
         return np.empty(0, np.int64)  # Milvus deletes exactly

@@ -51,6 +51,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .backend import LiveIds
 from .errors import DimensionMismatch, DuplicateIds, UnsupportedIndexKey
 from .gpu import GPU_MAX_K, gpu_count, gpu_unsupported_reason, to_gpu
 from .keys import (
@@ -203,7 +204,7 @@ def _trained_index(spec: IndexSpec, x: np.ndarray, rng: np.random.Generator) -> 
     return index
 
 
-class VectorIndex:
+class VectorIndex(LiveIds):
     """One modality's vectors in FAISS. See the module docstring for the guarantees."""
 
     def __init__(
@@ -605,22 +606,6 @@ class VectorIndex:
         return self._gpu_index
 
     # ------------------------------------------------------------ introspection
-    @property
-    def key(self) -> str:
-        return self.spec.key
-
-    @property
-    def ntotal(self) -> int:
-        """Live vectors (tombstones excluded)."""
-        return int(self._ids.size)
-
-    def __len__(self) -> int:
-        return self.ntotal
-
-    def ids(self) -> np.ndarray:
-        """Sorted live ids."""
-        return self._ids.copy()
-
     @property
     def tombstones(self) -> np.ndarray:
         return self._tombstones.copy()
