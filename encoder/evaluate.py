@@ -1,4 +1,7 @@
-"""Generation evaluation of several generators and two baselines on the same test frames."""
+"""Generation evaluation of several generators and two baselines on the same test frames:
+per-video metrics (PSNR, SSIM, temporal gap, lesion PSNR, venous-frame vessel AUC and
+Dice, brightness-curve error), a set-level Fréchet distance, and each row's mean
+brightness curve for plotting."""
 
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from .errors import ConfigError, DataError
 from .fov import fov_square, square_circle
 from .losses import knowledge_mask
 from .metrics import (
+    VESSEL_PERCENTILE,
+    brightness_curve,
+    curve_mae,
     frechet_distance,
     i3d_features,
     lesion_psnr,
@@ -23,11 +29,22 @@ from .metrics import (
     psnr,
     ssim,
     temporal_consistency_gap,
+    venous_vessel_agreement,
 )
 from .networks import Generator
 from .synthesis import synthesize_batch
 
 log = logging.getLogger(__name__)
+
+VIDEO_METRICS = (
+    "psnr",
+    "ssim",
+    "temporal_gap",
+    "lesion_psnr",
+    "vessel_auc",
+    "vessel_dice",
+    "curve_mae",
+)  # the per-video metrics of `video_metrics`, averaged over the test videos
 
 
 def train_mean_videos(train: PairedVideos, times_s: np.ndarray, chunk: int = 64) -> np.ndarray:
@@ -75,9 +92,11 @@ def _resize_stack(videos: np.ndarray, size: int) -> np.ndarray:
 def video_metrics(
     fake: np.ndarray, test: PairedVideos, knowledge_centred: bool = True
 ) -> dict[str, float]:
-    """Mean over test videos of PSNR, SSIM (FOV), temporal-consistency gap, and PSNR inside
-    the knowledge mask of the real video (∩ FOV; videos with an empty mask are skipped)."""
-    rows: dict[str, list[float]] = {"psnr": [], "ssim": [], "temporal_gap": [], "lesion_psnr": []}
+    """Mean over test videos of PSNR, SSIM (FOV), temporal-consistency gap, PSNR inside
+    the knowledge mask of the real video (∩ FOV; videos with an empty mask are skipped),
+    vessel AUC and Dice on the venous frames (`venous_vessel_agreement`) and the error
+    of the FOV brightness curve (`curve_mae`, [0, 1] units)."""
+    rows: dict[str, list[float]] = {k: [] for k in VIDEO_METRICS}
     for i in range(len(test)):
         p = torch.from_numpy(fake[i]).double() / 255  # (T, S, S)
         r = torch.from_numpy(test.ffa[i]).double() / 255
@@ -87,12 +106,39 @@ def video_metrics(
         rows["ssim"].append(ssim(p, r, fov))
         rows["temporal_gap"].append(temporal_consistency_gap(p, r, fov))
         rows["lesion_psnr"].append(lesion_psnr(p, r, lesion))
+        for k, v in venous_vessel_agreement(p, r, fov, test.times_s[i]).items():
+            rows[k].append(v)
+        rows["curve_mae"].append(curve_mae(p, r, fov))
     out = {
         k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")
         for k, v in rows.items()
     }
     out["lesion_cases"] = int(np.sum(~np.isnan(rows["lesion_psnr"])))
     return out
+
+
+def mean_brightness_curve(videos: np.ndarray, test: PairedVideos) -> list[float]:
+    """The FOV's mean brightness per frame index ([0, 1]), averaged over the test videos:
+    uint8 videos (N, T, S, S) → T values (the Model page's curve)."""
+    curves = [
+        brightness_curve(torch.from_numpy(v).double() / 255, torch.from_numpy(fov))
+        for v, fov in zip(videos, test.fov, strict=True)
+    ]
+    return [float(c) for c in np.nanmean(np.stack(curves), axis=0)]
+
+
+def brightness_curves(test: PairedVideos, groups: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
+    """The report's `brightness_curves`: each frame index's mean time over the test videos
+    (`times_s`), the real videos' `mean_brightness_curve` (`real`) and, for each group
+    (models, baselines), each row's."""
+    return {
+        "times_s": [float(t) for t in test.times_s.mean(axis=0)],
+        "real": mean_brightness_curve(test.ffa, test),
+        **{
+            group: {name: mean_brightness_curve(v, test) for name, v in videos.items()}
+            for group, videos in groups.items()
+        },
+    }
 
 
 def evaluate_generation(
@@ -104,7 +150,8 @@ def evaluate_generation(
     batch_size: int = 8,
     knowledge_centred: bool = True,
 ) -> dict[str, Any]:
-    """Per-model metrics and the two baselines, all on the same test frames at test.size.
+    """Per-model metrics and the two baselines, all on the same test frames at test.size,
+    and their mean brightness per frame beside the real videos' (`brightness_curves`).
 
     Generators run at their own size on the test CF (fov_square) and their frames are
     resized to test.size. The distribution metric is `fvd` over I3D features when
@@ -138,15 +185,19 @@ def evaluate_generation(
         "distribution_metric": metric,
         "feature_extractor": extractor,
         "lesion_mask": "knowledge mask" + (", FOV-median centred" if knowledge_centred else ""),
+        "vessel_mask": f"Sato vesselness above its {VESSEL_PERCENTILE:g}th percentile in the "
+        "FOV (rim left out), on the mean of the real video's venous frames",
         "models": {},
         "baselines": {},
     }
-    for group, videos in (("models", fakes), ("baselines", baselines)):
+    groups = {"models": fakes, "baselines": baselines}
+    for group, videos in groups.items():
         for name, v in videos.items():
             row = video_metrics(v, test, knowledge_centred)
             row[metric] = frechet_distance(real_feats, features(v))
             report[group][name] = row
             log.info("%s %s: %s", group, name, row)
+    report["brightness_curves"] = brightness_curves(test, groups)
     return report
 
 

@@ -1,7 +1,11 @@
 """Generation metrics on frames in [0, 1], restricted to the field of view.
 
 Per-video functions take one video: pred, target (T, H, W) float in [0, 1] and a mask
-(H, W) bool. Set-level: `frechet_distance` (with the covariance term), `fvd` over I3D
+(H, W) bool. Vessel structure: `vessel_agreement` compares the vessel maps (a bright-ridge
+filter, `vesselness`) of a generated and a real venous-phase frame (`venous_frames`:
+where the veins are full; also the frames `retrieval.data.registration` registers
+against); `curve_mae` compares the videos' mean brightness over time (`brightness_curve`).
+Set-level: `frechet_distance` (with the covariance term), `fvd` over I3D
 features from a local TorchScript file, and `fvd_proxy` over our own generator's
 encoder features when no I3D is given — a report says which one it used, never both.
 """
@@ -10,12 +14,16 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
+from scipy.stats import rankdata
+from skimage.filters import sato
 from torchmetrics.functional.image import (
     peak_signal_noise_ratio,
     structural_similarity_index_measure,
@@ -26,6 +34,10 @@ from .errors import CheckpointError, DataError
 from .networks import Generator, gem_pool
 
 log = logging.getLogger(__name__)
+
+VENOUS_AFTER_PEAK_S = (4.0, 25.0)  # the venous frames: seconds after the brightest frame
+VESSEL_SIGMAS = (1.0, 2.0, 3.0)  # the ridge filter's scales, pixels of a 256-px frame
+VESSEL_PERCENTILE = 85.0  # a pixel is vessel above this percentile of the FOV's vesselness
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -71,6 +83,112 @@ def temporal_consistency_gap(pred: torch.Tensor, target: torch.Tensor, mask: tor
 def lesion_psnr(pred: torch.Tensor, target: torch.Tensor, knowledge: torch.Tensor) -> float:
     """PSNR inside the knowledge mask (∩ FOV, pass the intersection); nan when it is empty."""
     return psnr(pred, target, knowledge)
+
+
+# ---------------------------------------------------------------- vessels and curves
+
+
+def venous_frames(ffa: np.ndarray, times_s: Sequence[float] | None = None) -> np.ndarray:
+    """The indices of the frames where the veins are full: those `VENOUS_AFTER_PEAK_S`
+    after the brightest frame (laminar flow), or the few frames after it when the times
+    are unknown. ffa (T, H, W), any intensity scale."""
+    brightness = ffa.reshape(len(ffa), -1).mean(axis=1)
+    peak = int(np.argmax(brightness))
+    if times_s is not None and len(times_s) == len(ffa):
+        after = np.asarray(times_s, dtype=np.float64) - float(times_s[peak])
+        lo, hi = VENOUS_AFTER_PEAK_S
+        window = np.flatnonzero((after >= lo) & (after <= hi))
+        if len(window):
+            return window
+        return np.array([int(np.argmin(np.abs(after - (lo + hi) / 2)))])
+    return np.arange(min(peak + 1, len(ffa) - 1), min(peak + 4, len(ffa)))
+
+
+def _vessel_sigmas(side: int) -> list[float]:
+    return sorted({max(0.75, s * side / 256) for s in VESSEL_SIGMAS})
+
+
+def vessel_field(fov: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The pixels the vessel metrics score: the FOV (H, W) shrunk by twice the largest
+    ridge scale, where the filter would see the aperture's edge."""
+    fov = np.asarray(fov, dtype=bool)
+    rim = int(np.ceil(2 * _vessel_sigmas(fov.shape[0])[-1]))
+    return ndimage.binary_erosion(fov, iterations=rim)
+
+
+def vesselness(frame: np.ndarray | torch.Tensor, fov: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Bright vessels of an FFA frame (H, W) in [0, 1]: the Sato tubeness filter
+    (`skimage.filters.sato`, black_ridges=False) at `VESSEL_SIGMAS` scaled with the frame's
+    side, after filling outside the FOV (H, W) with the FOV's median (no ridge at the
+    aperture); 0 outside the FOV."""
+    img = np.asarray(frame, dtype=np.float64)
+    inside = np.asarray(fov, dtype=bool)
+    if not inside.any():
+        return np.zeros_like(img)
+    img = np.where(inside, img, float(np.median(img[inside])))
+    ridges = sato(img, sigmas=_vessel_sigmas(img.shape[0]), black_ridges=False, mode="reflect")
+    return np.where(inside, ridges, 0.0)
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney, ties count half); nan without both classes."""
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def vessel_agreement(
+    pred: np.ndarray | torch.Tensor,
+    target: np.ndarray | torch.Tensor,
+    fov: np.ndarray | torch.Tensor,
+) -> dict[str, float]:
+    """Vessel structure of a generated frame against the real one, both (H, W) in [0, 1],
+    inside `vessel_field(fov)`. The real frame's vessel mask is its `vesselness` above
+    the `VESSEL_PERCENTILE`-th percentile of the field (the strongest 15 %); the
+    generated frame's the same of its own. `vessel_auc`: the generated vesselness as a
+    score for the real mask (1 perfect, 0.5 chance); `vessel_dice`: the masks' Dice.
+    Both nan when the field is empty or the real frame has no ridge (a flat frame)."""
+    field = vessel_field(fov)
+    if not field.any():
+        return {"vessel_auc": float("nan"), "vessel_dice": float("nan")}
+    real = vesselness(target, fov)[field]
+    fake = vesselness(pred, fov)[field]
+    real_mask = real > np.percentile(real, VESSEL_PERCENTILE)
+    fake_mask = fake > np.percentile(fake, VESSEL_PERCENTILE)
+    if not real_mask.any():
+        return {"vessel_auc": float("nan"), "vessel_dice": float("nan")}
+    dice = 2 * (real_mask & fake_mask).sum() / (real_mask.sum() + fake_mask.sum())
+    return {"vessel_auc": _auc(fake, real_mask), "vessel_dice": float(dice)}
+
+
+def venous_vessel_agreement(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    times_s: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """`vessel_agreement` of the mean of the real video's `venous_frames` (chosen on the
+    real video, with its frame times) and the mean of the same generated frames."""
+    _check(pred, target, mask)
+    idx = torch.from_numpy(venous_frames(target.numpy(), times_s))
+    return vessel_agreement(pred[idx].mean(0), target[idx].mean(0), mask)
+
+
+def brightness_curve(video: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """The mean intensity inside the mask (H, W) of each frame of a video (T, H, W) → (T,);
+    nan for an empty mask."""
+    m = mask.bool()
+    if not m.any():
+        return np.full(video.shape[0], np.nan)
+    return video[:, m].double().mean(1).numpy()
+
+
+def curve_mae(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean absolute difference of the two videos' `brightness_curve`s ([0, 1] units)."""
+    _check(pred, target, mask)
+    return float(np.mean(np.abs(brightness_curve(pred, mask) - brightness_curve(target, mask))))
 
 
 # ---------------------------------------------------------------- Fréchet distances

@@ -26,6 +26,16 @@ from encoder import (
     temporal_consistency_gap,
     train_mean_videos,
 )
+from encoder.evaluate import video_metrics
+from encoder.metrics import (
+    brightness_curve,
+    curve_mae,
+    venous_frames,
+    venous_vessel_agreement,
+    vessel_agreement,
+    vessel_field,
+    vesselness,
+)
 from encoder.testing import micro_scale, toy_paired_videos
 
 
@@ -65,6 +75,92 @@ def test_temporal_consistency_gap() -> None:
     mask = torch.ones(4, 4, dtype=torch.bool)
     assert temporal_consistency_gap(pred, target, mask) == pytest.approx(0.5)
     assert temporal_consistency_gap(target, target, mask) == 0.0
+
+
+def _venous_frame(size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A toy eye's venous-phase frame (H, W) in [0, 1] and its field of view (H, W)."""
+    data = toy_paired_videos(1, size, 6, seed=seed)
+    idx = venous_frames(data.ffa[0], data.times_s[0])
+    frame = torch.from_numpy(data.ffa[0][idx].mean(0)).double() / 255
+    return frame, torch.from_numpy(data.fov[0])
+
+
+def test_vesselness_finds_bright_vessels_inside_the_fov() -> None:
+    frame = torch.zeros(48, 48, dtype=torch.float64)
+    frame[:, 23:25] = 0.8  # a bright vertical vessel
+    fov = torch.ones(48, 48, dtype=torch.bool)
+    fov[:, 40:] = False
+    v = vesselness(frame, fov)
+    assert v[24, 24] > 10 * v[24, 10] and v[24, 10] >= 0
+    assert np.all(v[:, 40:] == 0)  # outside the FOV
+    assert vessel_field(fov).sum() < fov.sum() and not vessel_field(fov)[:, 38:].any()
+    dark = vesselness(1 - frame, fov)  # a dark line is no bright vessel
+    assert dark[24, 24] < v[24, 24] / 10
+
+
+def test_vessel_auc_and_dice_against_itself_and_noise() -> None:
+    frame, fov = _venous_frame()
+    same = vessel_agreement(frame, frame, fov)
+    assert same == {"vessel_auc": 1.0, "vessel_dice": 1.0}
+    rng = np.random.default_rng(0)
+    aucs, dices = [], []
+    for _ in range(5):
+        noise = torch.from_numpy(rng.uniform(0, 1, frame.shape))
+        got = vessel_agreement(noise, frame, fov)
+        aucs.append(got["vessel_auc"])
+        dices.append(got["vessel_dice"])
+    assert np.mean(aucs) == pytest.approx(0.5, abs=0.07)
+    assert np.mean(dices) < 0.3  # chance: the masks' share, 15 %
+    noisy = (frame + 0.05 * torch.from_numpy(rng.standard_normal(frame.shape))).clamp(0, 1)
+    close = vessel_agreement(noisy, frame, fov)
+    assert close["vessel_auc"] > 0.85 and close["vessel_dice"] > 0.5  # the same vessels
+    other, _ = _venous_frame(seed=3)  # another eye: other vessels
+    assert vessel_agreement(other, frame, fov)["vessel_auc"] < close["vessel_auc"]
+    flat = vessel_agreement(torch.full_like(frame, 0.4), frame, fov)
+    assert flat == {"vessel_auc": 0.5, "vessel_dice": 0.0}
+    for target, field in ((torch.zeros_like(frame), fov), (frame, fov & False)):
+        got = vessel_agreement(frame, target, field)  # a flat real frame; an empty FOV
+        assert math.isnan(got["vessel_auc"]) and math.isnan(got["vessel_dice"])
+
+
+def test_venous_vessel_agreement_uses_the_real_videos_venous_frames() -> None:
+    data = toy_paired_videos(1, 64, 6, seed=1)
+    real = torch.from_numpy(data.ffa[0]).double() / 255
+    fov = torch.from_numpy(data.fov[0])
+    times = data.times_s[0]
+    assert venous_vessel_agreement(real, real, fov, times)["vessel_auc"] == 1.0
+    idx = venous_frames(data.ffa[0], times)
+    spoiled = real.clone()
+    others = [j for j in range(len(real)) if j not in set(idx.tolist())]
+    spoiled[others] = 0.5  # the frames that are not venous do not count
+    assert venous_vessel_agreement(spoiled, real, fov, times)["vessel_dice"] == 1.0
+    spoiled[idx] = 0.5
+    assert venous_vessel_agreement(spoiled, real, fov, times)["vessel_dice"] == 0.0
+
+
+def test_brightness_curve_error() -> None:
+    real = torch.rand(5, 16, 16, dtype=torch.float64) * 0.5
+    fov = torch.zeros(16, 16, dtype=torch.bool)
+    fov[2:14, 2:14] = True
+    curve = brightness_curve(real, fov)
+    assert curve.shape == (5,) and curve[2] == pytest.approx(float(real[2][fov].mean()))
+    assert curve_mae(real, real, fov) == 0.0
+    assert curve_mae(real + 0.1, real, fov) == pytest.approx(0.1)
+    assert curve_mae(real * 1.5, real, fov) > curve_mae(real * 1.2, real, fov) > 0
+    brighter_outside = real.clone()
+    brighter_outside[:, 0, 0] = 1.0  # outside the FOV: ignored
+    assert curve_mae(brighter_outside, real, fov) == 0.0
+    later = real.clone()
+    later[3:] += 0.2  # two of five frames 0.2 brighter
+    assert curve_mae(later, real, fov) == pytest.approx(0.4 * 0.2)
+
+
+def test_video_metrics_of_the_real_videos() -> None:
+    test = toy_paired_videos(3, 48, 6, seed=4)
+    row = video_metrics(test.ffa, test)
+    assert row["vessel_auc"] == 1.0 and row["vessel_dice"] == 1.0 and row["curve_mae"] == 0.0
+    dimmer = video_metrics((test.ffa * 0.5).astype(np.uint8), test)
+    assert dimmer["curve_mae"] > 0.02 and dimmer["vessel_dice"] > 0.9  # same vessels, dimmer
 
 
 def _with_exact_moments(n: int, d: int, seed: int) -> np.ndarray:
@@ -188,6 +284,24 @@ def test_evaluate_generation_report(tmp_path) -> None:
     row = report["baselines"]["train_mean"]
     assert {"psnr", "ssim", "temporal_gap", "lesion_psnr", "lesion_cases", "fvd_proxy"} <= set(row)
     assert "fvd" not in row and row["lesion_cases"] >= 1
+    for r in [*report["models"].values(), *report["baselines"].values()]:
+        assert 0 <= r["vessel_auc"] <= 1 and 0 <= r["vessel_dice"] <= 1 and r["curve_mae"] >= 0
+    assert "percentile" in report["vessel_mask"]
+    curves = report["brightness_curves"]
+    assert len(curves["times_s"]) == test.frames and curves["times_s"] == sorted(curves["times_s"])
+    assert set(curves["models"]) == set(models) and set(curves["baselines"]) == {
+        "train_mean",
+        "cf_green",
+    }
+    assert all(len(c) == test.frames for c in [curves["real"], *curves["baselines"].values()])
+    real = [
+        np.mean([test.ffa[i, j][test.fov[i]].mean() / 255 for i in range(len(test))])
+        for j in range(test.frames)
+    ]
+    assert curves["real"] == pytest.approx(real)  # the mean over cases of each FOV's mean
+    green = curves["baselines"]["cf_green"]
+    gap = np.mean(np.abs(np.array(green) - np.array(curves["real"])))
+    assert report["baselines"]["cf_green"]["curve_mae"] >= gap - 1e-9  # |mean| <= mean |.|
     path = tmp_path / "i3d.pt"
     torch.jit.script(_TinyI3D()).save(str(path))
     report = evaluate_generation({"micro": models["micro"]}, test, train, i3d_path=path)

@@ -95,6 +95,10 @@ def test_evaluate_reports_models_and_baselines_on_held_out_patients(cohort, run,
     assert set(report["baselines"]) == {"train_mean", "cf_green"}
     assert report["models"]["model"] == report["models"]["again"]  # deterministic synthesis
     assert report["distribution_metric"] == "fvd_proxy" and "psnr" in result.output
+    assert {"vessel_auc", "vessel_dice", "curve_mae"} <= set(report["baselines"]["cf_green"])
+    assert "vessel_auc" in result.output and "curve_mae" in result.output  # the printed table
+    curves = report["brightness_curves"]
+    assert set(curves["models"]) == {"model", "again"} and len(curves["real"]) == report["frames"]
     leak = runner.invoke(
         app,
         [

@@ -332,14 +332,51 @@ def test_model_page_shows_curves_and_identity(live_api):
     assert at.dataframe[0].value["name"].tolist() == ["model"]  # the report's generation table
 
 
+VESSELS = {"vessel_auc": 0.81, "vessel_dice": 0.42, "curve_mae": 0.031}
+CURVES = {
+    "times_s": [8.0, 30.0, 120.0],
+    "real": [0.1, 0.5, 0.3],
+    "models": {"model": [0.12, 0.45, 0.31]},
+    "baselines": {"mean": [0.2, 0.4, 0.3]},
+}
+
+
+def test_model_page_shows_vessel_metrics_and_brightness_curves(monkeypatch):
+    from ui import client as client_mod
+
+    report = {
+        "split": "test",
+        "models": {"model": {"psnr": 19.2, "ssim": 0.33, "fvd_proxy": 0.5, **VESSELS}},
+        "baselines": {"mean": {"psnr": 19.9, "ssim": 0.4, "fvd_proxy": 6.0, **VESSELS}},
+        "brightness_curves": CURVES,
+    }
+    card = {"encoder_id": "e", "dim": 8, "image_size": 32, "curves": {}, "report": report}
+    monkeypatch.setattr(client_mod.ApiClient, "health", lambda self: {"loaded": True, "cases": 3})
+    monkeypatch.setattr(client_mod.ApiClient, "model", lambda self: card)
+    at = open_page("http://model-page-vessels.test", "model")
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    assert {"vessel_auc", "vessel_dice", "curve_mae"} <= set(table.columns)
+    assert table["vessel_auc"].tolist() == [0.81, 0.81]
+    assert "mean FFA brightness" in texts(at) and "curve_mae" in texts(at)
+    assert len(at.get("vega_lite_chart")) == 1  # the curves' line chart
+    without = {**card, "report": {k: v for k, v in report.items() if k != "brightness_curves"}}
+    monkeypatch.setattr(client_mod.ApiClient, "model", lambda self: without)
+    at = open_page("http://model-page-no-curves.test", "model")
+    no_exception(at)
+    assert not at.get("vega_lite_chart") and "mean FFA brightness" not in texts(at)
+
+
 def test_model_page_renders_a_report_as_tables(monkeypatch):
     """The report shapes `evaluate` writes → generation and retrieval tables."""
     from ui import components
 
     report = {
         "split": "test",
-        "models": {"model": {"psnr": 19.2, "ssim": 0.33, "fvd_proxy": 0.5}},
+        "models": {"model": {"psnr": 19.2, "ssim": 0.33, "fvd_proxy": 0.5, **VESSELS}},
         "baselines": {"mean": {"psnr": 19.9, "ssim": 0.4, "fvd_proxy": 6.0}},
+        "brightness_curves": CURVES,
         "retrieval": {
             "backbones": {
                 "model": {
@@ -359,6 +396,13 @@ def test_model_page_renders_a_report_as_tables(monkeypatch):
     tables = components.report_tables({"report": json.loads(json.dumps(report))})
     generation, pairs, precision = tables.values()
     assert [r["name"] for r in generation] == ["model", "mean"]
+    assert {k: generation[0][k] for k in VESSELS} == VESSELS and "vessel_auc" not in generation[1]
+    curves = components.brightness_curves(report)
+    assert curves.columns.tolist() == ["seconds", "real", "model", "mean"]
+    assert curves["real"].tolist() == CURVES["real"]
+    assert components.brightness_curves({"models": report["models"]}) is None  # older report
+    short = {**CURVES, "baselines": {"mean": [0.1]}}  # a curve of another length: left out
+    assert components.brightness_curves({"brightness_curves": short}).columns[-1] == "model"
     assert [(r["task"], r["via"]) for r in pairs] == [
         ("CF → FFA", "direct"),
         ("FFA → CF", "direct"),

@@ -465,7 +465,9 @@ def metadata_rows(meta: dict[str, Any]) -> list[dict[str, str]]:
 
 
 # -- the Model page's tables -------------------------------------------------------------
-GENERATION_COLUMNS = ("psnr", "ssim", "temporal_gap", "lesion_psnr", "fvd", "fvd_proxy")
+GENERATION_COLUMNS = tuple(
+    "psnr ssim temporal_gap lesion_psnr vessel_auc vessel_dice curve_mae fvd fvd_proxy".split()
+)
 RETRIEVAL_METRICS = ("R@1", "R@5", "R@10", "mAP", "median_rank")
 SUGGESTION_METRICS = ("accuracy", "macro_f1", "ece", "coverage", "accuracy_answered")
 DIRECTIONS = {"cf2ffa": "CF → FFA", "ffa2cf": "FFA → CF"}
@@ -536,6 +538,23 @@ def generation_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         for name, row in (report.get(group) or {}).items()
         if isinstance(row, dict)
     ]
+
+
+def brightness_curves(report: dict[str, Any]) -> Any:
+    """A generation report's mean FOV brightness per frame as a pandas frame: `time (s)`,
+    `real`, then one column per model and baseline; None when the report has no curves
+    (or curves of another length than its times)."""
+    import pandas as pd
+
+    curves = report.get("brightness_curves") or {}
+    times = curves.get("times_s") or []
+    columns = {"real": curves.get("real")}
+    for group in ("models", "baselines"):
+        columns |= {str(name): c for name, c in (curves.get(group) or {}).items()}
+    columns = {k: v for k, v in columns.items() if isinstance(v, list) and len(v) == len(times)}
+    if not times or "real" not in columns:
+        return None
+    return pd.DataFrame({"seconds": times, **columns})
 
 
 def pair_rows(backbone: str, row: dict[str, Any]) -> list[dict[str, Any]]:

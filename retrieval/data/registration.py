@@ -3,13 +3,14 @@
 Both pictures become vessel maps on a common working grid, each picture placed so that
 its field-of-view circle (`encoder.fov`) fills the grid's central circle: a ridge filter
 (`skimage.filters.sato`) on the CF's green channel, where vessels are dark, and on the
-mean of the venous-phase FFA frames, where they are bright (`venous_frames`: a few
-seconds after the brightest frame, when the veins are full). Inside each field of view
-(its rim left out) the maps keep their strongest fifth, centred and scaled. A coarse
-search over rotation and scale finds each candidate's translation by FFT
-cross-correlation on a half-size grid; the best is refined by ECC (Gauss-Newton steps on
-the maps' correlation) twice: as a similarity, and rigid at the circles' own scale, which
-is kept unless the scale adds `SCALE_MARGIN` of correlation. The result maps CF pixel
+mean of the venous-phase FFA frames, where they are bright
+(`encoder.metrics.venous_frames`: a few seconds after the brightest frame, when the
+veins are full; the generation evaluation compares vessels on the same frames). Inside
+each field of view (its rim left out) the maps keep their strongest fifth, centred and
+scaled. A coarse search over rotation and scale finds each candidate's translation by
+FFT cross-correlation on a half-size grid; the best is refined by ECC (Gauss-Newton steps
+on the maps' correlation) twice: as a similarity, and rigid at the circles' own scale,
+which is kept unless the scale adds `SCALE_MARGIN` of correlation. The result maps CF pixel
 (x, y) to FFA pixel (a x + b y + tx, c x + d y + ty) in the stored files' pixels, the
 catalog's `registration` field.
 
@@ -40,6 +41,7 @@ from skimage.filters import sato
 from tqdm import tqdm
 
 from encoder.fov import FovCircle, detect_fov, detect_video_fov
+from encoder.metrics import venous_frames
 from retrieval.errors import CohortError, UnreadableMedia
 
 from .cohort import CATALOG_NAME, Cohort, write_catalog
@@ -59,7 +61,6 @@ SCALES = (0.85, 0.92, 1.0, 1.08, 1.17)  # coarse scales, FFA over CF (after the 
 CANDIDATES = 3  # the coarse search's best distinct candidates, each refined
 COARSE_DISTINCT = np.array([4.0, 4.0, 2.0, 0.05])  # candidates differ by more than this
 MAX_SHIFT = 0.2  # the coarse search's largest shift, as a share of the grid
-VENOUS_AFTER_PEAK_S = (4.0, 25.0)  # the venous frames: seconds after the brightest frame
 ECC_ITERATIONS = 40  # Gauss-Newton steps of each refinement
 SCALE_MARGIN = 0.02  # correlation a fitted scale must add over the grids' own
 QUALITY_TILES = 4  # the quality is measured on this many tiles a side
@@ -164,22 +165,6 @@ def vessel_map(gray: np.ndarray, *, dark_vessels: bool) -> tuple[np.ndarray, np.
     ridges = np.clip((ridges - low) / max(float(top - low), 1e-9), 0, 1)  # the main vessels
     ridges = np.where(fov, ridges - ridges[fov].mean(), 0.0)
     return (ridges / max(float(np.linalg.norm(ridges)), 1e-9)).astype(np.float32), fov
-
-
-def venous_frames(ffa: np.ndarray, times_s: Sequence[float] | None = None) -> np.ndarray:
-    """The indices of the frames to register against, where the veins are full: those
-    `VENOUS_AFTER_PEAK_S` after the brightest frame (laminar flow), or the few frames after
-    it when the times are unknown."""
-    brightness = ffa.reshape(len(ffa), -1).mean(axis=1)
-    peak = int(np.argmax(brightness))
-    if times_s is not None and len(times_s) == len(ffa):
-        after = np.asarray(times_s, dtype=np.float64) - float(times_s[peak])
-        lo, hi = VENOUS_AFTER_PEAK_S
-        window = np.flatnonzero((after >= lo) & (after <= hi))
-        if len(window):
-            return window
-        return np.array([int(np.argmin(np.abs(after - (lo + hi) / 2)))])
-    return np.arange(min(peak + 1, len(ffa) - 1), min(peak + 4, len(ffa)))
 
 
 def _correlate(fixed_f: np.ndarray, moving: np.ndarray, max_shift: int) -> tuple[float, int, int]:

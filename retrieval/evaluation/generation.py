@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from encoder import create_generator, evaluate_generation, read_checkpoint_config
+from encoder.evaluate import VIDEO_METRICS
 from index.atomic import atomic_write_text
 from retrieval.data.cohort import Cohort
 from retrieval.data.training_data import load_paired
@@ -43,13 +44,13 @@ def evaluate_runs(
 
 
 def generation_table(report: dict[str, Any]) -> str:
-    """The report's rows as a text table (models, then baselines)."""
-    metric = report["distribution_metric"]
-    cols = ("psnr", "ssim", "temporal_gap", "lesion_psnr", metric)
+    """The report's rows as a text table (models, then baselines); a metric a row lacks
+    (a report written before it existed) shows as `-`."""
+    cols = (*VIDEO_METRICS, report["distribution_metric"])
     lines = [f"{'':<12}{'name':<20}" + "".join(f"{c:>14}" for c in cols)]
     for group in ("models", "baselines"):
         for name, row in report[group].items():
-            cells = "".join(f"{row[c]:>14.4f}" for c in cols)
+            cells = "".join(f"{row[c]:>14.4f}" if c in row else f"{'-':>14}" for c in cols)
             lines.append(f"{group[:-1]:<12}{name:<20}{cells}")
     return "\n".join(lines)
 

@@ -35,6 +35,23 @@ for name, frame in curves.items():
         st.line_chart(frame, x="iteration", y=chosen, height=280)
 
 st.subheader("Evaluation")
+
+
+def brightness_chart(report: dict) -> None:
+    """The generation report's mean brightness curves, real and generated, when it has them."""
+    brightness = ui.brightness_curves(report)
+    if brightness is None:
+        return
+    st.markdown("**Generation: mean FFA brightness inside the field of view**")
+    series = [c for c in brightness.columns if c != "seconds"]
+    st.line_chart(brightness, x="seconds", y=series, height=280)
+    st.caption(
+        "Each frame's mean brightness ([0, 1]) averaged over the held-out cases, real and "
+        "generated (models and baselines): `curve_mae` is the mean absolute gap of a case's "
+        "curves; `vessel_auc` and `vessel_dice` compare the vessels of its venous frames."
+    )
+
+
 tables = ui.report_tables(card)
 if not tables:
     st.info(
@@ -44,6 +61,8 @@ if not tables:
 for title, rows in tables.items():
     st.markdown(f"**{title}**")
     st.dataframe(rows, hide_index=True)
+    if title.startswith("Generation"):
+        brightness_chart(card.get("report") or {})
 if card.get("reliability_url"):
     png = state.fetch(
         "Loading the reliability diagram",
