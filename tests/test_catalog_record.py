@@ -127,8 +127,8 @@ def test_the_add_case_form_takes_every_new_case_field():
     spec = app.openapi()
     body = spec["paths"]["/cases"]["post"]["requestBody"]["content"]["multipart/form-data"]
     form = spec["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]
-    # the metadata, the media and one control: add a near-duplicate anyway
-    assert set(form["properties"]) == {*METADATA, "cf", "ffa", "allow_duplicate"}
+    # the metadata, the media and two controls: add a near-duplicate anyway, register
+    assert set(form["properties"]) == {*METADATA, "cf", "ffa", "allow_duplicate", "register"}
 
 
 def test_the_dashboard_mirrors_the_api():

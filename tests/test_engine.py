@@ -500,6 +500,25 @@ def test_added_case_is_searchable_persisted_and_survives_restart(engine):
     assert third.case_count == 24
 
 
+def test_an_added_case_is_measured_as_ingest_measures_it(engine):
+    """Its fields of view always; its registration unless register=False; both kept
+    across a restart."""
+    new, image, video = a_new_case(engine)
+    info = engine.add_case(new, image, video)
+    h, w = image.shape[:2]
+    assert len(info.cf_fov) == 3 and abs(info.cf_fov[0] - (w - 1) / 2) < 2  # centred circle
+    assert len(info.ffa_fov) == 3
+    assert info.registration_status in ("ok", "failed")
+    assert info.registration_quality is not None
+    assert (info.registration is not None) == (info.registration_status == "ok")
+    again = Engine.open(engine.path, encoder=PixelEncoder()).case("added-1")
+    assert again.cf_fov == info.cf_fov and again.registration_status == info.registration_status
+    other, image, video = a_new_case(engine, "added-2")
+    plain = engine.add_case(other, image, video, register=False, allow_duplicate=True)
+    assert plain.cf_fov == info.cf_fov and plain.registration_status is None
+    assert plain.registration is None and plain.registration_quality is None
+
+
 def test_row_ids_are_never_reused(engine):
     new, image, video = a_new_case(engine)
     first = engine.add_case(new, image, video).row_id

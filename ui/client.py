@@ -441,13 +441,19 @@ class ApiClient:
         *,
         metadata: dict[str, Any] | None = None,
         allow_duplicate: bool = False,
+        register: bool = True,
     ) -> dict[str, Any]:
         """`POST /cases`: add a case from its CF photo and FFA video, each (filename, bytes);
         `metadata` holds the other form fields (patient_id, eye, age, sex, diagnosis,
         lesions, split, source, ffa_times_s). Raises NearDuplicateError (409, naming the
-        existing case ids) when the media repeat an indexed case, unless `allow_duplicate`."""
+        existing case ids) when the media repeat an indexed case, unless `allow_duplicate`.
+        The server registers the CF to the FFA unless `register` is false."""
         form: dict[str, Any] = {k: v for k, v in (metadata or {}).items() if v is not None}
-        form |= {"case_id": case_id, "allow_duplicate": "true" if allow_duplicate else "false"}
+        form |= {
+            "case_id": case_id,
+            "allow_duplicate": "true" if allow_duplicate else "false",
+            "register": "true" if register else "false",
+        }
         files = {
             "cf": (cf[0], cf[1], content_type(cf[0])),
             "ffa": (ffa[0], ffa[1], content_type(ffa[0])),

@@ -72,6 +72,7 @@ from retrieval.data.duplicates import (
 )
 from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.media_write import mark_synthetic, mp4_bytes, png_bytes
+from retrieval.data.registration import measure_pair
 from retrieval.errors import (
     DuplicateCase,
     Fundus2VideoError,
@@ -882,15 +883,24 @@ class Engine:
 
     # ------------------------------------------------------------------ updates
     def add_case(
-        self, case: NewCase, cf: np.ndarray, ffa: np.ndarray, *, allow_duplicate: bool = False
+        self,
+        case: NewCase,
+        cf: np.ndarray,
+        ffa: np.ndarray,
+        *,
+        allow_duplicate: bool = False,
+        register: bool = True,
     ) -> CaseInfo:
         """Embed and index a new case; its media are stored in the folder. Saved at once.
         A case whose CF or FFA is a near-duplicate of an indexed one's raises NearDuplicate
-        unless `allow_duplicate` (`retrieval.data.duplicates`)."""
+        unless `allow_duplicate` (`retrieval.data.duplicates`). Its measured fields are
+        filled as ingest fills them: the fields of view and, when `register`, the CF → FFA
+        registration (`retrieval.data.registration.measure_pair`)."""
         meta = self._check_new_case(case, ffa)
         if case.case_id in self._by_case:
             raise DuplicateCase(case.case_id)
         dup_desc = self._check_near_duplicates(case.case_id, cf, ffa, allow_duplicate)
+        meta |= measure_pair(cf, ffa, case.ffa_times_s, register=register)
         times = None if case.ffa_times_s is None else [np.asarray(case.ffa_times_s, np.float32)]
         with self._model:
             v_cf = self.encoder.embed_cf([cf])

@@ -136,6 +136,14 @@ def add_case(
         bool,
         Form(description="Add it even if its CF or FFA is a near-duplicate of an indexed case's."),
     ] = False,
+    register: Annotated[
+        bool,
+        Form(
+            description="Register the CF to the FFA (from their vessel maps, a second or "
+            "two) and store the transform and its quality, as ingest does; false: only "
+            "measure the fields of view."
+        ),
+    ] = True,
 ) -> dict:
     image = read_upload(cf, settings, field="cf", expect="cf")
     video = read_upload(ffa, settings, field="ffa", expect="ffa")
@@ -152,7 +160,9 @@ def add_case(
         source=source,
         ffa_times_s=tuple(times) if times is not None else None,
     )
-    added = engine.add_case(new, image.array, video.array, allow_duplicate=allow_duplicate)
+    added = engine.add_case(
+        new, image.array, video.array, allow_duplicate=allow_duplicate, register=register
+    )
     record = case_record(added)
     response.headers["Location"] = record["cf_url"].removesuffix("/cf")
     return record
