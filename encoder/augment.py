@@ -1,6 +1,11 @@
 """Augmentations for contrastive training, on model-space tensors in [-1, 1] (black = -1):
-geometry, what other cameras do (resolution, a narrower field of view), exposure, colour
-balance and focus.
+geometry, what other cameras do (resolution, a narrower field of view, a frame that cuts
+the circle, JPEG compression), exposure, colour balance and focus.
+
+The camera augmentations mimic what a photo from another camera looks like *after* the
+query path's field-of-view normalisation (`encoder.fov.fov_square`): a narrower field
+of view is cropped to its circle there, so here it is the content zoomed in, inside the
+standard circle; a frame cut at the top and bottom stays cut (black bands).
 
 Pure torch with an explicit `torch.Generator`, so a seeded run is reproducible on CPU.
 The two sides of a CF / FFA pair are augmented independently; all frames of one FFA
@@ -15,13 +20,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.io import decode_jpeg, encode_jpeg
 
 from .errors import ConfigError
+from .fov import FOV_FILL
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    rotate_deg: float = 4.0  # uniform ± rotation about the image centre
+    rotate_deg: float = 8.0  # uniform ± rotation about the image centre
     shift: float = 0.02  # uniform ± translation, fraction of the image side
     scale: float = 0.03  # uniform 1 ± zoom
     brightness: float = 0.15  # additive, in [0, 1] intensity units
@@ -33,8 +40,12 @@ class AugmentConfig:
     frame_jitter: float = 0.05  # per-frame multiplicative exposure wobble (FFA only)
     downscale_prob: float = 0.25  # probability of a lower-resolution camera: down, then up
     downscale_min: float = 0.35  # its scale factor is uniform in [downscale_min, 1]
-    aperture_prob: float = 0.2  # probability of a narrower field of view (circular stop)
-    aperture_min: float = 0.75  # its radius, a fraction of the half side, in [min, 1]
+    aperture_prob: float = 0.2  # probability of a narrower field of view ...
+    aperture_min: float = 0.75  # ... its radius over the usual one, uniform in [min, 1]
+    frame_cut_prob: float = 0.15  # probability of a frame that cuts the top and bottom ...
+    frame_cut_min: float = 0.7  # ... keeping a centred band of [min, 1] of the height
+    jpeg_prob: float = 0.25  # probability of JPEG compression (CF only) ...
+    jpeg_quality_min: int = 15  # ... at a quality uniform in [min, 95]
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -46,9 +57,16 @@ class AugmentConfig:
             "aperture_prob",
             "downscale_min",
             "aperture_min",
+            "frame_cut_prob",
+            "frame_cut_min",
+            "jpeg_prob",
         ):
             if getattr(self, name) > 1:
                 raise ConfigError(f"augment {name} must be <= 1, got {getattr(self, name)}")
+        if not 1 <= self.jpeg_quality_min <= 95:
+            raise ConfigError(
+                f"augment jpeg_quality_min must be in [1, 95], got {self.jpeg_quality_min}"
+            )
 
 
 def _uniform(n: int, half: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -92,15 +110,37 @@ def _blur(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tens
     return out
 
 
+def _radius(s: int, device: torch.device) -> torch.Tensor:
+    """(S, S) distance of each pixel centre from the image centre, 1 = half the side."""
+    r = (torch.arange(s, device=device, dtype=torch.float32) + 0.5) / s * 2 - 1  # (S,)
+    return (r[None, :] ** 2 + r[:, None] ** 2).sqrt()
+
+
+def _narrower_fov(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """(b, C, S, S) seen through a field of view `radius` (b,) times the usual one, after
+    FOV normalisation: the content zoomed by 1 / radius about the centre, black outside
+    the standard circle (FOV_FILL of the side)."""
+    zero = torch.zeros_like(radius)
+    theta = torch.stack(
+        [torch.stack([radius, zero, zero], 1), torch.stack([zero, radius, zero], 1)], 1
+    ).to(x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (y - 1).masked_fill(_radius(x.shape[-1], x.device) > FOV_FILL, -1.0)
+
+
 def _camera(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """What other cameras do to (B, C, S, S): a lower resolution (resampled down and back
-    up) for a random subset, a narrower circular field of view for another."""
+    """What other cameras do to (B, C, S, S), each to a random subset: a lower resolution
+    (resampled down and back up), a narrower field of view, a frame that cuts the circle
+    at the top and bottom."""
     b, _, s, _ = x.shape
     down = torch.rand(b, generator=g) < cfg.downscale_prob  # (B,)
     factor = cfg.downscale_min + torch.rand(b, generator=g) * (1 - cfg.downscale_min)
     stop = torch.rand(b, generator=g) < cfg.aperture_prob
     radius = cfg.aperture_min + torch.rand(b, generator=g) * (1 - cfg.aperture_min)
-    if not (down.any() or stop.any()):
+    cut = torch.rand(b, generator=g) < cfg.frame_cut_prob
+    kept = cfg.frame_cut_min + torch.rand(b, generator=g) * (1 - cfg.frame_cut_min)
+    if not (down.any() or stop.any() or cut.any()):
         return x
     out = x.clone()
     for i in down.nonzero()[:, 0].tolist():
@@ -108,11 +148,29 @@ def _camera(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Te
         small = F.interpolate(x[i : i + 1], size=(side, side), mode="bilinear", antialias=True)
         out[i] = F.interpolate(small, size=(s, s), mode="bilinear")[0]
     if stop.any():
-        r = (torch.arange(s, device=x.device, dtype=torch.float32) + 0.5) / s * 2 - 1  # (S,)
-        dist = (r[None, :] ** 2 + r[:, None] ** 2).sqrt()  # (S, S), 1 = half side
-        outside = dist[None] > radius.to(x.device)[:, None, None]  # (B, S, S)
-        outside &= stop.to(x.device)[:, None, None]
-        out = out.masked_fill(outside[:, None], -1.0)
+        idx = stop.nonzero()[:, 0]
+        out[idx.to(x.device)] = _narrower_fov(out[idx.to(x.device)], radius[idx])
+    for i in cut.nonzero()[:, 0].tolist():
+        band = round(s * (1 - float(kept[i])) / 2)
+        if band:
+            out[i, :, :band] = -1.0
+            out[i, :, s - band :] = -1.0
+    return out
+
+
+def _jpeg(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """JPEG compression of a random subset of CF items (B, 3, S, S), each at its own
+    quality (torchvision's libjpeg, on the CPU)."""
+    b = x.shape[0]
+    apply = torch.rand(b, generator=g) < cfg.jpeg_prob
+    quality = torch.randint(cfg.jpeg_quality_min, 96, (b,), generator=g)
+    if not apply.any():
+        return x
+    out = x.clone()
+    for i in apply.nonzero()[:, 0].tolist():
+        u8 = ((x[i].detach().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        back = decode_jpeg(encode_jpeg(u8, quality=int(quality[i])))  # (3, S, S) uint8
+        out[i] = (back.to(x.device, torch.float32) / 127.5 - 1).where(x[i] > -1, x[i])
     return out
 
 
@@ -136,10 +194,11 @@ def _photometric(
 def augment_cf(
     cf: torch.Tensor, g: torch.Generator, cfg: AugmentConfig | None = None
 ) -> torch.Tensor:
-    """CF (B, 3, S, S) in [-1, 1] → augmented (B, 3, S, S): affine, exposure, colour, blur."""
+    """CF (B, 3, S, S) in [-1, 1] → augmented (B, 3, S, S): affine, camera, exposure,
+    colour, blur, JPEG."""
     cfg = cfg or AugmentConfig()
     x = _photometric(_camera(_affine(cf, cfg, g), cfg, g), cfg, g, colour=True)
-    return _blur(x, cfg, g)
+    return _jpeg(_blur(x, cfg, g), cfg, g)
 
 
 def augment_video(

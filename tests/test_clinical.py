@@ -16,7 +16,7 @@ from encoder import EmbedderConfig, create_embedder, embed_cf_array, load_embedd
 from encoder.augment import AugmentConfig, augment_cf
 from encoder.checkpoint import atomic_save_safetensors
 from encoder.embedder import similarity_weights
-from encoder.errors import CheckpointError
+from encoder.errors import CheckpointError, ConfigError
 from encoder.losses import label_affinity, label_contrastive_loss
 from encoder.testing import toy_paired_videos
 from encoder.train import CaseLabels, embed_training_loop
@@ -261,6 +261,48 @@ def test_camera_augmentation() -> None:
     )
     y = augment_cf(x, torch.Generator().manual_seed(0), cfg)
     assert y.std() < 0.5 * x.std()  # the finest detail is lost at a lower resolution
+
+
+_ONLY_CAMERA = dict(
+    rotate_deg=0,
+    shift=0,
+    scale=0,
+    brightness=0,
+    contrast=0,
+    gamma=0,
+    colour=0,
+    blur_prob=0,
+    aperture_prob=0,
+    downscale_prob=0,
+    frame_cut_prob=0,
+    jpeg_prob=0,
+)
+
+
+def test_a_narrower_field_of_view_is_zoomed_in_as_the_query_path_crops_it() -> None:
+    ramp = torch.linspace(-0.5, 0.5, 64).expand(1, 3, 64, 64).clone()
+    cfg = AugmentConfig(**_ONLY_CAMERA | {"aperture_prob": 1.0, "aperture_min": 0.5})
+    y = augment_cf(ramp, torch.Generator().manual_seed(3), cfg)
+    slope = (y[0, 0, 32, 40] - y[0, 0, 32, 24]) / (ramp[0, 0, 32, 40] - ramp[0, 0, 32, 24])
+    assert 0.5 - 1e-4 <= slope < 0.99  # magnified by 1 / radius, radius in [0.5, 1)
+    assert torch.all(y[0, :, 0, 0] == -1)  # black outside the standard circle
+
+
+def test_a_cut_frame_has_black_bands_and_jpeg_keeps_the_black_surround() -> None:
+    x = torch.full((4, 3, 32, 32), 0.3)
+    x[:, :, :, :2] = -1.0  # a black surround
+    cut = AugmentConfig(**_ONLY_CAMERA | {"frame_cut_prob": 1.0, "frame_cut_min": 0.5})
+    y = augment_cf(x, torch.Generator().manual_seed(0), cut)
+    assert torch.all(y[:, :, 0] == -1)  # the top row is cut
+    torch.testing.assert_close(y[:, :, 16, 8:], x[:, :, 16, 8:])  # the middle kept
+    checker = ((torch.arange(32)[:, None] // 2 + torch.arange(32)[None] // 2) % 2) * 1.2 - 0.6
+    x[:, :, :, 2:] = checker[:, 2:]
+    jpeg = AugmentConfig(**_ONLY_CAMERA | {"jpeg_prob": 1.0, "jpeg_quality_min": 15})
+    y = augment_cf(x, torch.Generator().manual_seed(0), jpeg)
+    assert torch.all(y[:, :, :, :2] == -1)  # the surround stays black
+    assert (y - x).abs()[:, :, :, 2:].mean() > 0.01  # compression changed the picture
+    with pytest.raises(ConfigError, match="jpeg_quality_min"):
+        AugmentConfig(jpeg_quality_min=0)
 
 
 # ---------------------------------------------------------------- the suggestion
