@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoder.fov import FovCircle, detect_fov, detect_video_fov  # noqa: E402
+from index.atomic import atomic_write_text  # noqa: E402
 from retrieval.data.phantom import PhantomCase, phantom_case  # noqa: E402
 
 FRAMING = {"aspect": 1.5, "fov_deg": (30.0, 55.0), "circle": (0.9, 1.12), "shift": 0.06}
@@ -139,10 +140,7 @@ def main() -> None:
     }
     report["seconds"] = round(time.time() - started, 1)
     print(table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"report: {args.out}")
 
 

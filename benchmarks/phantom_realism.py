@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from index.atomic import atomic_write_text  # noqa: E402
 from retrieval.data.phantom import phantom_case  # noqa: E402
 from retrieval.data.phantom.realism import (  # noqa: E402
     METRICS,
@@ -121,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "phantom_cases": rows,
         "env": {"python": platform.python_version(), "numpy": np.__version__},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     log.info("wrote %s", args.out)
     return 0
 

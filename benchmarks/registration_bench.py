@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from index.atomic import atomic_write_text  # noqa: E402
 from retrieval.data.phantom import phantom_case  # noqa: E402
 from retrieval.data.registration import (  # noqa: E402
     MIN_QUALITY,
@@ -145,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     log.info("wrote %s", args.out)
     for r in rows:
         target = r["target_median_px"]

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoder.embedder import embed_ffa_array  # noqa: E402
 from encoder.ranking import clinical_metrics, pair_metrics, pair_ranks  # noqa: E402
+from index.atomic import atomic_write_text  # noqa: E402
 from retrieval.data.cohort import Cohort  # noqa: E402
 from retrieval.data.media import read_cf  # noqa: E402
 from retrieval.data.training_data import load_paired  # noqa: E402
@@ -205,10 +206,7 @@ def main() -> None:
         report["embedders"][name] = bench(name, enc, cohort, args.split, not args.quiet)
     report["seconds"] = round(time.time() - started, 1)
     print(table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"report: {args.out}")
 
 
