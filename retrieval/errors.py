@@ -6,6 +6,7 @@ route can show it verbatim.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,14 +58,22 @@ class RowProblem:
         return f"row {self.row}{who}: {self.message}"
 
 
-class ManifestError(Fundus2VideoError):
-    """A user manifest has bad rows; every problem is listed, not only the first."""
+class ProblemsError(Fundus2VideoError):
+    """Input with problems, every one listed (not only the first), under its source."""
 
-    def __init__(self, manifest: str | Path, problems: list[RowProblem]):
-        self.manifest = str(manifest)
+    def __init__(self, source: str | Path, problems: Sequence[object]):
+        self.source = str(source)
         self.problems = problems
         lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{self.manifest}: {len(problems)} problem(s)\n{lines}")
+        super().__init__(f"{self.source}: {len(problems)} problem(s)\n{lines}")
+
+
+class ManifestError(ProblemsError):
+    """A user manifest has bad rows (`RowProblem`s)."""
+
+    def __init__(self, manifest: str | Path, problems: list[RowProblem]):
+        super().__init__(manifest, problems)
+        self.manifest = self.source
 
 
 class OutputExists(Fundus2VideoError, FileExistsError):

@@ -62,10 +62,10 @@ from tqdm import tqdm
 
 from index.atomic import remove_stale_temporaries, temp_prefix
 from retrieval.errors import (
-    Fundus2VideoError,
     ManifestError,
     MediaTooLarge,
     OutputExists,
+    ProblemsError,
     RowProblem,
     UnreadableImage,
 )
@@ -111,14 +111,8 @@ _MISSING_INSTANCE_TIME = (
 )
 
 
-class DicomIngestError(Fundus2VideoError):
+class DicomIngestError(ProblemsError):
     """DICOM input that cannot become a cohort; every problem is listed, each naming files."""
-
-    def __init__(self, source: str | Path, problems: list[str]):
-        self.source = str(source)
-        self.problems = problems
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{self.source}: {len(problems)} problem(s)\n{lines}")
 
 
 @dataclass(frozen=True)
