@@ -81,7 +81,13 @@ def _affine(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Te
     tx, ty = _uniform(b, 2 * cfg.shift, g, dev), _uniform(b, 2 * cfg.shift, g, dev)
     cos, sin = angle.cos() / zoom, angle.sin() / zoom
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, S, S, 2)
+    return _warp(x, theta)
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """(B, C, S, S) resampled through per-item affine matrices theta (B, 2, 3) (output →
+    input, in [-1, 1] coordinates); what comes from outside the image is black."""
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)  # (B, S, S, 2)
     # sample x + 1 (black = 0) with zero padding, so the outside stays black
     y = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return y - 1
@@ -123,10 +129,8 @@ def _narrower_fov(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     zero = torch.zeros_like(radius)
     theta = torch.stack(
         [torch.stack([radius, zero, zero], 1), torch.stack([zero, radius, zero], 1)], 1
-    ).to(x.device)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return (y - 1).masked_fill(_radius(x.shape[-1], x.device) > FOV_FILL, -1.0)
+    )
+    return _warp(x, theta).masked_fill(_radius(x.shape[-1], x.device) > FOV_FILL, -1.0)
 
 
 def _camera(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
