@@ -73,8 +73,19 @@ def pool_regions(x: torch.Tensor, grid: int, pool: str, p: float) -> torch.Tenso
     """(N, C, h, w) → (N, C, g, g), g = min(grid, h): GeM (clamped at 1e-6) or signed mean."""
     g = min(grid, x.shape[-2], x.shape[-1])
     if pool == "avg":
-        return F.adaptive_avg_pool2d(x, g)
-    return F.adaptive_avg_pool2d(x.clamp(min=1e-6).pow(p), g).pow(1.0 / p)
+        return _mean_pool(x, g)
+    return _mean_pool(x.clamp(min=1e-6).pow(p), g).pow(1.0 / p)
+
+
+def _mean_pool(x: torch.Tensor, g: int) -> torch.Tensor:
+    """Adaptive mean pooling to g x g; a plain avg_pool2d when g divides the map (the same
+    bins, and on CPU 5-10x faster than adaptive pooling, which dominated at inference)."""
+    h, w = x.shape[-2:]
+    if (h, w) == (g, g):
+        return x
+    if h % g == 0 and w % g == 0:
+        return F.avg_pool2d(x, (h // g, w // g))
+    return F.adaptive_avg_pool2d(x, g)
 
 
 class Backbone(nn.Module):

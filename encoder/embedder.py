@@ -70,6 +70,7 @@ FORMAT = "fundus2video-embedder"
 FORMAT_VERSION = 3  # 2: region-aligned projection heads; 3: + clinical heads
 READABLE_VERSIONS = (2, 3)  # a version-2 folder loads with clinical_dim 0
 SIMILARITIES = ("combined", "pair", "clinical")
+PRECISIONS = ("float32", "bfloat16")  # of the backbone pass; the heads are always float32
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "embedder.safetensors"
 DEFAULT_SUBDIR = "embedder"  # RUN/embedder/
@@ -241,6 +242,16 @@ class Embedder(nn.Module):
             self.cf_clinical, self.ffa_clinical = ClinicalHead(*args), ClinicalHead(*args)
         if not config.train_backbone:
             self.backbone.requires_grad_(False)
+        self.precision = "float32"  # of the backbone pass (`set_precision`), not stored
+
+    def set_precision(self, precision: str) -> Embedder:
+        """Run the backbone in `precision` (PRECISIONS) from now on: "bfloat16" is about
+        2.3x faster on CPUs with AVX512-BF16 (cosine to float32 vectors >= 0.995); the
+        heads stay float32. An index and its queries must use the same precision."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        return self
 
     def train(self, mode: bool = True) -> Embedder:
         super().train(mode)
@@ -253,16 +264,23 @@ class Embedder(nn.Module):
 
     # ------------------------------------------------------------------ features
 
-    def _backbone_grad(self) -> contextlib.AbstractContextManager:
-        return torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_backbone)
+    @contextlib.contextmanager
+    def _backbone_pass(self) -> Iterator[None]:
+        """Gradients only into a trained backbone; autocast to a lower `precision`."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_backbone):
+            if self.precision == "float32":
+                yield
+                return
+            with torch.autocast(self.device.type, dtype=getattr(torch, self.precision)):
+                yield
 
     def cf_features(self, cf: torch.Tensor) -> torch.Tensor:
         """CF (B, 3, S, S) in [-1, 1] → backbone grid (B, C, g, g)."""
         s = self.config.image_size
         if cf.ndim != 4 or cf.shape[1:] != (3, s, s):
             raise DataError(f"cf must be (B, 3, {s}, {s}), got {tuple(cf.shape)}")
-        with self._backbone_grad():
-            return self.backbone.cf_features(cf.float())
+        with self._backbone_pass():
+            return self.backbone.cf_features(cf.float()).float()
 
     def ffa_features(
         self,
@@ -289,8 +307,8 @@ class Embedder(nn.Module):
                 )
             frames = frames.where(mask[..., None, None], -1.0)
             times_s = times_s.where(mask, 0.0)
-        with self._backbone_grad():
-            return self.backbone.ffa_features(frames, times_s, select)
+        with self._backbone_pass():
+            return self.backbone.ffa_features(frames, times_s, select).float()
 
     # ------------------------------------------------------------------ heads
 
@@ -428,6 +446,17 @@ class Embedder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def native_precision(device: torch.device | str) -> str:
+    """ "bfloat16" where `device` computes it natively (CUDA with bf16; a CPU with
+    AVX512-BF16 or AMX), else "float32" (emulated bfloat16 is slower there)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native else "float32"
 
 
 # ---------------------------------------------------------------------- create
@@ -649,8 +678,16 @@ def _evaluating(embedder: Embedder) -> Iterator[None]:
         embedder.train(was)
 
 
+# Images per backbone pass at inference. More is slower on CPU, not faster: at 128 px,
+# 16 frames per pass embed 135 frames/s on 2 cores, 32 frames 106 and 256 frames 45 (the
+# activations stop fitting in cache).
+FRAMES_PER_PASS = 16
+
+
 @torch.no_grad()
-def embed_cf_array(embedder: Embedder, cf: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def embed_cf_array(
+    embedder: Embedder, cf: np.ndarray, batch_size: int = FRAMES_PER_PASS
+) -> np.ndarray:
     """CF photos uint8 (N, S, S, 3) → float32 (N, dim), unit norm (eval mode, no grad)."""
     s = embedder.config.image_size
     if cf.dtype != np.uint8 or cf.ndim != 4 or cf.shape[1:] != (s, s, 3):
@@ -668,10 +705,11 @@ def embed_ffa_array(
     embedder: Embedder,
     ffa: np.ndarray,
     times_s: np.ndarray,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """FFA videos uint8 (N, T, S, S) + times (N, T) s [+ bool mask (N, T)] → float32 (N, dim)."""
+    """FFA videos uint8 (N, T, S, S) + times (N, T) s [+ bool mask (N, T)] → float32 (N, dim);
+    `batch_size` videos per pass (default: as many as fit FRAMES_PER_PASS frames, at least 1)."""
     s = embedder.config.image_size
     if ffa.dtype != np.uint8 or ffa.ndim != 4 or ffa.shape[2:] != (s, s):
         raise DataError(f"ffa must be uint8 (N, T, {s}, {s}), got {ffa.dtype} {ffa.shape}")
@@ -679,6 +717,7 @@ def embed_ffa_array(
     if times_s.shape != ffa.shape[:2]:
         raise DataError(f"times_s must be (N, T) = {ffa.shape[:2]}, got {times_s.shape}")
     dev = embedder.device
+    batch_size = batch_size or max(1, FRAMES_PER_PASS // max(1, ffa.shape[1]))
     out = [np.zeros((0, embedder.config.out_dim), np.float32)]
     with _evaluating(embedder):
         for i in range(0, len(ffa), batch_size):

@@ -796,6 +796,8 @@ def test_every_route_against_a_real_index(tiny_index, tmp_path):
         assert not np.allclose(xy["clinical"], xy["pair"], atol=1e-3)  # two spaces
         model = client.get("/model").json()
         assert {"generator", "embedder"} <= set(model["curves"])
+        built = json.loads((path / "manifest.json").read_text())["extra"]["precision"]
+        assert model["precision"] == built  # queries are embedded as the index was
         config = model["embedder"]["embedder"]  # pair part (32) + clinical part
         assert model["dim"] == config["dim"] + config["clinical_dim"] == 32 + 16
         stats = client.get("/stats").json()

@@ -36,6 +36,36 @@ def test_index_embeds_every_case(tiny_index, tmp_path):
     assert read_manifest(again)["encoder_id"] == manifest["encoder_id"]
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_index_precision_is_kept_for_its_queries(tiny_index, tmp_path, precision):
+    from retrieval.search.engine import Engine
+
+    out = tmp_path / "idx"
+    result = invoke(
+        "index", tiny_index.run, tiny_index.cohort, "--out", out, "--precision", precision
+    )
+    assert result.exit_code == 0 and precision in result.output, result.output
+    assert read_manifest(out)["extra"]["precision"] == precision
+    engine = Engine.open(out)
+    assert engine.encoder.precision == precision  # queries run the backbone as the index did
+
+
+def test_bfloat16_vectors_stay_close_to_float32(tiny_index, tmp_path):
+    vectors = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        assert invoke("index", tiny_index.run, tiny_index.cohort, "--out", out,
+                      "--precision", precision).exit_code == 0  # fmt: skip
+        folder = load_index_folder(out)
+        vectors[precision] = {m: s.reconstruct(s.ids()) for m, s in folder.indexes.items()}
+    for modality in ("cf", "ffa"):
+        a, b = vectors["float32"][modality], vectors["bfloat16"][modality]
+        assert (a * b).sum(1).min() > 0.99 and not (a == b).all()  # close, not the same path
+    bad = invoke("index", tiny_index.run, tiny_index.cohort, "--out", tmp_path / "x",
+                 "--precision", "float16")  # fmt: skip
+    assert bad.exit_code == 2 and "precision must be one of" in bad.output, bad.output
+
+
 def test_index_refuses_a_run_without_embedder(tiny_index, tmp_path):
     result = invoke("index", tmp_path / "nope", tiny_index.cohort, "--out", tmp_path / "idx")
     assert result.exit_code != 0

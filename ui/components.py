@@ -474,7 +474,7 @@ DIRECTIONS = {"cf2ffa": "CF → FFA", "ffa2cf": "FFA → CF"}
 
 
 def model_identity(card: dict[str, Any]) -> dict[str, str]:
-    """The headline facts of /model: encoder id, run, backbone, dimension, image size."""
+    """The headline facts of /model: run, backbone, dimension, image size, precision."""
     backbone = (card.get("embedder") or {}).get("backbone")
     if isinstance(backbone, dict):  # {"spec": "generator", ...}
         backbone = backbone.get("spec") or backbone.get("name")
@@ -483,6 +483,7 @@ def model_identity(card: dict[str, Any]) -> dict[str, str]:
         "backbone": backbone,
         "dimension": card.get("dim"),
         "image size": f"{card['image_size']} px" if card.get("image_size") else None,
+        "precision": card.get("precision"),
     }
     return {k: str(v) for k, v in facts.items() if v not in (None, "")}
 

@@ -684,6 +684,7 @@ class ModelInfo(_Model):
                 "encoder_id": "embedder-3f2a9c1d",
                 "dim": 256,
                 "image_size": 128,
+                "precision": "bfloat16",
                 "run": "full",
                 "embedder": {"backbone": "generator"},
                 "curves": {
@@ -702,6 +703,10 @@ class ModelInfo(_Model):
     encoder_id: str
     dim: int
     image_size: int
+    precision: str = Field(
+        default="float32",
+        description="The backbone's precision (float32 or bfloat16), as the index was built.",
+    )
     run: str | None = Field(default=None, description="The run folder's name.")
     embedder: dict[str, Any] | None = Field(default=None, description="The embedder's config.")
     curves: dict[str, Curve]

@@ -103,6 +103,7 @@ def evaluate_retrieval(
             "backbone": enc.embedder.config.backbone,
             "embedder": str(enc.embedder_dir),
             "encoder_id": enc.encoder_id,
+            "precision": enc.precision,  # of the backbone pass (as `index` would build it)
             "similarities": list(enc.similarities),
             **_pair_rows(enc, vectors, test),
             "clinical": _clinical_rows(enc, vectors, labels, test, archive),

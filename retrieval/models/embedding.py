@@ -9,10 +9,11 @@ modality (`cf`, `ffa`) whose ids are catalog row ids.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -22,12 +23,14 @@ from tqdm import tqdm
 from encoder import create_generator, synthesize
 from encoder.data import cf_tensor
 from encoder.embedder import (
+    FRAMES_PER_PASS,
     cf_parts_array,
     embed_cf_array,
     embed_ffa_array,
     embedder_id,
     ffa_parts_array,
     load_embedder,
+    native_precision,
     similarity_weights,
 )
 from encoder.fov import FovCircle, fov_square, fov_square_video, stored_circle
@@ -41,6 +44,9 @@ from retrieval.errors import Fundus2VideoError
 
 from .generation import training_data_info
 from .suggestion import suggestion_models
+
+if TYPE_CHECKING:
+    from .ray_embedding import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,11 @@ class QueryEncoder:
     _generator: Any = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, run: str | Path, embedder_dir: str | Path | None = None) -> QueryEncoder:
+    def open(
+        cls, run: str | Path, embedder_dir: str | Path | None = None, precision: str | None = None
+    ) -> QueryEncoder:
+        """The run's embedder (RUN/embedder unless `embedder_dir`), its backbone run in
+        `precision` (default: bfloat16 where the device has it natively, else float32)."""
         run = Path(run)
         folder = Path(embedder_dir) if embedder_dir is not None else default_embedder_dir(run)
         if not (folder / "config.json").is_file():
@@ -82,7 +92,7 @@ class QueryEncoder:
                 f"{folder}: no trained embedder (run `fundus2video train {run.name} --stage embed`)"
             )
         embedder, _ = load_embedder(folder)
-        embedder.eval()
+        embedder.eval().set_precision(precision or native_precision(embedder.device))
         return cls(
             run_dir=run,
             embedder_dir=folder,
@@ -91,6 +101,11 @@ class QueryEncoder:
             image_size=embedder.config.image_size,
             dim=embedder.config.out_dim,
         )
+
+    @property
+    def precision(self) -> str:
+        """The backbone's precision; an index's vectors and its queries share it."""
+        return self.embedder.precision
 
     @property
     def similarities(self) -> tuple[str, ...]:
@@ -116,7 +131,7 @@ class QueryEncoder:
     def embed_cf(
         self,
         images: Sequence[np.ndarray],
-        batch_size: int = 32,
+        batch_size: int = FRAMES_PER_PASS,
         circles: Sequence[FovCircle | None] | None = None,
     ) -> np.ndarray:
         """CF photos uint8 (H, W, 3), any size → float32 (N, D), L2-normalised."""
@@ -136,16 +151,24 @@ class QueryEncoder:
 
         Videos of different lengths are embedded one length-group at a time.
         """
-        times = list(times) if times is not None else [None] * len(videos)
         circles = list(circles) if circles is not None else [None] * len(videos)
+        squares = [
+            fov_square_video(v, self.image_size, c) for v, c in zip(videos, circles, strict=True)
+        ]
+        return self.embed_ffa_squares(squares, times)
+
+    def embed_ffa_squares(
+        self, videos: Sequence[np.ndarray], times: Sequence[np.ndarray | None] | None = None
+    ) -> np.ndarray:
+        """FFA videos uint8 (T, S, S) already cropped to their FOV squares → float32 (N, D);
+        videos of different lengths are embedded one length-group at a time."""
+        times = list(times) if times is not None else [None] * len(videos)
         out = np.zeros((len(videos), self.dim), np.float32)
         groups: dict[int, list[int]] = {}
         for i, video in enumerate(videos):
             groups.setdefault(len(video), []).append(i)
         for _, members in sorted(groups.items()):
-            ffa = np.stack(
-                [fov_square_video(videos[i], self.image_size, circles[i]) for i in members]
-            )  # (n, T, S, S)
+            ffa = np.stack([videos[i] for i in members])  # (n, T, S, S)
             t = np.stack([video_times(times[i], len(videos[i])) for i in members])  # (n, T)
             out[members] = embed_ffa_array(self.embedder, ffa, t)
         return out
@@ -289,13 +312,25 @@ def build_index(
     progress: bool = True,
     backend: str = "faiss",
     milvus: MilvusTarget | None = None,
+    precision: str | None = None,
+    ray: RayOptions | None = None,
 ) -> dict[str, Any]:
     """Embed every case of `cohort` with the run's embedder; write the index folder `out`.
-    `backend` "milvus" puts the vectors in collections at `milvus` (the folder names them)."""
+    `backend` "milvus" puts the vectors in collections at `milvus` (the folder names them).
+    `precision` of the backbone pass (default: bfloat16 where native, `QueryEncoder.open`);
+    `ray` embeds on Ray Data through parquet shards (`ray_embedding`), removed once the
+    index is written."""
     check_backend(backend)
-    encoder = QueryEncoder.open(run, embedder_dir)
+    encoder = QueryEncoder.open(run, embedder_dir, precision=precision)
     opened = Cohort.open(cohort)
-    catalog, cf, ffa = embed_cohort(encoder, opened, progress=progress)
+    if ray is None:
+        catalog, cf, ffa = embed_cohort(encoder, opened, progress=progress)
+    else:
+        from .ray_embedding import embed_cohort_ray, shards_folder
+
+        shards = shards_folder(out, ray)
+        catalog = opened.catalog
+        cf, ffa = embed_cohort_ray(encoder, opened, shards, ray, progress=progress)
     catalog = with_row_ids(absolute_media_paths(catalog, opened.root))
     ids = catalog[ROW_ID].to_numpy().astype(np.int64)
     indexes = {}
@@ -314,9 +349,13 @@ def build_index(
         "embedder_dir": str(encoder.embedder_dir.resolve()),
         "cohort_dir": str(opened.root.resolve()),
         "image_size": encoder.image_size,
+        "precision": encoder.precision,  # the queries' backbone pass must match it
         "suggestion": suggestion_models(encoder, catalog, {"cf": cf, "ffa": ffa}),
     }
-    return save_index_folder(out, indexes, catalog, encoder.encoder_id, extra)
+    manifest = save_index_folder(out, indexes, catalog, encoder.encoder_id, extra)
+    if ray is not None:
+        shutil.rmtree(shards)
+    return manifest
 
 
 def absolute_media_paths(catalog: pl.DataFrame, root: Path) -> pl.DataFrame:

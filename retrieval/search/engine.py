@@ -271,7 +271,11 @@ class Engine:
             extra = cls.check_folder(path).get("extra") or {}
             from retrieval.models.embedding import QueryEncoder as RunEncoder  # imports torch
 
-            encoder = RunEncoder.open(extra["run_dir"], extra.get("embedder_dir"))
+            encoder = RunEncoder.open(
+                extra["run_dir"],
+                extra.get("embedder_dir"),
+                precision=extra.get("precision", "float32"),  # as the vectors were made
+            )
         t_model = time.perf_counter() - t0
         folder = load_index_folder(path, expected_encoder_id=encoder.encoder_id, use_gpu=use_gpu)
         engine = cls(folder, encoder)

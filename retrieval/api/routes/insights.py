@@ -118,6 +118,7 @@ def model_info(engine: EngineDep, settings: SettingsDep) -> dict:
         "encoder_id": engine.encoder_id,
         "dim": encoder.dim,
         "image_size": encoder.image_size,
+        "precision": getattr(encoder, "precision", "float32"),
         "run": Path(run).name if run is not None else None,
         "embedder": embedder_config,
         "curves": curves,
