@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from encoder import ConfigError, create_generator, read_checkpoint_config, synthesize
+from encoder.embedder import native_precision
 from encoder.testing import micro_scale, toy_paired_videos
 from encoder.train import (
     GeneratorTrainOptions,
@@ -115,6 +116,21 @@ def test_run_folder(tmp_path, data) -> None:
         training_loop(run_dir=run, data=data, iters=6, **RUN)
 
 
+@pytest.mark.parametrize("precision", ["auto", "float32"])
+def test_training_precision_is_recorded_and_its_weights_load(tmp_path, data, precision) -> None:
+    """auto: bfloat16 autocast and channels-last weights where the CPU has bfloat16
+    natively; the exported generator and the training state hold plain tensors all the same."""
+    run = tmp_path / "run"
+    training_loop(run_dir=run, data=data, iters=2, precision=precision, **RUN)
+    opts = json.loads((run / "training_options.json").read_text())
+    assert opts["precision"] == precision
+    assert opts["amp"] == (native_precision("cpu") if precision == "auto" else "float32")
+    g = create_generator(run)
+    state = load_file(str(run / "training-state.safetensors"))
+    assert all(torch.equal(v, state[f"G.{k}"]) for k, v in g.state_dict().items())
+    assert all(v.is_contiguous() for v in g.state_dict().values())
+
+
 def test_resume_continues_exactly(tmp_path, data) -> None:
     """3 iterations + resume to 6 == 6 in one go (constant lr, no scheduled sampling ramp)."""
     kw = dict(RUN, lr_decay_start=1.0, ss_start=0.0, ss_end=0.0, ss_max=0.5)
@@ -200,6 +216,8 @@ def test_options_round_trip_through_the_run_folder(tmp_path, data) -> None:
 def test_options_are_checked_when_made() -> None:
     with pytest.raises(ConfigError, match="iters or minutes"):
         GeneratorTrainOptions()
+    with pytest.raises(ConfigError, match="precision must be auto or float32"):
+        GeneratorTrainOptions(iters=1, precision="float16")
     with pytest.raises(ConfigError, match="iters must be >= 0"):
         GeneratorTrainOptions(minutes=0)
     with pytest.raises(ConfigError, match="batch_size"):

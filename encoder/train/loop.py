@@ -30,6 +30,7 @@ import torch
 from ..checkpoint import create_scale, save_generator
 from ..configs import ScaleConfig
 from ..data import PairedVideos
+from ..embedder import native_precision
 from ..errors import ConfigError, DataError, OutputExists
 from ..losses import KNOWLEDGE_THRESHOLD
 from . import distributed
@@ -56,9 +57,18 @@ class GeneratorTrainOptions(TrainOptions):
     ss_start: float = 0.1  # fraction of the run where scheduled sampling starts ramping
     ss_end: float = 0.6  # ... and reaches ss_max
     loss_weights: LossWeights = LossWeights()
+    # "auto": bfloat16 autocast where the device has it natively (CUDA; a CPU with
+    # AVX512-BF16 or AMX: 1.6x faster on 2 cores, with channels-last), float16 + GradScaler
+    # on CUDA without bfloat16; "float32": no autocast
+    precision: str = "auto"
     preview_every: int = 250  # iterations per preview grid (0: first and last only)
     preview_cases: int = 4
     snapshot_every: int = 500  # iterations per resumable snapshot (0: at the end only)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.precision not in ("auto", "float32"):
+            raise ConfigError(f"precision must be auto or float32, got {self.precision!r}")
 
     def scale_config(self) -> ScaleConfig:
         """The model: the scale with this run's autoregressive flag."""
@@ -88,13 +98,17 @@ def scheduled_sampling_prob(frac: float, max_prob: float, start: float, end: flo
     return max_prob * min(1.0, max(0.0, (frac - start) / (end - start)))
 
 
-def _amp(device: torch.device, amp: bool) -> tuple[contextlib.AbstractContextManager, str, bool]:
-    """(autocast context, dtype name, use GradScaler) for this device."""
-    if device.type != "cuda" or not amp:
+def _amp(
+    device: torch.device, precision: str
+) -> tuple[contextlib.AbstractContextManager, str, bool]:
+    """(autocast context, dtype name, use GradScaler) for this device and precision."""
+    if precision == "float32":
         return contextlib.nullcontext(), "float32", False
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), "bfloat16", False
-    return torch.autocast("cuda", dtype=torch.float16), "float16", True
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.float16), "float16", True
+    if native_precision(device) == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16), "bfloat16", False
+    return contextlib.nullcontext(), "float32", False
 
 
 def training_loop(
@@ -105,7 +119,6 @@ def training_loop(
     val_data: PairedVideos | None = None,  # preview rows (first preview_cases), else from data
     resume: bool = False,
     device: str | None = None,  # default: cuda when available, else cpu
-    amp: bool = True,  # bf16 (or fp16 + GradScaler) autocast on CUDA; ignored on CPU
     progress: bool = True,
     progress_fn: Callable[[dict[str, Any]], None] | None = None,
     abort_fn: Callable[[], bool] | None = None,
@@ -135,7 +148,7 @@ def training_loop(
     if session.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes
     with session:
-        run = _GeneratorRun.build(session, options, scale, data, val_data, amp)
+        run = _GeneratorRun.build(session, options, scale, data, val_data)
         if resuming:
             run.resume()
         else:
@@ -195,13 +208,15 @@ class _GeneratorRun:
         scale: ScaleConfig,
         data: PairedVideos,
         val_data: PairedVideos | None,
-        amp: bool,
     ) -> _GeneratorRun:
-        autocast, amp_dtype, use_scaler = _amp(session.device, amp)
+        autocast, amp_dtype, use_scaler = _amp(session.device, o.precision)
         torch.manual_seed(o.seed)
         np_rng = np.random.default_rng(o.seed)
         nets = Nets.build(scale, knowledge=o.knowledge_mask, vgg_weights=o.vgg_weights)
         nets.to(session.device)
+        if amp_dtype == "bfloat16" and session.device.type == "cpu":  # oneDNN's fast layout
+            for module in nets.modules().values():
+                module.to(memory_format=torch.channels_last)
         for module in nets.modules().values():
             distributed.broadcast_module(module)
         opt_g, opt_d = make_optimizers(nets, lr=o.lr, betas=o.betas)

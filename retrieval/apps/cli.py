@@ -9,7 +9,6 @@ folder or a parameter, named in the message — and exit 2 with that one line
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import sys
@@ -399,6 +398,12 @@ SNAPSHOT_EVERY_HELP = "Generator iterations per resumable checkpoint (0: at the 
 BATCH_SIZE_HELP = "Generator batch; under torchrun the global batch, split evenly."
 
 
+TRAIN_PRECISION_HELP = (
+    "Generator: auto (bfloat16 autocast where the device has it natively: CUDA, or a CPU "
+    "with AVX512-BF16) or float32."
+)
+
+
 @app.command()
 def train(
     cohort: Annotated[Path, typer.Argument(help="Cohort folder (its train split is used).")],
@@ -431,6 +436,7 @@ def train(
     ] = None,
     snapshot_every: Annotated[int, typer.Option(min=0, help=SNAPSHOT_EVERY_HELP)] = 500,
     overwrite: Annotated[bool, typer.Option(help="Replace an embedder in its folder.")] = False,
+    precision: Annotated[str, typer.Option(help=TRAIN_PRECISION_HELP)] = "auto",
 ):
     """Train the generator, then the embedding heads (progress bars show the losses).
 
@@ -444,21 +450,15 @@ def train(
     with bad_input():
         if stage in (None, "generator"):
             options = _generator_options(
-                scale, variant, g_minutes, iters, batch_size, seed, vgg_weights
-            )
-            options = dataclasses.replace(options, snapshot_every=snapshot_every)
+                scale, variant, g_minutes, iters, batch_size, seed, vgg_weights,
+                snapshot_every=snapshot_every, precision=precision,
+            )  # fmt: skip
             typer.echo(_trained(train_run(cohort, out, options, resume=resume), "generator"))
         if stage in (None, "embed"):
             embed = train_embedder(
-                out,
-                cohort,
-                backbone=backbone,
-                out=embedder_out,
-                seed=seed,
-                minutes=e_minutes,
-                iters=e_iters,
-                overwrite=overwrite,
-            )
+                out, cohort, backbone=backbone, out=embedder_out, seed=seed,
+                minutes=e_minutes, iters=e_iters, overwrite=overwrite,
+            )  # fmt: skip
             typer.echo(_trained(embed, f"embedder ({backbone})"))
 
 
@@ -487,8 +487,10 @@ def _generator_options(
     batch_size: int,
     seed: int,
     vgg_weights: Path | None,
+    **more,
 ):
-    """`train`'s generator options (an `encoder.train.GeneratorTrainOptions`)."""
+    """`train`'s generator options (an `encoder.train.GeneratorTrainOptions`); `more`
+    are further fields of it."""
     from encoder import list_scales
     from encoder.train import GeneratorTrainOptions
     from retrieval.models.generation import VARIANTS
@@ -505,6 +507,7 @@ def _generator_options(
         seed=seed,
         vgg_weights=str(vgg_weights) if vgg_weights else None,
         **VARIANTS[variant],
+        **more,
     )
 
 
