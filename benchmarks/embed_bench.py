@@ -16,8 +16,6 @@ JSON. Time it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -27,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.atomic import atomic_write_text  # noqa: E402
+from benchmarks.report import finish_report, report_header  # noqa: E402
 from retrieval.data.cohort import Cohort  # noqa: E402
 from retrieval.models.embedding import QueryEncoder, embed_cohort  # noqa: E402
 
@@ -136,16 +134,10 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
     report = {
-        "benchmark": "embed",
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "command": " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        **report_header("embed", started),
         **bench(args),
     }
-    report["seconds"] = round(time.time() - started, 1)
-    print(table(report))
-    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
-    print(f"report: {args.out}")
+    finish_report(report, started, table(report), args.out)
 
 
 if __name__ == "__main__":

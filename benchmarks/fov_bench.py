@@ -17,8 +17,6 @@ Target: >= 99 % within 2 %. Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -29,8 +27,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import finish_report, report_header  # noqa: E402
 from encoder.fov import FovCircle, detect_fov, detect_video_fov  # noqa: E402
-from index.atomic import atomic_write_text  # noqa: E402
 from retrieval.data.phantom import PhantomCase, phantom_case  # noqa: E402
 
 FRAMING = {"aspect": 1.5, "fov_deg": (30.0, 55.0), "circle": (0.9, 1.12), "shift": 0.06}
@@ -129,19 +127,13 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
     report = {
-        "benchmark": "fov",
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "command": " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        **report_header("fov", started),
         "cases": args.cases,
         "size": args.size,
         "framing": FRAMING,
         **bench(args.cases, args.size, args.seed, args.frames),
     }
-    report["seconds"] = round(time.time() - started, 1)
-    print(table(report))
-    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
-    print(f"report: {args.out}")
+    finish_report(report, started, table(report), args.out)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +27,9 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import finish_report, report_header  # noqa: E402
 from encoder.embedder import embed_ffa_array  # noqa: E402
 from encoder.ranking import clinical_metrics, pair_metrics, pair_ranks  # noqa: E402
-from index.atomic import atomic_write_text  # noqa: E402
 from retrieval.data.cohort import Cohort  # noqa: E402
 from retrieval.data.media import read_cf  # noqa: E402
 from retrieval.data.training_data import load_paired  # noqa: E402
@@ -193,10 +191,7 @@ def main() -> None:
     cohort = Cohort.open(args.cohort)
     started = time.time()
     report = {
-        "benchmark": "robustness",
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "command": " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        **report_header("robustness", started),
         "split": args.split,
         "max_R@1_drop": MAX_R1_DROP,
         "embedders": {},
@@ -204,10 +199,7 @@ def main() -> None:
     for name, folder in named.items():
         enc = QueryEncoder.open(args.run, folder)
         report["embedders"][name] = bench(name, enc, cohort, args.split, not args.quiet)
-    report["seconds"] = round(time.time() - started, 1)
-    print(table(report))
-    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
-    print(f"report: {args.out}")
+    finish_report(report, started, table(report), args.out)
 
 
 if __name__ == "__main__":
