@@ -7,6 +7,7 @@ Run with `make test-browser` (installs chromium when apt is available).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def search_a_test_photo(page, api) -> Path:
     search = page.get_by_role("button", name="Search", exact=True)
     sync_api.expect(search).to_be_enabled(timeout=60_000)  # the upload has landed
     search.click()
-    page.get_by_text("similar cases").wait_for(timeout=WAIT_MS)
+    # the results' count ("9 similar cases"), not the heading or the suggestion's label
+    page.get_by_text(re.compile(r"^\d+ similar cases$")).wait_for(timeout=WAIT_MS)
     return cf
 
 
