@@ -393,6 +393,7 @@ def backend_main(args) -> int:
     import tempfile
 
     faiss.omp_set_num_threads(args.threads)
+    load_at_start = os.getloadavg()  # more than ~0.5 per core: the machine was not idle
     backends = [b for b in args.backend.split(",") if b]
     out = args.out or Path("benchmarks/results/index_backends.json")
     rows: list[dict] = []
@@ -428,8 +429,8 @@ def backend_main(args) -> int:
             "cpus": os.cpu_count(),
             "threads": args.threads,
             "faiss": faiss.__version__,
+            "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg(),
-            "note": "shared with other work while measured; figures are indicative",
         },
         "results": rows,
     }
