@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "real_folder": str(args.real) if args.real is not None else None,
         "real_folder_summary": _summary(list(folder_rows.values())) if folder_rows else None,
         "real_folder_photos": folder_rows,
-        "phantom_inside_real_folder": (
-            insides[f"real {args.real.name}"] if folder_rows else None
-        ),
+        "phantom_inside_real_folder": (insides[f"real {args.real.name}"] if folder_rows else None),
         "real_both": references.get("real (both)"),
         "phantom_inside_real_both": insides.get("real (both)"),
         "phantom_before": before,

@@ -88,7 +88,9 @@ def catalog_allowed_ids(
         rows = catalog.filter(pl.all_horizontal(exprs).fill_null(False))
     except pl.exceptions.PolarsError as err:
         raise FilterError(f"bad filter value in {active}: {err}") from err
-    return np.unique(rows[ROW_ID].to_numpy().astype(np.int64))
+    ids = np.unique(rows[ROW_ID].to_numpy().astype(np.int64))
+    ids.flags.writeable = False  # a store may keep what it derives from it (VectorIndex)
+    return ids
 
 
 @dataclass

@@ -232,6 +232,8 @@ class VectorIndex(LiveIds):
             raise ValueError("tombstones name ids that the index does not hold")
         self.search_params = dict(search_params or self._default_params())
         self._plain_params: tuple[dict, Any] | None = None  # (for which search_params, object)
+        self._subset_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._selector_cache: tuple[np.ndarray, Any] | None = None
         self.recall_estimate = recall_estimate
         self.overfetch = overfetch  # force the GPU-style filter path on CPU (tests)
         self.compact_fraction = compact_fraction
@@ -437,7 +439,7 @@ class VectorIndex(LiveIds):
             raise ValueError(f"k must be >= 1, got {k}")
         k = int(k)
         with self._lock.read():
-            subset = None if allowed is None else self._live_subset(as_ids(allowed))
+            subset = None if allowed is None else self._live_subset(allowed)
             n_avail = self._ids.size if subset is None else subset.size
             if n_avail == 0 or len(q) == 0:
                 return _padded(len(q), k)
@@ -517,9 +519,29 @@ class VectorIndex(LiveIds):
                         self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
             return self._index.reconstruct_batch(ids)
 
-    def _live_subset(self, allowed: np.ndarray) -> np.ndarray:
-        allowed = np.unique(allowed)
-        return allowed[_is_member(allowed, self._ids)]
+    def _live_subset(self, allowed: Any) -> np.ndarray:
+        """The allowed ids that are live, sorted. Kept for the next search when `allowed` is
+        a read-only array (`catalog_allowed_ids` makes them so: a filter repeats, and at 1M
+        rows this intersection costs more than the search) until the live ids change."""
+        cached = self._subset_cache
+        if cached is not None and cached[0] is allowed and cached[1] is self._ids:
+            return cached[2]
+        ids = np.unique(as_ids(allowed))
+        subset = ids[_is_member(ids, self._ids)]
+        if isinstance(allowed, np.ndarray) and not allowed.flags.writeable:
+            subset.flags.writeable = False
+            self._subset_cache = (allowed, self._ids, subset)  # one assignment: thread-safe
+        return subset
+
+    def _selector(self, subset: np.ndarray) -> faiss.IDSelector:
+        """An IDSelectorBatch of `subset`, kept for the next search of the same subset."""
+        cached = self._selector_cache
+        if cached is not None and cached[0] is subset:
+            return cached[1]
+        sel = faiss.IDSelectorBatch(subset)
+        if not subset.flags.writeable:
+            self._selector_cache = (subset, sel)
+        return sel
 
     def _params(self, sel: Any, overrides: dict[str, int] | None = None):
         if sel is None and not overrides:  # the common case: one object per setting, reused
@@ -542,7 +564,7 @@ class VectorIndex(LiveIds):
         """CPU search with the filter (or the tombstones) as an IDSelector."""
         inner = None
         if subset is not None:
-            sel = faiss.IDSelectorBatch(subset)
+            sel = self._selector(subset)
         elif self._tombstones.size:
             inner = faiss.IDSelectorBatch(self._tombstones)
             sel = faiss.IDSelectorNot(inner)

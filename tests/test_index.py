@@ -224,6 +224,36 @@ def test_filter_with_unknown_ids_and_empty_set(built, data):
     assert (I[:, 0] == ids[0]).all() and (I[:, 1:] == -1).all()
 
 
+@pytest.mark.parametrize("key", ["Flat", "IVF64,Flat"])
+def test_a_repeated_read_only_filter_is_kept_until_the_ids_change(data, key):
+    """A read-only allowed array (as catalog_allowed_ids returns) keeps its live subset and
+    its FAISS selector for the next search; an add or a remove makes them stale, and a
+    writable array is never kept (its caller may change it in place)."""
+    x, ids, q = data
+    vi = fresh(data, key, use_gpu=False)
+    allowed = ids[:5000:2].copy()  # every other stored id
+    allowed.flags.writeable = False
+    _, first = vi.search(q[:10], 5, allowed=allowed.copy())  # writable: nothing kept
+    assert np.isin(first, allowed).all() and vi._subset_cache is None
+    best = np.unique(first[:, 0])
+    vi.remove(best)
+    _, without = vi.search(q[:10], 5, allowed=allowed)
+    _, again = vi.search(q[:10], 5, allowed=allowed)
+    assert np.array_equal(without, again) and not np.isin(without, best).any()
+    kept = vi._subset_cache[2]
+    assert vi._live_subset(allowed) is kept  # the intersection is not done again
+    assert vi._selector(kept) is vi._selector_cache[1]
+    vi.add(x[np.searchsorted(ids, best)], best)  # the same ids, live again
+    _, back = vi.search(q[:10], 5, allowed=allowed)
+    assert np.array_equal(back[:, 0], first[:, 0])  # not the subset kept without them
+    writable = allowed.copy()
+    vi.search(q[:1], 5, allowed=writable)
+    assert vi._subset_cache[0] is allowed  # not replaced by the writable array
+    writable[:] = ids[1:5000:2][: writable.size]  # changed in place: the odd ids now
+    _, odd = vi.search(q[:10], 5, allowed=writable)
+    assert np.isin(odd, writable).all() and not np.isin(odd, allowed).any()
+
+
 # -------------------------------------------------------------------- mutation
 @pytest.mark.parametrize("key", ALL_KEYS)
 def test_remove_is_exact_and_keeps_other_results(data, key):
