@@ -24,6 +24,9 @@ finished exhaustively — IVF with every list probed, HNSW by exact scoring of t
 allowed vectors — so a filtered search returns min(k, #allowed) rows. On HNSW a filter
 of at most 4096 ids is scored exactly; a wider one that keeps a share s of the rows
 walks with efSearch / s (at most 1024), as the walk meets allowed rows at that rate.
+A read-only allowed array (what `catalog_allowed_ids` returns, and the engine keeps per
+filter) keeps its live subset and its selector for the next search until the stored ids
+change: at 1M rows they cost more than the search itself.
 
 Tuning: `build` holds out a seeded sample of up to 256 vectors, adds the rest,
 raises efSearch / nprobe until recall@10 of the held-out queries against their
