@@ -10,10 +10,10 @@ photo ships with the installed packages, so its range is that of plausible
 acquisitions of one eye. `--real DIR` adds every photo in DIR (png / jpg / tif, e.g.
 a public fundus dataset you have) as a second reference, "real DIR", measured the
 same way and reported beside the first, and "real (both)" pools every real photo;
-nothing is downloaded. The phantom:
-`phantom_case(seed, i, size=512)` for the first `--cases` cases. `--baseline` takes an
-earlier run's JSON (e.g. of the phantom before a change) and shows its phantom column
-as "before". Prints the table and writes a JSON report.
+nothing is downloaded. The phantom: `phantom_case(seed, i, size=512)` for the first
+`--cases` cases. `--baseline` takes an earlier run's JSON (e.g. of the phantom before
+a change) and shows its phantom column as "before". Prints the table and writes a JSON
+report.
 """
 
 from __future__ import annotations
@@ -127,15 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     real_rows = _real_rows()
     real = _summary(list(real_rows.values()))
     folder_rows = _folder_rows(args.real) if args.real is not None else {}
+    folder = f"real {args.real.name}" if folder_rows else None
     references = {"real (skimage retina)": real}
     if folder_rows:
-        references[f"real {args.real.name}"] = _summary(list(folder_rows.values()))
-        pooled = [*real_rows.values(), *folder_rows.values()]
-        references["real (both)"] = _summary(pooled)  # every real photo measured
+        references[folder] = _summary(list(folder_rows.values()))
+        references["real (both)"] = _summary([*real_rows.values(), *folder_rows.values()])
     rows = _phantom_rows(args.seed, args.cases)
     after = _summary(rows)
     insides = {name: _inside(rows, ref) for name, ref in references.items()}
-    inside = insides["real (skimage retina)"]
     _print_table(references, before, after, insides)
     report = {
         "benchmark": "phantom_realism",
@@ -144,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         "real": real,
         "real_photos": real_rows,
         "phantom": after,
-        "phantom_inside_real": inside,
+        "phantom_inside_real": insides["real (skimage retina)"],
         "real_folder": str(args.real) if args.real is not None else None,
-        "real_folder_summary": _summary(list(folder_rows.values())) if folder_rows else None,
+        "real_folder_summary": references.get(folder),
         "real_folder_photos": folder_rows,
-        "phantom_inside_real_folder": (insides[f"real {args.real.name}"] if folder_rows else None),
+        "phantom_inside_real_folder": insides.get(folder),
         "real_both": references.get("real (both)"),
         "phantom_inside_real_both": insides.get("real (both)"),
         "phantom_before": before,
