@@ -59,6 +59,7 @@ from .checkpoint import (
     code_version,
     load_generator,
 )
+from .colour import QUANTILES, histogram_reference, match_histograms
 from .configs import GeneratorConfig
 from .data import cf_tensor, to_model
 from .errors import CheckpointError, ConfigError, DataError
@@ -67,8 +68,8 @@ from .networks import Generator
 log = logging.getLogger(__name__)
 
 FORMAT = "fundus2video-embedder"
-FORMAT_VERSION = 3  # 2: region-aligned projection heads; 3: + clinical heads
-READABLE_VERSIONS = (2, 3)  # a version-2 folder loads with clinical_dim 0
+FORMAT_VERSION = 4  # 2: region-aligned heads; 3: + clinical heads; 4: + CF histogram reference
+READABLE_VERSIONS = (2, 3, 4)  # a version-2 folder loads with clinical_dim 0, 2-3 unmatched
 SIMILARITIES = ("combined", "pair", "clinical")
 PRECISIONS = ("float32", "bfloat16")  # of the backbone pass; the heads are always float32
 CONFIG_NAME = "config.json"
@@ -95,6 +96,7 @@ class EmbedderConfig:
     clinical_dim: int = 64  # width of the clinical part (0: pair part only)
     clinical_hidden: int = 64  # width of the clinical heads' per-region detectors
     clinical_weight: float = 0.5  # w: share of the clinical cosine in the combined score
+    cf_histogram_match: bool = False  # match CF channels to the training photos' histogram
 
     def __post_init__(self) -> None:
         BackboneSpec.parse(self.backbone)
@@ -242,6 +244,9 @@ class Embedder(nn.Module):
             self.cf_clinical, self.ffa_clinical = ClinicalHead(*args), ClinicalHead(*args)
         if not config.train_backbone:
             self.backbone.requires_grad_(False)
+        if config.cf_histogram_match:  # fitted by `fit_training_statistics`; flat until then
+            ramp = torch.linspace(-1, 1, QUANTILES).expand(3, -1).clone()
+            self.register_buffer("cf_reference", ramp)  # (3, QUANTILES)
         self.precision = "float32"  # of the backbone pass (`set_precision`), not stored
 
     def set_precision(self, precision: str) -> Embedder:
@@ -275,10 +280,14 @@ class Embedder(nn.Module):
                 yield
 
     def cf_features(self, cf: torch.Tensor) -> torch.Tensor:
-        """CF (B, 3, S, S) in [-1, 1] → backbone grid (B, C, g, g)."""
+        """CF (B, 3, S, S) in [-1, 1] → backbone grid (B, C, g, g); with
+        `cf_histogram_match`, each photo's channels are matched to the training photos'
+        histogram first (exposure, gamma and colour balance undone)."""
         s = self.config.image_size
         if cf.ndim != 4 or cf.shape[1:] != (3, s, s):
             raise DataError(f"cf must be (B, 3, {s}, {s}), got {tuple(cf.shape)}")
+        if self.config.cf_histogram_match:
+            cf = match_histograms(cf, self.cf_reference)
         with self._backbone_pass():
             return self.backbone.cf_features(cf.float()).float()
 
@@ -499,9 +508,12 @@ def create_embedder(
     return embedder.eval()
 
 
-def fit_pixels(embedder: Embedder, cf: np.ndarray, ffa: np.ndarray) -> None:
-    """Fit the pixels backbone's PCA on training arrays: cf uint8 (N, S, S, 3), ffa (N, T, S, S).
-    A no-op for other backbones."""
+def fit_training_statistics(embedder: Embedder, cf: np.ndarray, ffa: np.ndarray) -> None:
+    """Fit what the embedder takes from the training arrays without gradients: cf uint8
+    (N, S, S, 3), ffa (N, T, S, S). The CF histogram reference (`cf_histogram_match`) and
+    the pixels backbone's PCA; a no-op for an embedder with neither."""
+    if embedder.config.cf_histogram_match:
+        embedder.cf_reference.copy_(histogram_reference(cf_tensor(cf)))
     if isinstance(embedder.backbone, PixelBackbone):
         dev = embedder.device
         embedder.backbone.fit(cf_tensor(cf).to(dev), to_model(ffa).to(dev))
@@ -527,6 +539,9 @@ def embedder_config(
             "size": embedder.config.image_size,
             "geometry": "centre-pad to square with black, then antialiased bilinear resize",
             "cf": "RGB uint8 (N, S, S, 3) -> x / 127.5 - 1",
+            "cf_colour": "each channel matched to the training photos' in-field histogram"
+            if embedder.config.cf_histogram_match
+            else "as decoded",
             "ffa": "grey uint8 (N, T, S, S) -> x / 127.5 - 1, times in s after injection",
         },
         "training": training or {},

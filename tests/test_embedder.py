@@ -22,7 +22,7 @@ from encoder import (
     embed_cf_array,
     embed_ffa_array,
     embedder_id,
-    fit_pixels,
+    fit_training_statistics,
     load_embedder,
     recall_at_k,
     save_embedder,
@@ -63,7 +63,7 @@ def run_dir(micro_run_dir):
 
 def _embedder(backbone: str, run_dir, data, **overrides):
     e = create_embedder(SMALL, run_dir=run_dir, backbone=backbone, **overrides)
-    fit_pixels(e, data.cf, data.ffa)
+    fit_training_statistics(e, data.cf, data.ffa)
     return e
 
 
@@ -273,6 +273,9 @@ def test_training_loop_writes_a_loadable_run(tmp_path, run_dir, data) -> None:
         assert key in rows[-1], key
     e, cfg = load_embedder(out)
     assert cfg["backbone"]["generator"]["ngf"] == micro_scale(S).generator.ngf
+    # the CF histogram reference is fitted on the training photos and saved with the weights
+    assert e.config.cf_histogram_match and "matched" in cfg["preprocessing"]["cf_colour"]
+    assert not torch.equal(e.cf_reference, torch.linspace(-1, 1, 256).expand(3, -1))
     assert cfg["iteration"] in (2, 4) and cfg["training"]["batch_size"] == 4
     with pytest.raises(FileExistsError, match="overwrite=True"):
         embed_training_loop(run_dir=run_dir, **kw)

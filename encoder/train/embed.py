@@ -59,7 +59,7 @@ from ..embedder import (
     Embedder,
     EmbedderConfig,
     create_embedder,
-    fit_pixels,
+    fit_training_statistics,
     save_embedder,
 )
 from ..errors import ConfigError, DataError, OutputExists
@@ -88,6 +88,7 @@ class EmbedderTrainOptions(TrainOptions):
     lr: float = 2e-3  # heads and attention
     backbone: str = "generator"  # generator | scratch | pixels | openclip:<model>[@file]
     dim: int = 256
+    cf_histogram_match: bool = True  # match CF channels to the training photos' histogram
     backbone_lr: float = 1e-4  # backbone, when the architecture has train_backbone
     weight_decay: float = 0.1
     warmup: int = 10  # iterations of linear lr warm-up
@@ -162,9 +163,8 @@ def embed_training_loop(
     labels = labels if labelled else None
     run_dir = Path(run_dir)
     out_dir = _output_folder(run_dir, out_dir, overwrite)
-    config = dataclasses.replace(
-        config or EmbedderConfig(), backbone=options.backbone, dim=options.dim, image_size=data.size
-    )
+    arch = {k: getattr(options, k) for k in ("backbone", "dim", "cf_histogram_match")}
+    config = dataclasses.replace(config or EmbedderConfig(), image_size=data.size, **arch)
     if labels is None:  # nothing to learn a clinical part from
         config = dataclasses.replace(config, clinical_dim=0)
     else:  # pair recall would pick an early, half-trained clinical part
@@ -184,7 +184,9 @@ def embed_training_loop(
         torch.manual_seed(options.seed)
         embedder = create_embedder(config, run_dir=run_dir if config.spec.needs_generator else None)
         embedder.to(session.device)
-        fit_pixels(embedder, data.cf, data.ffa)  # training split only; no-op for others
+        fit_training_statistics(
+            embedder, data.cf, data.ffa
+        )  # training split only; no-op for others
         distributed.broadcast_module(embedder)  # every rank starts from rank 0's weights
         val_videos = len(val_data) if val_data is not None else 0
         session.write_options(

@@ -403,6 +403,11 @@ TRAIN_PRECISION_HELP = (
     "with AVX512-BF16) or float32."
 )
 
+CF_HISTOGRAM_MATCH_HELP = (
+    "Embedder: match each CF photo's colour channels to the training photos' histogram "
+    "(undoes exposure, gamma and colour balance)."
+)
+
 
 @app.command()
 def train(
@@ -437,6 +442,7 @@ def train(
     snapshot_every: Annotated[int, typer.Option(min=0, help=SNAPSHOT_EVERY_HELP)] = 500,
     overwrite: Annotated[bool, typer.Option(help="Replace an embedder in its folder.")] = False,
     precision: Annotated[str, typer.Option(help=TRAIN_PRECISION_HELP)] = "auto",
+    cf_histogram_match: Annotated[bool, typer.Option(help=CF_HISTOGRAM_MATCH_HELP)] = True,
 ):
     """Train the generator, then the embedding heads (progress bars show the losses).
 
@@ -458,6 +464,7 @@ def train(
             embed = train_embedder(
                 out, cohort, backbone=backbone, out=embedder_out, seed=seed,
                 minutes=e_minutes, iters=e_iters, overwrite=overwrite,
+                cf_histogram_match=cf_histogram_match,
             )  # fmt: skip
             typer.echo(_trained(embed, f"embedder ({backbone})"))
 

@@ -376,11 +376,14 @@ def train_embedder(
     minutes: float | None = None,
     iters: int | None = None,
     seed: int = 0,
+    cf_histogram_match: bool = True,
     progress: bool = True,
     overwrite: bool = False,
 ):
     """Train the embedding heads of `run` on the cohort's train split (val split for R@1);
-    `overwrite` replaces an embedder already in the output folder.
+    `overwrite` replaces an embedder already in the output folder; `cf_histogram_match`
+    matches each CF photo's channels to the training photos' histogram before the
+    backbone (`encoder.colour`).
 
     The image size is the run's generator size, so every backbone sees the same pixels.
     """
@@ -401,6 +404,7 @@ def train_embedder(
         iters=iters,
         batch_size=distributed.whole_parts(min(EMBED_BATCH_SIZE, len(train))),
         seed=seed,
+        cf_histogram_match=cf_histogram_match,
     )
     return embed_training_loop(
         options,
