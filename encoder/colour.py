@@ -13,6 +13,7 @@ Tensors are model space: float in [-1, 1], black = -1 (`encoder.data`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 LEVELS = 256  # 8-bit levels of the histograms
@@ -25,10 +26,15 @@ def _levels(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) * 127.5).round().clamp(0, LEVELS - 1).long()
 
 
+def _in_field(levels: torch.Tensor) -> torch.Tensor:
+    """Levels (B, C, ...) → bool (B, ...): some channel above the black surround."""
+    return levels.amax(1) > SURROUND_LEVEL
+
+
 def field_mask(x: torch.Tensor) -> torch.Tensor:
     """CF (B, C, S, S) → bool (B, S, S): pixels with some channel above the black
     surround (the field of view, and its black bands or corners left out)."""
-    return _levels(x).amax(1) > SURROUND_LEVEL
+    return _in_field(_levels(x))
 
 
 def _histograms(levels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,26 +55,14 @@ def histogram_reference(cf: torch.Tensor, quantiles: int = QUANTILES) -> torch.T
     in-field histogram's values at quantiles 0 .. 1, increasing, in [-1, 1]."""
     hist = torch.zeros(cf.shape[1], LEVELS)
     for i in range(0, len(cf), 64):  # bounded memory
-        x = cf[i : i + 64].cpu()
-        hist += _histograms(_levels(x.flatten(2)), field_mask(x).flatten(1)).sum(0)
-    p = torch.linspace(0, 1, quantiles, dtype=torch.float64)
-    ref = torch.empty(cf.shape[1], quantiles, dtype=torch.float64)
-    for c, h in enumerate(hist.double()):
+        levels = _levels(cf[i : i + 64].cpu().flatten(2))  # (b, C, P)
+        hist += _histograms(levels, _in_field(levels)).sum(0)
+    p = np.linspace(0, 1, quantiles)
+    ref = np.empty((cf.shape[1], quantiles))
+    for c, h in enumerate(hist.double().numpy()):
         used = h > 0
-        cdf = _mid_cdf(h)[used]
-        values = torch.arange(LEVELS, dtype=torch.float64)[used]
-        ref[c] = _interp(p, cdf, values)
-    return (ref / 127.5 - 1).float()
-
-
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation of increasing (xp, fp) at x, flat outside."""
-    if len(xp) == 1:
-        return fp.expand_as(x).clone()
-    i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
-    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    t = ((x - x0) / (x1 - x0).clamp_min(1e-12)).clamp(0, 1)
-    return f0 + t * (f1 - f0)
+        ref[c] = np.interp(p, _mid_cdf(torch.from_numpy(h)).numpy()[used], np.arange(LEVELS)[used])
+    return torch.from_numpy(ref / 127.5 - 1).float()
 
 
 def match_histograms(cf: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -76,7 +70,7 @@ def match_histograms(cf: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     reference's value at their mid-rank quantile; the surround unchanged."""
     b, c = cf.shape[:2]
     levels = _levels(cf.flatten(2))  # (B, C, P)
-    mask = field_mask(cf).flatten(1)  # (B, P)
+    mask = _in_field(levels)  # (B, P)
     q = _mid_cdf(_histograms(levels, mask)).gather(2, levels)  # (B, C, P) in [0, 1]
     k = reference.shape[-1]
     pos = q * (k - 1)

@@ -512,11 +512,12 @@ def fit_training_statistics(embedder: Embedder, cf: np.ndarray, ffa: np.ndarray)
     """Fit what the embedder takes from the training arrays without gradients: cf uint8
     (N, S, S, 3), ffa (N, T, S, S). The CF histogram reference (`cf_histogram_match`) and
     the pixels backbone's PCA; a no-op for an embedder with neither."""
+    photos = cf_tensor(cf)  # (N, 3, S, S)
     if embedder.config.cf_histogram_match:
-        embedder.cf_reference.copy_(histogram_reference(cf_tensor(cf)))
+        embedder.cf_reference.copy_(histogram_reference(photos))
     if isinstance(embedder.backbone, PixelBackbone):
         dev = embedder.device
-        embedder.backbone.fit(cf_tensor(cf).to(dev), to_model(ffa).to(dev))
+        embedder.backbone.fit(photos.to(dev), to_model(ffa).to(dev))
 
 
 # ---------------------------------------------------------------------- save / load

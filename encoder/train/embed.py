@@ -184,9 +184,7 @@ def embed_training_loop(
         torch.manual_seed(options.seed)
         embedder = create_embedder(config, run_dir=run_dir if config.spec.needs_generator else None)
         embedder.to(session.device)
-        fit_training_statistics(
-            embedder, data.cf, data.ffa
-        )  # training split only; no-op for others
+        fit_training_statistics(embedder, data.cf, data.ffa)  # the training split only
         distributed.broadcast_module(embedder)  # every rank starts from rank 0's weights
         val_videos = len(val_data) if val_data is not None else 0
         session.write_options(
