@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 
@@ -29,7 +30,12 @@ from encoder.train import (
     train_step,
     training_loop,
 )
-from encoder.train.step import discriminator_phase, generator_phase, previous_frames
+from encoder.train.step import (
+    discriminate,
+    discriminator_phase,
+    generator_phase,
+    previous_frames,
+)
 
 RUN = dict(scale=micro_scale(), batch_size=2, progress=False, stats_every=2, preview_every=0)
 
@@ -271,6 +277,7 @@ def test_step_phases_update_their_own_networks(data) -> None:
     assert torch.equal(prev, batch.prev) and stats == {"Progress/ss_used": 0.0}
     cond = torch.cat([batch.cf, prev], 1)
     fake = nets.G(batch.cf, prev, batch.times)
+    preds = discriminate(nets, batch, cond, fake, knowledge=True)
 
     def params(name):
         return [p.detach().clone() for p in nets.modules()[name].parameters()]
@@ -279,10 +286,21 @@ def test_step_phases_update_their_own_networks(data) -> None:
         return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
     g_before, d_before = params("G"), params("D")
-    d_losses = discriminator_phase(nets, opt_d, batch, cond, fake.detach(), opts, ctx)
-    assert set(d_losses) == {"D_real", "D_fake", "D_total", "D_knowledge_real", "D_knowledge_fake"}
-    assert same(g_before, params("G")) and not same(d_before, params("D"))
-    d_after = params("D")
-    g_losses = generator_phase(nets, opt_g, batch, cond, fake, opts, ctx)
+    twin = copy.deepcopy(nets)  # D's update as if on the window detached from G
+    twin_opt_d = make_optimizers(twin)[1]
+    g_losses = generator_phase(nets, opt_g, batch, fake, preds, opts, ctx)
     assert g_losses["G_total"] > 0 and "G_nce" in g_losses
-    assert same(d_after, params("D")) and not same(g_before, params("G"))
+    assert same(d_before, params("D")) and not same(g_before, params("G"))
+    discriminators = [p for d in nets.discriminators() for p in d.parameters()]
+    assert all(p.grad is None for p in discriminators)  # G's loss computed no D gradient
+    g_after = params("G")
+    d_losses = discriminator_phase(opt_d, preds, opts)
+    assert set(d_losses) == {"D_real", "D_fake", "D_total", "D_knowledge_real", "D_knowledge_fake"}
+    assert same(g_after, params("G")) and not same(d_before, params("D"))
+    detached = discriminate(twin, batch, cond, fake.detach(), knowledge=True)
+    reference = discriminator_phase(twin_opt_d, detached, opts)
+    torch.testing.assert_close(d_losses["D_total"], reference["D_total"])
+    for mine, theirs in zip(nets.discriminators(), twin.discriminators(), strict=True):
+        for p, q in zip(mine.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+            torch.testing.assert_close(p, q)

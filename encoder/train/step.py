@@ -161,12 +161,6 @@ class StepOptions:
     weights: LossWeights = LossWeights()
 
 
-def _set_requires_grad(modules: list[nn.Module], flag: bool) -> None:
-    for m in modules:
-        for p in m.parameters():
-            p.requires_grad_(flag)
-
-
 def _blacken(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Keep x inside the mask (B, 1, S, S), black (-1) outside."""
     return x * m + (m - 1)
@@ -230,14 +224,18 @@ def train_step(
     scaler_g: torch.amp.GradScaler | None = None,
     scaler_d: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One D update then one G (+ PatchNCE head) update; returns the losses by stats name."""
+    """One G (+ PatchNCE head) update then one D update, as pix2pixHD orders them: every
+    loss of the step is computed against the same discriminator weights, so each
+    discriminator looks once at the real and once at the generated window, and both
+    updates use those predictions. Returns the losses by stats name."""
     ctx = autocast if autocast is not None else contextlib.nullcontext()
     prev, sampling = previous_frames(nets, batch, options.autoregressive, ss_prob, ctx)
     cond = torch.cat([batch.cf, prev], 1)  # (B, 3 + K, S, S)
     with ctx:
         fake = nets.G(batch.cf, prev, batch.times)  # (B, K, S, S)
-    d_losses = discriminator_phase(nets, opt_d, batch, cond, fake.detach(), options, ctx, scaler_d)
-    g_losses = generator_phase(nets, opt_g, batch, cond, fake, options, ctx, scaler_g)
+        preds = discriminate(nets, batch, cond, fake, options.knowledge_mask)
+    g_losses = generator_phase(nets, opt_g, batch, fake, preds, options, ctx, scaler_g)
+    d_losses = discriminator_phase(opt_d, preds, options, scaler_d)
     return sampling | loss_stats(d_losses | g_losses)
 
 
@@ -266,56 +264,69 @@ def previous_frames(
     return prev, {"Progress/ss_used": float(use.float().mean())}
 
 
+Predictions = list[list[torch.Tensor]]  # per scale, the features whose last item is the logits
+
+
+@dataclass
+class WindowPredictions:
+    """Both discriminators' predictions on the real and the generated window (CF ‖
+    previous ‖ frames), recorded with the graph back into G and into D's weights."""
+
+    real: Predictions
+    fake: Predictions
+    real_knowledge: Predictions | None  # None without the knowledge-aware discriminator
+    fake_knowledge: Predictions | None
+
+
+def discriminate(
+    nets: Nets, batch: Batch, cond: torch.Tensor, fake: torch.Tensor, knowledge: bool
+) -> WindowPredictions:
+    """The step's one pass of each discriminator over the real and the generated window."""
+    real_in, fake_in = torch.cat([cond, batch.target], 1), torch.cat([cond, fake], 1)
+    if not knowledge:
+        return WindowPredictions(nets.D(real_in), nets.D(fake_in), None, None)
+    return WindowPredictions(
+        nets.D(real_in),
+        nets.D(fake_in),
+        nets.D_knowledge(_blacken(real_in, batch.mask)),
+        nets.D_knowledge(_blacken(fake_in, batch.mask)),
+    )
+
+
 def discriminator_phase(
-    nets: Nets,
     opt_d: torch.optim.Optimizer,
-    batch: Batch,
-    cond: torch.Tensor,
-    fake: torch.Tensor,
+    preds: WindowPredictions,
     options: StepOptions,
-    ctx: contextlib.AbstractContextManager,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One update of D (and the knowledge-aware D) on real vs `fake` (detached) windows
-    → the D losses by name."""
-    m, losses = batch.mask, {}
-    _set_requires_grad(nets.discriminators(), True)
-    with ctx:
-        real_in, fake_in = torch.cat([cond, batch.target], 1), torch.cat([cond, fake], 1)
-        losses["D_real"] = lsgan_loss(nets.D(real_in), True)
-        losses["D_fake"] = lsgan_loss(nets.D(fake_in), False)
-        total = 0.5 * (losses["D_real"] + losses["D_fake"])
-        if options.knowledge_mask:
-            losses["D_knowledge_real"] = lsgan_loss(nets.D_knowledge(_blacken(real_in, m)), True)
-            losses["D_knowledge_fake"] = lsgan_loss(nets.D_knowledge(_blacken(fake_in, m)), False)
-            knowledge = losses["D_knowledge_real"] + losses["D_knowledge_fake"]
-            total = total + 0.5 * options.weights.knowledge * knowledge
+    """One update of D (and the knowledge-aware D): real windows → 1, generated → 0; the
+    gradient reaches D's weights alone → the D losses by name."""
+    losses = {"D_real": lsgan_loss(preds.real, True), "D_fake": lsgan_loss(preds.fake, False)}
+    total = 0.5 * (losses["D_real"] + losses["D_fake"])
+    if options.knowledge_mask:
+        losses["D_knowledge_real"] = lsgan_loss(preds.real_knowledge, True)
+        losses["D_knowledge_fake"] = lsgan_loss(preds.fake_knowledge, False)
+        knowledge = losses["D_knowledge_real"] + losses["D_knowledge_fake"]
+        total = total + 0.5 * options.weights.knowledge * knowledge
     losses["D_total"] = total
-    opt_d.zero_grad(set_to_none=True)
     _backward_step(total, opt_d, scaler)
     return losses
 
 
-def _adversarial_losses(
-    nets: Nets, batch: Batch, cond: torch.Tensor, fake: torch.Tensor, knowledge: bool
-) -> dict[str, torch.Tensor]:
-    """G's GAN and feature-matching losses against D (and the knowledge-aware D)."""
-    real_in, fake_in = torch.cat([cond, batch.target], 1), torch.cat([cond, fake], 1)
-    pred_fake = nets.D(fake_in)
-    with torch.no_grad():
-        pred_real = nets.D(real_in)
+def _adversarial_losses(preds: WindowPredictions, knowledge: bool) -> dict[str, torch.Tensor]:
+    """G's GAN and feature-matching losses against D (and the knowledge-aware D)
+    (`feature_matching_loss` detaches the real features)."""
     losses = {
-        "G_gan": lsgan_loss(pred_fake, True),
-        "G_feat": feature_matching_loss(pred_fake, pred_real),
+        "G_gan": lsgan_loss(preds.fake, True),
+        "G_feat": feature_matching_loss(preds.fake, preds.real),
     }
     if knowledge:
-        pk_fake = nets.D_knowledge(_blacken(fake_in, batch.mask))
-        with torch.no_grad():
-            pk_real = nets.D_knowledge(_blacken(real_in, batch.mask))
-        losses["G_gan_knowledge"] = lsgan_loss(pk_fake, True)
-        losses["G_feat_knowledge"] = feature_matching_loss(pk_fake, pk_real)
+        fake, real = preds.fake_knowledge, preds.real_knowledge
+        losses["G_gan_knowledge"] = lsgan_loss(fake, True)
+        losses["G_feat_knowledge"] = feature_matching_loss(fake, real)
     else:
-        losses["G_gan_knowledge"] = losses["G_feat_knowledge"] = fake.new_zeros(())
+        zero = preds.fake[0][-1].new_zeros(())
+        losses["G_gan_knowledge"] = losses["G_feat_knowledge"] = zero
     return losses
 
 
@@ -323,17 +334,18 @@ def generator_phase(
     nets: Nets,
     opt_g: torch.optim.Optimizer,
     batch: Batch,
-    cond: torch.Tensor,
     fake: torch.Tensor,
+    preds: WindowPredictions,
     options: StepOptions,
     ctx: contextlib.AbstractContextManager,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One update of G and the PatchNCE head on `fake` (with its graph) → the G losses."""
+    """One update of G and the PatchNCE head on `fake` (with its graph); the gradient
+    reaches their weights alone, and the discriminators' graph is kept for their update
+    → the G losses."""
     w, know = options.weights, options.knowledge_mask
-    _set_requires_grad(nets.discriminators(), False)
     with ctx:
-        losses = _adversarial_losses(nets, batch, cond, fake, know)
+        losses = _adversarial_losses(preds, know)
         losses["G_nce"] = nce_loss(nets, batch, fake, know)
         losses["G_vgg"] = (
             nets.vgg(fake, batch.target) if nets.vgg is not None else fake.new_zeros(())
@@ -355,8 +367,7 @@ def generator_phase(
         + w.vgg * losses["G_vgg"]
     )
     losses["G_total"] = total
-    opt_g.zero_grad(set_to_none=True)
-    _backward_step(total, opt_g, scaler)
+    _backward_step(total, opt_g, scaler, keep_graph=True)  # D's update reuses its graph
     return losses
 
 
@@ -366,17 +377,23 @@ def loss_stats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _backward_step(
-    loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    keep_graph: bool = False,
 ) -> None:
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-        distributed.average_gradients(opt)  # a no-op in a single process
+    """Gradients of `loss` into `opt`'s parameters alone (no other weight's gradient is
+    computed), averaged over ranks; then the update."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    opt.zero_grad(set_to_none=True)
+    scaled = scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
+    scaled.backward(inputs=params, retain_graph=keep_graph)
+    distributed.average_gradients(opt)  # a no-op in a single process
+    if scaled is loss:
+        opt.step()
+    else:
         scaler.step(opt)
         scaler.update()
-    else:
-        loss.backward()
-        distributed.average_gradients(opt)
-        opt.step()
 
 
 def make_optimizers(
