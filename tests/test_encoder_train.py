@@ -294,11 +294,11 @@ def test_step_phases_update_their_own_networks(data) -> None:
     discriminators = [p for d in nets.discriminators() for p in d.parameters()]
     assert all(p.grad is None for p in discriminators)  # G's loss computed no D gradient
     g_after = params("G")
-    d_losses = discriminator_phase(opt_d, preds, opts)
+    d_losses = discriminator_phase(opt_d, preds, opts.weights)
     assert set(d_losses) == {"D_real", "D_fake", "D_total", "D_knowledge_real", "D_knowledge_fake"}
     assert same(g_after, params("G")) and not same(d_before, params("D"))
     detached = discriminate(twin, batch, cond, fake.detach(), knowledge=True)
-    reference = discriminator_phase(twin_opt_d, detached, opts)
+    reference = discriminator_phase(twin_opt_d, detached, opts.weights)
     torch.testing.assert_close(d_losses["D_total"], reference["D_total"])
     for mine, theirs in zip(nets.discriminators(), twin.discriminators(), strict=True):
         for p, q in zip(mine.parameters(), theirs.parameters(), strict=True):

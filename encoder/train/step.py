@@ -235,7 +235,7 @@ def train_step(
         fake = nets.G(batch.cf, prev, batch.times)  # (B, K, S, S)
         preds = discriminate(nets, batch, cond, fake, options.knowledge_mask)
     g_losses = generator_phase(nets, opt_g, batch, fake, preds, options, ctx, scaler_g)
-    d_losses = discriminator_phase(opt_d, preds, options, scaler_d)
+    d_losses = discriminator_phase(opt_d, preds, options.weights, scaler_d)
     return sampling | loss_stats(d_losses | g_losses)
 
 
@@ -277,6 +277,11 @@ class WindowPredictions:
     real_knowledge: Predictions | None  # None without the knowledge-aware discriminator
     fake_knowledge: Predictions | None
 
+    @property
+    def knowledge(self) -> bool:
+        """Whether the knowledge-aware discriminator looked too."""
+        return self.fake_knowledge is not None
+
 
 def discriminate(
     nets: Nets, batch: Batch, cond: torch.Tensor, fake: torch.Tensor, knowledge: bool
@@ -296,31 +301,31 @@ def discriminate(
 def discriminator_phase(
     opt_d: torch.optim.Optimizer,
     preds: WindowPredictions,
-    options: StepOptions,
+    weights: LossWeights,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, torch.Tensor]:
     """One update of D (and the knowledge-aware D): real windows → 1, generated → 0; the
     gradient reaches D's weights alone → the D losses by name."""
     losses = {"D_real": lsgan_loss(preds.real, True), "D_fake": lsgan_loss(preds.fake, False)}
     total = 0.5 * (losses["D_real"] + losses["D_fake"])
-    if options.knowledge_mask:
+    if preds.knowledge:
         losses["D_knowledge_real"] = lsgan_loss(preds.real_knowledge, True)
         losses["D_knowledge_fake"] = lsgan_loss(preds.fake_knowledge, False)
         knowledge = losses["D_knowledge_real"] + losses["D_knowledge_fake"]
-        total = total + 0.5 * options.weights.knowledge * knowledge
+        total = total + 0.5 * weights.knowledge * knowledge
     losses["D_total"] = total
     _backward_step(total, opt_d, scaler)
     return losses
 
 
-def _adversarial_losses(preds: WindowPredictions, knowledge: bool) -> dict[str, torch.Tensor]:
+def _adversarial_losses(preds: WindowPredictions) -> dict[str, torch.Tensor]:
     """G's GAN and feature-matching losses against D (and the knowledge-aware D)
     (`feature_matching_loss` detaches the real features)."""
     losses = {
         "G_gan": lsgan_loss(preds.fake, True),
         "G_feat": feature_matching_loss(preds.fake, preds.real),
     }
-    if knowledge:
+    if preds.knowledge:
         fake, real = preds.fake_knowledge, preds.real_knowledge
         losses["G_gan_knowledge"] = lsgan_loss(fake, True)
         losses["G_feat_knowledge"] = feature_matching_loss(fake, real)
@@ -345,7 +350,7 @@ def generator_phase(
     → the G losses."""
     w, know = options.weights, options.knowledge_mask
     with ctx:
-        losses = _adversarial_losses(preds, know)
+        losses = _adversarial_losses(preds)
         losses["G_nce"] = nce_loss(nets, batch, fake, know)
         losses["G_vgg"] = (
             nets.vgg(fake, batch.target) if nets.vgg is not None else fake.new_zeros(())
@@ -385,15 +390,15 @@ def _backward_step(
     """Gradients of `loss` into `opt`'s parameters alone (no other weight's gradient is
     computed), averaged over ranks; then the update."""
     params = [p for group in opt.param_groups for p in group["params"]]
+    scaling = scaler is not None and scaler.is_enabled()
     opt.zero_grad(set_to_none=True)
-    scaled = scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
-    scaled.backward(inputs=params, retain_graph=keep_graph)
+    (scaler.scale(loss) if scaling else loss).backward(inputs=params, retain_graph=keep_graph)
     distributed.average_gradients(opt)  # a no-op in a single process
-    if scaled is loss:
-        opt.step()
-    else:
+    if scaling:
         scaler.step(opt)
         scaler.update()
+    else:
+        opt.step()
 
 
 def make_optimizers(
