@@ -62,6 +62,7 @@ ROW_KEYS = {
     "synthetic",
     "region",
     "region_score",
+    "vessel_match",
 }
 
 
@@ -139,7 +140,7 @@ def test_health_and_stats(client, engine):
 
 def test_similar_is_the_engine_search(client, engine, case):
     body = client.get(f"/cases/{case.case_id}/similar", params={"target": "ffa", "k": 4}).json()
-    expected = engine.search(case.case_id, "ffa", k=4)
+    expected = engine.search(case.case_id, "ffa", k=4)  # both vessel-checked (pair, the default)
     assert [r["case_id"] for r in body["results"]] == [h.case.case_id for h in expected.hits]
     assert [r["score"] for r in body["results"]] == pytest.approx([h.score for h in expected.hits])
     row = body["results"][0]

@@ -100,12 +100,14 @@ def test_case_search_matches_brute_force(engine, modality, target):
     case = engine.cases(0, 1)[1][0]
     query = engine.vectors(modality, [case.row_id])
     truth = [c for c in brute_force(engine, query, target) if c[0] != case.case_id]
-    result = engine.search(CaseQuery(case.case_id, modality), target, k=5)
+    result = engine.search(CaseQuery(case.case_id, modality), target, k=5, vessel_check=False)
     assert ranked(result) == [c for c, _ in truth[:5]]
     assert [h.score for h in result.hits] == pytest.approx([s for _, s in truth[:5]], abs=1e-5)
     assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5]
     assert result.score_kind == "cosine" and result.candidates == engine.case_count
-    kept = engine.search(CaseQuery(case.case_id, modality), target, k=3, exclude_self=False)
+    kept = engine.search(
+        CaseQuery(case.case_id, modality), target, k=3, exclude_self=False, vessel_check=False
+    )
     assert ranked(kept) == [c for c, _ in brute_force(engine, query, target)[:3]]
 
 
@@ -128,7 +130,7 @@ def test_uploaded_photo_and_video_embed_like_their_case(engine):
 
 def test_target_both_merges_by_score(engine):
     case = engine.cases(0, 1)[1][0]
-    result = engine.search(case.case_id, "both", k=6)
+    result = engine.search(case.case_id, "both", k=6, vessel_check=False)
     scores = [h.score for h in result.hits]
     assert scores == sorted(scores, reverse=True) and len(result.hits) == 6
     assert {h.modality for h in result.hits} <= {"cf", "ffa"}
@@ -158,7 +160,7 @@ def test_synthesis_and_fusion(engine):
     assert marked.shape == frames.shape and not np.array_equal(marked, frames)
     changed = np.any(marked != frames, axis=0)  # (H, W): only the label band at the top
     assert changed[: frames.shape[1] // 2].sum() == changed.sum() > 0
-    direct = engine.search(CFQuery(image), "ffa", k=50, via="direct")
+    direct = engine.search(CFQuery(image), "ffa", k=50, via="direct", vessel_check=False)
     deep = engine.search(CFQuery(image), "ffa", k=50, via="synthesis")
     expected = reciprocal_rank_fusion([ranked(direct), ranked(deep)])[:5]
     fused = engine.search(CFQuery(image), "ffa", k=5, via="fused")
@@ -255,7 +257,8 @@ def test_similarity_reweights_the_query(split_engine, modality, target, similari
     weights = engine.encoder.similarity_weights(expected)
     query = engine.vectors(modality, [case.row_id]) * weights
     truth = [c for c in brute_force(engine, query, target) if c[0] != case.case_id]
-    result = engine.search(CaseQuery(case.case_id, modality), target, k=5, similarity=similarity)
+    query = CaseQuery(case.case_id, modality)
+    result = engine.search(query, target, k=5, similarity=similarity, vessel_check=False)
     assert result.similarity == result.query["similarity"] == expected
     assert ranked(result) == [c for c, _ in truth[:5]]
     assert [h.score for h in result.hits] == pytest.approx([s for _, s in truth[:5]], abs=1e-5)
@@ -266,6 +269,7 @@ def test_similarity_reweights_the_query(split_engine, modality, target, similari
         similarity=similarity,
         blocking=True,
         filters={"split": ["train", "val", "test"]},
+        vessel_check=False,
     )  # the general path, with a filter that allows everything
     assert ranked(slow) == ranked(result)
 
@@ -592,7 +596,8 @@ def test_concurrent_searches_during_updates_match_serial_runs(engine):
     cases = [c.case_id for c in engine.cases(0, 24)[1]]
     queries = [(cid, target) for cid in cases for target in ("cf", "ffa")]
     serial = {
-        q: [(h.case.case_id, h.score) for h in engine.search(q[0], q[1], k=5).hits] for q in queries
+        q: [(h.case.case_id, h.score) for h in engine.search(*q, k=5, vessel_check=False).hits]
+        for q in queries
     }
     new, image, video = a_new_case(engine, "churn")
     stop, updating = threading.Event(), threading.Event()
@@ -619,7 +624,7 @@ def test_concurrent_searches_during_updates_match_serial_runs(engine):
     def search(i: int):
         q = queries[i % len(queries)]
         during = updating.is_set()
-        got = [(h.case.case_id, h.score) for h in engine.search(q[0], q[1], k=5).hits]
+        got = [(h.case.case_id, h.score) for h in engine.search(*q, k=5, vessel_check=False).hits]
         others = [g for g in got if g[0] != "churn"]
         assert others == serial[q][: len(others)] and len(others) >= 4
         began_during_update.append(during)

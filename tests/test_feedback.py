@@ -159,7 +159,7 @@ def ids(result) -> list[str]:
 def test_engine_feedback_moves_towards_positives_and_leaves_examples_out(
     engine, query_id, strategy
 ):
-    before = engine.search(query_id, "cf", 12, suggestion=False)
+    before = engine.search(query_id, "cf", 12, suggestion=False, vessel_check=False)
     far = ids(before)[-1]  # the least similar of the 12
     near = ids(before)[:2]
     after = engine.search(
@@ -168,7 +168,7 @@ def test_engine_feedback_moves_towards_positives_and_leaves_examples_out(
     got = ids(after)
     assert far not in got and not set(near) & set(got) and query_id not in got
     # the positive's own nearest neighbour (among the rest) climbs
-    rest = [c for c in engine.search(far, "cf", 24, suggestion=False).hits]
+    rest = [c for c in engine.search(far, "cf", 24, suggestion=False, vessel_check=False).hits]
     neighbour = next(h.case.case_id for h in rest if h.case.case_id not in (query_id, *near))
     old = ids(before).index(neighbour) if neighbour in ids(before) else 99
     assert got.index(neighbour) < old

@@ -116,6 +116,8 @@ class Result:
     # x1, y1) and how well (the API's `ResultRow.region`, `region_score`)
     region: tuple[float, float, float, float] | None = None
     region_score: float | None = None
+    # a vessel-checked pair search: how well the query's vessels lie on this case's (0-1)
+    vessel_match: float | None = None
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> Result:
@@ -132,6 +134,7 @@ class Result:
             synthetic=bool(row.get("synthetic", False)),
             region=tuple(float(v) for v in row["region"]) if row.get("region") else None,
             region_score=row.get("region_score"),
+            vessel_match=row.get("vessel_match"),
         )
 
 
@@ -149,6 +152,11 @@ class SearchResponse:
     def similarity(self) -> str | None:
         """How the results were scored: combined, pair or clinical."""
         return self.raw.get("similarity")
+
+    @property
+    def vessel_checked(self) -> bool:
+        """Whether the vessel check re-ranked the results (a pair search)."""
+        return bool(self.raw.get("vessel_checked"))
 
     @property
     def region(self) -> tuple[float, float, float, float] | None:
@@ -337,14 +345,17 @@ class ApiClient:
         negative: Sequence[str] = (),
         feedback: str | None = None,
         region: Sequence[float] | str | None = None,
+        vessel_check: bool = True,
     ) -> SearchResponse:
         """Ranked cases for an uploaded CF photo or FFA video (`similarity` None: the
         server's default for the query type); `explain_top` n > 0 adds `explanations` of
         the top n results (at most 10). `positive` / `negative` case ids refine the search
         (relevance feedback, `feedback`: rocchio or best_score; None: the server's default).
         `region` (x0, y0, x1, y1 normalised on a CF photo) searches by that box's content;
-        each result's `region` is then where it matched."""
+        each result's `region` is then where it matched. `vessel_check` False: a pair search
+        ranked by the embedding alone."""
         form: dict[str, Any] = {"target": target, "k": str(k), "via": via}
+        form["vessel_check"] = "true" if vessel_check else "false"
         form.update(_filters(diagnosis, eye, split), **_feedback(positive, negative, feedback))
         form.update(_region(region))
         if similarity:
@@ -372,10 +383,12 @@ class ApiClient:
         negative: Sequence[str] = (),
         feedback: str | None = None,
         region: Sequence[float] | str | None = None,
+        vessel_check: bool = True,
     ) -> SearchResponse:
         """Ranked cases for a case already in the index (`positive` / `negative`, `region`
-        on the case's CF photo: as `search`)."""
+        on the case's CF photo, `vessel_check`: as `search`)."""
         params: dict[str, Any] = {"target": target, "k": k, "via": via}
+        params["vessel_check"] = "true" if vessel_check else "false"
         params.update(_feedback(positive, negative, feedback), **_region(region))
         if query_modality:
             params["modality"] = query_modality

@@ -93,6 +93,24 @@ def similarity_options(with_default: bool = True) -> list[str]:
     return [DEFAULT, *kinds] if with_default else kinds
 
 
+VESSEL_CHECK_HELP = (
+    "For Same eye (pair) searches: re-rank the 20 best by how well the query's vessels lie "
+    "on each case's, so a turned, zoomed or cropped photo still finds its own angiogram."
+)
+VESSEL_MATCH_HELP = (
+    "How well the query's vessels lie on this case's once turned, scaled and shifted onto "
+    "them (0-1): a photo and its own angiogram about 0.3-0.7, another eye mostly below 0.2. The "
+    "results are ordered by score + 0.75 × this."
+)
+
+
+def vessel_check_control(key: str, similarity: str | None) -> bool:
+    """The "Check vessels" box → the API's `vessel_check` (shown for pair searches only)."""
+    if similarity != "pair":
+        return True  # the server ignores it for other similarities
+    return st.checkbox("Check vessels", value=True, help=VESSEL_CHECK_HELP, key=f"{key}_vessels")
+
+
 def similarity_control(
     key: str, label: str = "Similarity", *, with_default: bool = True, help: str = SIMILARITY_HELP
 ) -> str | None:
@@ -245,6 +263,8 @@ def result_card(result: Result, key: str) -> None:
     with st.container(border=True):
         kind = MODALITY_NAMES.get(result.modality, result.modality)
         st.markdown(f"**#{result.rank}** · `{result.case_id}` · score **{result.score:.3f}**")
+        if result.vessel_match is not None:
+            st.caption(f"vessels agree {result.vessel_match:.2f}", help=VESSEL_MATCH_HELP)
         show_media(result)
         st.caption(f"{kind}{' · synthetic' if result.synthetic else ''}")
         st.markdown(labels(result))
@@ -367,6 +387,7 @@ def results_table(response: SearchResponse) -> list[dict[str, Any]]:
             "lesions": ", ".join(r.lesions),
             "synthetic": r.synthetic,
             **({"matched region": region_text(r.region)} if r.region is not None else {}),
+            **({"vessel match": round(r.vessel_match, 3)} if r.vessel_match is not None else {}),
         }
         for r in response.results
     ]

@@ -74,6 +74,7 @@ def search_body(
                 "synthetic": False,
                 "region": None if hit.region is None else list(hit.region),
                 "region_score": hit.region_score,
+                "vessel_match": hit.vessel_match,
             }
         )
     body = {
@@ -85,6 +86,7 @@ def search_body(
         "filters": {**_FILTERS, **result.filters},
         "score_kind": result.score_kind,
         "candidates": result.candidates,
+        "vessel_checked": result.vessel_checked,
         "results": rows,
         "synthetic_query": _synthetic(result, store),
         "suggestion": suggestion_record(result),

@@ -757,6 +757,7 @@ def search(
     negative: Annotated[list[str] | None, typer.Option(help=NEGATIVE_HELP)] = None,
     feedback: Annotated[str | None, typer.Option(help="rocchio (default) or best_score.")] = None,
     region: Annotated[str | None, typer.Option(help=REGION_HELP)] = None,
+    vessel_check: Annotated[bool, typer.Option(help=VESSEL_CHECK_HELP)] = True,
 ):
     """Ranked cases for a query file (a CF photo or an FFA video), and the diagnosis
     suggested by its most similar archive cases (decision support, not a diagnosis)."""
@@ -774,6 +775,7 @@ def search(
             query = FFAQuery(read_ffa(file), _parse_times(times))
         engine = Engine.open(index)
         marks = {"positive": positive, "negative": negative, "feedback": feedback, "region": region}
+        marks["vessel_check"] = vessel_check
         result = engine.search(query, target=target, k=k, via=via, similarity=similarity, **marks)
     rows = [_hit_row(h) for h in result.hits]
     if as_json:
@@ -788,6 +790,7 @@ def search(
         typer.echo(
             f"{r['rank']:>4}  {r['case_id']:<14}{r['score']:>9.4f}  {r['modality']:<8} "
             f"{r['diagnosis'] or '-':<9} {', '.join(r['lesions']) or '-'}{_region_note(r)}"
+            f"{_vessel_note(r)}"
         )
     if result.suggestion is not None:
         typer.echo(suggestion_line(result.suggestion))
@@ -837,6 +840,7 @@ def _hit_row(hit) -> dict:
         "split": hit.case.split,
         "region": None if hit.region is None else [round(v, 4) for v in hit.region],
         "region_score": None if hit.region_score is None else round(hit.region_score, 6),
+        "vessel_match": None if hit.vessel_match is None else round(hit.vessel_match, 4),
     }
 
 
@@ -845,6 +849,11 @@ def _region_note(row: dict) -> str:
     if row.get("region") is None:
         return ""
     return "  [matched at " + ",".join(f"{v:.3f}" for v in row["region"]) + "]"
+
+
+def _vessel_note(row: dict) -> str:
+    """`  [vessels 0.48]` for a vessel-checked search's hit, else nothing."""
+    return "" if row.get("vessel_match") is None else f"  [vessels {row['vessel_match']:.2f}]"
 
 
 def _search_record(result, rows: list[dict], target: str, via: str) -> dict:
@@ -856,6 +865,7 @@ def _search_record(result, rows: list[dict], target: str, via: str) -> dict:
         "target": target,
         "via": via,
         "similarity": result.similarity,
+        "vessel_checked": result.vessel_checked,
         "results": rows,
         "suggestion": suggestion_record(result),
     }
@@ -864,6 +874,11 @@ def _search_record(result, rows: list[dict], target: str, via: str) -> dict:
     return out
 
 
+VESSEL_CHECK_HELP = (
+    "With --similarity pair (via direct, no feedback or region): re-rank the 20 best by how "
+    "well the query's vessels lie on each case's; a turned, zoomed or cropped photo still "
+    "finds its own angiogram. --no-vessel-check ranks by the embedding alone."
+)
 POSITIVE_HELP = "Relevance feedback: a case id marked relevant (repeat: --positive A --positive B)."
 NEGATIVE_HELP = "Relevance feedback: a case id marked not relevant (repeatable)."
 REGION_HELP = (

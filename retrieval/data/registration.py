@@ -106,11 +106,11 @@ def corner_error(estimate: np.ndarray, truth: np.ndarray, shape: tuple[int, int]
     return float(np.linalg.norm(diff, axis=1).mean())
 
 
-def _homogeneous(matrix: np.ndarray) -> np.ndarray:
+def homogeneous(matrix: np.ndarray) -> np.ndarray:
     return np.vstack([np.asarray(matrix, dtype=np.float64).reshape(2, 3), [0.0, 0.0, 1.0]])
 
 
-def _resample(image: np.ndarray, out_to_in: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
+def resample(image: np.ndarray, out_to_in: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
     """Sample a 2-D float picture at `out_to_in` (3x3, x-y pixels) of every output pixel."""
     swap = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     rc = swap @ out_to_in @ swap  # the same map in (row, col) order
@@ -127,13 +127,13 @@ def _to_grid(circle: FovCircle, side: int) -> np.ndarray:
     return np.array([[s, 0.0, c - s * circle.cx], [0.0, s, c - s * circle.cy], [0.0, 0.0, 1.0]])
 
 
-def _on_grid(image: np.ndarray, circle: FovCircle, side: int) -> np.ndarray:
+def on_grid(image: np.ndarray, circle: FovCircle, side: int) -> np.ndarray:
     """A 2-D picture resampled onto the working grid (antialiased when shrunk)."""
     grid = _to_grid(circle, side)
     img = image.astype(np.float32)
     if grid[0, 0] < 1:
         img = ndimage.gaussian_filter(img, 0.5 * (1 / grid[0, 0] - 1) + 1e-3)
-    return _resample(img, np.linalg.inv(grid), (side, side))
+    return resample(img, np.linalg.inv(grid), (side, side))
 
 
 def _field(gray: np.ndarray, rim: int) -> np.ndarray:
@@ -190,8 +190,8 @@ def _coarse(fixed: np.ndarray, moving: np.ndarray) -> list[np.ndarray]:
     found = []
     for scale in SCALES:
         for deg in ANGLES:
-            m = _homogeneous(similarity_matrix(0, 0, deg, ctr, scale))
-            warped = _resample(moving2, np.linalg.inv(m), moving2.shape)
+            m = homogeneous(similarity_matrix(0, 0, deg, ctr, scale))
+            warped = resample(moving2, np.linalg.inv(m), moving2.shape)
             score, dx, dy = _correlate(fixed_f, warped, max_shift)
             found.append((score, np.array([2.0 * dx, 2.0 * dy, deg, np.log(scale)])))
     found.sort(key=lambda f: -f[0])
@@ -204,10 +204,10 @@ def _coarse(fixed: np.ndarray, moving: np.ndarray) -> list[np.ndarray]:
     return chosen
 
 
-def _params_matrix(params: np.ndarray, side: int) -> np.ndarray:
+def params_matrix(params: np.ndarray, side: int) -> np.ndarray:
     dx, dy, deg, log_s = params
     ctr = ((side - 1) / 2, (side - 1) / 2)
-    return _homogeneous(similarity_matrix(dx, dy, deg, ctr, float(np.exp(log_s))))
+    return homogeneous(similarity_matrix(dx, dy, deg, ctr, float(np.exp(log_s))))
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
@@ -269,7 +269,7 @@ def _refine(
     """ECC from the coarse estimate m: a similarity, or a rigid fit at the grids' own scale
     when that correlates within `SCALE_MARGIN` (a scale is fitted only when it pays); the
     coarse estimate stays when neither improves on it."""
-    start = _ncc(fixed[fov], _resample(moving, np.linalg.inv(m), fixed.shape)[fov])
+    start = _ncc(fixed[fov], resample(moving, np.linalg.inv(m), fixed.shape)[fov])
     free, free_corr = _ecc(fixed, fov, moving, m, scale=True)
     unscaled = m.copy()
     unscaled[:2, :2] /= np.sqrt(abs(np.linalg.det(m[:2, :2])))
@@ -278,7 +278,7 @@ def _refine(
     return best if best[1] >= start else (m, start)
 
 
-def _tile_quality(fixed: np.ndarray, fov: np.ndarray, warped: np.ndarray) -> float:
+def tile_quality(fixed: np.ndarray, fov: np.ndarray, warped: np.ndarray) -> float:
     """The lower quartile of the maps' normalised correlation over `QUALITY_TILES`² tiles
     (those at least half inside the field): most of the picture must agree, not only the
     big vessels that every eye has in about the same place."""
@@ -316,13 +316,13 @@ def register_pair(
     cf_circle = detect_fov(cf) if cf_fov is None else FovCircle.from_list(cf_fov)
     ffa_circle = detect_video_fov(ffa) if ffa_fov is None else FovCircle.from_list(ffa_fov)
     side = 2 * (int(np.clip(4 * max(cf_circle.r, ffa_circle.r), MIN_WORK_SIDE, WORK_SIDE)) // 2)
-    fixed, fixed_fov = vessel_map(_on_grid(frame, ffa_circle, side), dark_vessels=False)
-    moving, _ = vessel_map(_on_grid(cf[..., 1], cf_circle, side), dark_vessels=True)
+    fixed, fixed_fov = vessel_map(on_grid(frame, ffa_circle, side), dark_vessels=False)
+    moving, _ = vessel_map(on_grid(cf[..., 1], cf_circle, side), dark_vessels=True)
     work, quality = np.eye(3), 0.0  # no vessels in one of them: nothing to register
     if np.any(fixed) and np.any(moving):
         for params in _coarse(fixed, moving):
-            m, _ = _refine(fixed, fixed_fov, moving, _params_matrix(params, side))
-            q = _tile_quality(fixed, fixed_fov, _resample(moving, np.linalg.inv(m), fixed.shape))
+            m, _ = _refine(fixed, fixed_fov, moving, params_matrix(params, side))
+            q = tile_quality(fixed, fixed_fov, resample(moving, np.linalg.inv(m), fixed.shape))
             if q > quality:
                 work, quality = m, q
     full = np.linalg.inv(_to_grid(ffa_circle, side)) @ work @ _to_grid(cf_circle, side)
@@ -339,9 +339,9 @@ def warp_cf(
     values = np.asarray(matrix, dtype=np.float64).reshape(-1)
     if values.size != 6 or not np.all(np.isfinite(values)):
         raise ValueError(f"registration matrix must be 6 finite numbers, got {values.tolist()}")
-    inv = np.linalg.inv(_homogeneous(values))
+    inv = np.linalg.inv(homogeneous(values))
     channels = [
-        _resample(cf[..., k].astype(np.float32), inv, tuple(out_shape)) for k in range(cf.shape[2])
+        resample(cf[..., k].astype(np.float32), inv, tuple(out_shape)) for k in range(cf.shape[2])
     ]
     return np.clip(np.stack(channels, axis=-1) + 0.5, 0, 255).astype(np.uint8)
 

@@ -73,6 +73,7 @@ from retrieval.data.duplicates import (
 from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.media_write import mark_synthetic, mp4_bytes, png_bytes
 from retrieval.data.registration import measure_pair
+from retrieval.data.vessel_check import CHECK_DEPTH, VesselPrint
 from retrieval.errors import (
     DuplicateCase,
     Fundus2VideoError,
@@ -86,6 +87,7 @@ from retrieval.errors import (
 from retrieval.models.similarity import SIMILARITIES, check_similarity, default_similarity
 from retrieval.models.suggestion import Suggestion, SuggestionModel, suggest
 
+from . import vessels
 from .explain import Explanation, SideParts, explain_pair
 from .feedback import (
     Example,
@@ -200,6 +202,7 @@ class _QueryVectors:
     synth: np.ndarray | None = None  # that video's embedding
     region: RegionQuery | None = None  # a region query: `raw` is then the box's embedding
     whole: np.ndarray | None = None  # and this the whole photo's (for the suggestion)
+    vessels: VesselPrint | None = None  # a vessel-checked pair search: the query's print
 
     @property
     def own(self) -> np.ndarray | None:
@@ -246,6 +249,7 @@ class Engine:
         self._lock = RWLock()  # searches read; the in-memory part of an update writes
         self._update = threading.Lock()  # one update (and save) at a time
         self._model = threading.Lock()  # one model call at a time
+        self._prints = vessels.PrintCache()  # candidates' vessel prints (the vessel check)
         self._cache_lock = threading.Lock()
         self._dup_lock = threading.Lock()  # builds the near-duplicate descriptors once
         self.similarities = tuple(s for s in SIMILARITIES if s in encoder.similarities)
@@ -432,14 +436,12 @@ class Engine:
         negative: Sequence[Example] | None = None,
         feedback: str | Rocchio | None = None,
         region: Sequence[float] | str | None = None,
+        vessel_check: bool = True,
     ) -> SearchResult:
-        """Ranked cases for a CF photo, an FFA video or a case id (see the module docstring).
-
-        A case query leaves itself out unless `exclude_self` is False; `blocking=False` (direct
-        case queries only) raises `WouldBlock` rather than wait for an update. `similarity`
-        (None: `default_similarity`) scores the hits; `suggestion=False` skips the suggestion;
-        `positive`/`negative` refine the query by `feedback` (`.feedback`); `region` (x0, y0,
-        x1, y1 on the CF query) searches by that box's content (`.region`, `_region_vectors`)."""
+        """Ranked cases for a CF photo, an FFA video or a case id (module docstring): scored by
+        `similarity` (None: the default), refined by `positive`/`negative` examples (`.feedback`)
+        or a CF `region` box (`.region`), a pair search re-ranked by the vessel check (`.vessels`);
+        `blocking=False` (direct case queries) raises `WouldBlock` rather than wait."""
         t0 = time.perf_counter()
         query = as_query(query)
         qmod = self._check_search(query, target, k, via, blocking)
@@ -449,23 +451,24 @@ class Engine:
         timings: dict[str, float] = {}
         own = via != "synthesis" or model is not None  # the query's own vector is needed
         vecs = self._query_vectors(query, via, own, blocking, synthesis_times, timings, region)
-        exclude = vecs.row if exclude_self else None
+        if vessel_check and similarity == "pair" and not (positive or negative):
+            vecs.vessels = self._query_print(query, via, region, blocking, timings)
         t = time.perf_counter()
         with self._reading(blocking):
             allowed = self._allowed(flt)
             fb = self._feedback(positive, negative, feedback)
+            exclude = vecs.row if exclude_self else None
             ranked = self._ranked(via, target, k, allowed, exclude, vecs, weights, fb)
-            hits = [Hit(n, s, m, self._rows[i]) for n, (s, i, m) in enumerate(ranked, 1)]
+            hits = [self._hit(n, found) for n, found in enumerate(ranked, 1)]
             candidates = self._candidates(target, allowed)
             suggested = self._suggest_locked(model, qmod, vecs.own, vecs.row)
         timings.update(search=_ms(t), total=_ms(t0))
-        info = self._query_info(query, qmod, similarity, fb)
         return SearchResult(
             hits=self._locate(hits, vecs, similarity, timings),
             target=target,
             via=via,
             k=k,
-            query=region_info(info, vecs.region),
+            query=region_info(self._query_info(query, qmod, similarity, fb), vecs.region),
             filters=flt,
             score_kind="rrf" if via == "fused" else feedback_score_kind(fb),
             candidates=candidates,
@@ -474,6 +477,7 @@ class Engine:
             similarity=similarity,
             suggestion=suggested,
             suggestion_model=model if suggested is not None else None,
+            vessel_checked=vecs.vessels is not None,
         )
 
     def add_search_listener(self, listener: Callable[[SearchResult], None]) -> None:
@@ -757,9 +761,41 @@ class Engine:
                 timings["embed"] = _ms(t)
         return _QueryVectors(raw, None, query.image if isinstance(query, CFQuery) else None)
 
+    def _hit(self, rank: int, found: tuple) -> Hit:
+        """A ranked (score, row id, modality[, vessel match]) as the search's `Hit`."""
+        score, row, modality, *match = found
+        return Hit(rank, score, modality, self._rows[row], vessel_match=match[0] if match else None)
+
+    def _query_print(self, query: Query, via: str, region, blocking, timings) -> VesselPrint | None:
+        """A pair search's query as a vessel print (its upload, or a case's stored media);
+        None for a search the vessel check leaves alone (via synthesis or fused, a region)."""
+        if via != "direct" or region is not None:
+            return None
+        if not blocking:
+            raise WouldBlock("the vessel check reads and filters the query's picture")
+        t = time.perf_counter()
+        if isinstance(query, CaseQuery):
+            with self._reading(blocking):
+                case = self._case_locked(query.case_id)
+            found = self._prints.get(case, query.modality)
+            if found is None:  # the server's own file: not the client's fault
+                raise Fundus2VideoError(
+                    f"stored {query.modality} of case {case.case_id!r} unreadable"
+                )
+        else:
+            found = vessels.upload_print(query)
+        timings["vessel_print"] = _ms(t)
+        return found
+
     def _ranked(self, via, target, k, allowed, exclude, vecs, weights, fb=None) -> list[tuple]:
         """(score, row id, modality) best first for the search's `via`: `vecs` scored by the
-        similarity's query factors `weights`, refined by the feedback `fb`. Read lock held."""
+        similarity's query factors `weights`, refined by the feedback `fb`; with the query's
+        vessel print, the CHECK_DEPTH best re-ranked by the vessel check, each with its
+        match last. Read lock held."""
+        if vecs.vessels is not None:
+            depth = max(k, CHECK_DEPTH)
+            ranked = self._rank(vecs.raw * weights, target, depth, allowed, exclude)
+            return vessels.checked(ranked, vecs.vessels, self._rows.__getitem__, self._prints)[:k]
         rank = self._rank if fb is None else partial(self._feedback_rank, fb, weights)
         if via != "fused":
             vec = vecs.raw if via == "direct" else vecs.synth

@@ -87,6 +87,9 @@ class Hit:
     # y1) and that window's own cosine with the query's box (`retrieval.search.region`)
     region: tuple[float, float, float, float] | None = None
     region_score: float | None = None
+    # a vessel-checked pair search: how well the query's vessels lie on this case's, 0-1
+    # (`retrieval.search.vessels`); the hits are ordered by score + 0.75 x this
+    vessel_match: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class SearchResult:
     # and the model that made it; None when the index has no model for the modality
     suggestion: Suggestion | None = None
     suggestion_model: SuggestionModel | None = None
+    vessel_checked: bool = False  # a pair search re-ranked by the vessel check
 
 
 def suggestion_record(result: SearchResult) -> dict[str, Any] | None:

@@ -59,6 +59,7 @@ with st.container(border=True):
     )
     via = via if target == "ffa" else "direct"
     similarity = ui.similarity_control("search")
+    vessel_check = ui.vessel_check_control("search", similarity)
     with st.expander("Filters"):
         filters = ui.filter_controls("search")
     region = ui.region_control("search", ui.query_photo(upload, case_id, case_modality))
@@ -66,7 +67,7 @@ with st.container(border=True):
     go = st.button("Search", type="primary", icon=":material/search:", disabled=not ready)
 
 params = {"target": target, "k": int(k), "via": via, "similarity": similarity, **filters}
-params["region"] = region
+params.update(region=region, vessel_check=vessel_check)
 if go:
     ui.clear_marks()  # a new search: the marks were for the last one
 if go and upload is not None:
@@ -84,6 +85,7 @@ if go and upload is not None:
             via=via,
             similarity=similarity,
             region=region,
+            vessel_check=vessel_check,
             content_type=query["content_type"],
             **filters,
         )
@@ -105,6 +107,7 @@ elif go and case_id:
             query_modality=case_modality,
             similarity=similarity,
             region=region,
+            vessel_check=vessel_check,
             **filters,
         )
     if response is not None:
@@ -134,7 +137,9 @@ with left:
 with right:
     st.subheader(f"{len(response.results)} similar cases")
     if response.similarity:
-        st.caption(f"Ranked by {ui.SIMILARITY_NAMES.get(response.similarity, response.similarity)}")
+        ranked = ui.SIMILARITY_NAMES.get(response.similarity, response.similarity)
+        checked = ", re-ranked by the vessel check" if response.vessel_checked else ""
+        st.caption(f"Ranked by {ranked}{checked}")
     ui.feedback_bar(response)
     ui.result_gallery(response)
     with st.expander("As a table"):

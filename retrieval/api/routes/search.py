@@ -54,6 +54,12 @@ SIMILARITY_HELP = (
     "pair when the index's encoder has no clinical part (the only one it then supports: "
     "asking for another is a 422)."
 )
+VESSEL_CHECK_HELP = (
+    "With similarity pair via direct (no feedback, no region): re-rank the 20 best by how "
+    "well the query's vessels lie on each case's (each result's `vessel_match`), which "
+    "keeps a photo's own angiogram on top when the camera turns, zooms, crops or blurs the "
+    "eye. Costs about 0.1 s per unseen case and 0.03 s per compared one. Ignored otherwise."
+)
 SEARCH_DESCRIPTION = (
     "The response's `suggestion` is the diagnosis voted by the query's nearest labelled "
     "archive cases in its own modality (by the suggestion model's similarity, ignoring "
@@ -131,6 +137,7 @@ def search_upload(
     negative: NegativeForm = None,
     feedback: Annotated[FeedbackStrategy | None, Form(description=FEEDBACK_HELP)] = None,
     region: Annotated[Region, Form(description=REGION_HELP, examples=[REGION_EXAMPLE])] = None,
+    vessel_check: Annotated[bool, Form(description=VESSEL_CHECK_HELP)] = True,
     explain: Annotated[
         bool, Form(description="Add `explanations`: why each of the top results matched.")
     ] = False,
@@ -145,7 +152,7 @@ def search_upload(
     else:
         query = FFAQuery(upload.array, parse_times(times))
     filters = _filters(diagnosis, eye, split, lesion)
-    marks = _feedback(positive, negative, feedback)
+    marks = _feedback(positive, negative, feedback) | {"vessel_check": vessel_check}
     result = engine.search(
         query, target, k, via, filters, similarity=similarity, region=region, **marks
     )
@@ -177,6 +184,7 @@ class SimilarQuery(BaseModel):
     negative: list[str] | None = Field(None, description=NEGATIVE_HELP, examples=[["ph0-00042"]])
     feedback: FeedbackStrategy | None = Field(None, description=FEEDBACK_HELP)
     region: Region = Field(None, description=REGION_HELP, examples=[REGION_EXAMPLE])
+    vessel_check: bool = Field(True, description=VESSEL_CHECK_HELP)
 
 
 @router.get(
@@ -213,6 +221,7 @@ async def similar_body(
         exclude_self=params.exclude_self,
         similarity=params.similarity,
         region=params.region,
+        vessel_check=params.vessel_check,
         **_feedback(params.positive, params.negative, params.feedback),
     )
     result = None
