@@ -18,6 +18,7 @@ JSON report.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import sys
 import time
@@ -38,13 +39,11 @@ from retrieval.data.cohort import Cohort  # noqa: E402
 from retrieval.data.media import read_cf, read_ffa  # noqa: E402
 from retrieval.data.training_data import load_paired  # noqa: E402
 from retrieval.data.vessel_check import (  # noqa: E402
-    CHECK_DEPTH,
     VESSEL_WEIGHT,
-    QueryPrint,
     VesselPrint,
-    agreement,
     cf_print,
     ffa_print,
+    top_agreements,
 )
 from retrieval.evaluation.retrieval import label_arrays  # noqa: E402
 from retrieval.models.embedding import QueryEncoder  # noqa: E402
@@ -169,22 +168,6 @@ def arm_of(enc: QueryEncoder, everything, sp: Split) -> Arm:
     )
 
 
-def vessel_agreements(scores: dict[str, np.ndarray], images: list, sp: Split) -> dict:
-    """Each arm's pair scores (Q, N) → (Q, N) agreements of each row's CHECK_DEPTH best with
-    the query's photo, 0 elsewhere (each query-candidate pair compared once for all arms);
-    the vessel check's scores are `scores + weight × agreements`."""
-    out = {name: np.zeros_like(s, dtype=np.float64) for name, s in scores.items()}
-    for q, image in enumerate(images):
-        tops = {name: np.argsort(-s[q], kind="stable")[:CHECK_DEPTH] for name, s in scores.items()}
-        query = QueryPrint.of(cf_print(image))
-        found = {
-            int(j): agreement(query, sp.prints[j]) for j in set(np.concatenate(list(tops.values())))
-        }
-        for name, top in tops.items():
-            out[name][q, top] = [found[int(j)] for j in top]
-    return out
-
-
 def perturbation_rows(
     arms: dict[str, Arm], sp: Split, pert: str, weights: list[float], progress: bool
 ) -> dict:
@@ -192,7 +175,11 @@ def perturbation_rows(
     images = [PERTURBATIONS[pert](im) for im in sp.photos]
     cf = {name: arm.enc.embed_cf(images) for name, arm in arms.items()}  # (Q, D)
     pair = {name: (cf[name] * arm.w_cross) @ arm.ffa.T for name, arm in arms.items()}
-    agreements = vessel_agreements(pair, images, sp)
+    query_print = functools.cache(lambda q: cf_print(images[q]))
+    found: dict = {}  # each query-candidate pair compared once for all arms
+    agreements = {
+        name: top_agreements(scores, query_print, sp.prints, found) for name, scores in pair.items()
+    }
     rows = {}
     for name, arm in arms.items():
         plain = pair_metrics(pair_ranks(pair[name]))

@@ -167,9 +167,10 @@ def test_embed_stage_and_retrieval_report(tiny_index, tmp_path):
     n = report["cases"]
     for row in report["backbones"].values():
         for direction in ("cf2ffa", "ffa2cf"):
-            m = row[direction]
-            assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 1
-            assert 1 / n <= m["mAP"] <= 1
+            for m in (row[direction], row["pair"]["pair+vessels"][direction]):
+                assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 1
+                assert 1 / n <= m["mAP"] <= 1
+    assert "pair+vessels" in result.output
     via = report["backbones"]["model"]["cf2ffa_via"]
     assert set(via) == {"direct", "synthesis", "fused", "best_by_mAP"}
     assert "pixels" in result.output and "CF→FFA" in result.output

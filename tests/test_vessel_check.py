@@ -13,12 +13,14 @@ from retrieval.data.cohort import Cohort
 from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.phantom import write_phantom_cohort
 from retrieval.data.vessel_check import (
+    CHECK_DEPTH,
     VESSEL_WEIGHT,
     QueryPrint,
     agreement,
     cf_print,
     ffa_print,
     rerank,
+    top_agreements,
 )
 from retrieval.search.engine import Engine
 from retrieval.search.queries import CFQuery
@@ -62,6 +64,31 @@ def test_no_vessels_agree_with_nothing(cohort):
     case = cohort.cases()[0]
     black = QueryPrint.of(cf_print(np.zeros((128, 128, 3), np.uint8)))
     assert agreement(black, ffa_print(read_ffa(case.ffa_path), case.ffa_times_s)) == 0.0
+
+
+def test_top_agreements_fill_each_querys_best_and_compare_each_pair_once(cohort):
+    cases = cohort.cases()
+    ffa = [ffa_print(read_ffa(c.ffa_path), c.ffa_times_s) for c in cases]
+    photos = [cf_print(read_cf(c.cf_path)) for c in cases]
+    asked: list[int] = []
+
+    def query(q: int):
+        asked.append(q)
+        return photos[q]
+
+    scores = np.random.default_rng(0).random((len(cases), len(cases)))
+    found: dict = {}
+    got = top_agreements(scores, query, ffa, found)
+    direct = [[agreement(QueryPrint.of(p), f) for f in ffa] for p in photos]
+    assert np.allclose(got, direct)  # CHECK_DEPTH (20) covers all 6 candidates
+    assert len(found) == len(cases) ** 2 and asked == list(range(len(cases)))
+    assert np.array_equal(top_agreements(scores, query, ffa, found), got)
+    assert len(asked) == len(cases)  # nothing compared twice
+    shallow = np.zeros((1, 30))
+    shallow[0, :] = np.arange(30)[::-1]  # candidate 0 best
+    prints = [ffa[0]] * 30
+    deep = top_agreements(shallow, lambda q: photos[0], prints)
+    assert (deep[0, :CHECK_DEPTH] > 0).all() and (deep[0, CHECK_DEPTH:] == 0).all()
 
 
 def test_rerank_adds_the_weighted_agreement_to_the_cosine():

@@ -25,7 +25,7 @@ about 0.03 s on one CPU core.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,3 +140,25 @@ def rerank(scores: Sequence[float], agreements: Sequence[float]) -> np.ndarray:
     (best first; ties keep the given order)."""
     checked = np.asarray(scores, np.float64) + VESSEL_WEIGHT * np.asarray(agreements, np.float64)
     return np.argsort(-checked, kind="stable")
+
+
+def top_agreements(
+    scores: np.ndarray,  # (Q, N) the queries' pair scores against N candidates
+    query_print: Callable[[int], VesselPrint],  # query q's print
+    prints: Sequence[VesselPrint],  # the N candidates' prints
+    found: dict[tuple[int, int], float] | None = None,  # (q, n) → agreement, shared
+) -> np.ndarray:
+    """(Q, N) agreements of each query's CHECK_DEPTH best candidates with it, 0 elsewhere:
+    the vessel check's scores are `scores + VESSEL_WEIGHT × agreements` (the engine's
+    order). `found` keeps the pairs compared, so that several rankings of the same
+    queries (embedders, weights) compare each pair once."""
+    found = {} if found is None else found
+    out = np.zeros(scores.shape, np.float64)
+    for q in range(len(scores)):
+        top = np.argsort(-scores[q], kind="stable")[:CHECK_DEPTH]
+        missing = [int(n) for n in top if (q, int(n)) not in found]
+        if missing:
+            query = QueryPrint.of(query_print(q))
+            found.update({(q, n): agreement(query, prints[n]) for n in missing})
+        out[q, top] = [found[(q, int(n))] for n in top]
+    return out

@@ -4,7 +4,9 @@ Pair metrics: the gallery is the evaluated split itself (each test CF against ev
 test FFA video, and the reverse); the true pair is the one relevant item, so mAP is the
 mean reciprocal rank of the pair. For a run with a generator, CF→FFA is also measured
 through synthesis (CF → synthesized FFA → FFA index) and fused (reciprocal-rank fusion
-of direct and synthesis), on the same queries and gallery.
+of direct and synthesis), on the same queries and gallery. "pair+vessels" is the pair
+similarity as a pair search serves it: its 20 best re-ranked by the vessel check
+(`retrieval.data.vessel_check`, the stored photos' and videos' vessel prints).
 
 Clinical metrics, as a clinic searches: the held-out split's cases are the queries and
 the archive (every other split: train + val, both modalities) is the gallery. For
@@ -30,9 +32,18 @@ import numpy as np
 from tqdm import tqdm
 
 from encoder.embedder import embed_ffa_array
+from encoder.fov import stored_circle
 from encoder.ranking import clinical_metrics, pair_metrics, pair_ranks, ranks_from_order
 from retrieval.data.cohort import Cohort
+from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.training_data import load_paired
+from retrieval.data.vessel_check import (
+    VESSEL_WEIGHT,
+    VesselPrint,
+    cf_print,
+    ffa_print,
+    top_agreements,
+)
 from retrieval.errors import Fundus2VideoError
 from retrieval.evaluation.held_out import check_no_leak, check_split
 from retrieval.evaluation.suggestion import reliability_png, suggestion_metrics
@@ -86,6 +97,7 @@ def evaluate_retrieval(
     for folder in sorted(generators) + [enc.embedder_dir for enc in encoders.values()]:
         check_no_leak(folder, held_out, split)  # generator runs, then each embedder's heads
     labels = label_arrays(cases)
+    prints = held_out_prints([cases[i] for i in test], progress)
     report: dict[str, Any] = {
         "split": split,
         "cohort": str(opened.root),
@@ -105,7 +117,7 @@ def evaluate_retrieval(
             "encoder_id": enc.encoder_id,
             "precision": enc.precision,  # of the backbone pass (as `index` would build it)
             "similarities": list(enc.similarities),
-            **_pair_rows(enc, vectors, test),
+            **_pair_rows(enc, vectors, test, prints),
             "clinical": _clinical_rows(enc, vectors, labels, test, archive),
             "suggestion": _suggestion_rows(enc, vectors, labels, splits, test, archive),
         }
@@ -132,9 +144,20 @@ def label_arrays(cases: list[Any]) -> dict[str, np.ndarray]:
     }
 
 
-def _pair_rows(enc: QueryEncoder, vectors: dict[str, np.ndarray], test: np.ndarray):
-    """CF↔FFA pair metrics inside the held-out split, per similarity; the top-level
-    cf2ffa / ffa2cf are the pair similarity's (the one that looks for the true pair)."""
+def held_out_prints(cases: list[Any], progress: bool) -> dict[str, list[VesselPrint]]:
+    """The held-out cases' vessel prints of each modality, from their stored media."""
+    out: dict[str, list[VesselPrint]] = {"cf": [], "ffa": []}
+    for case in tqdm(cases, desc="vessel prints", disable=not progress):
+        out["cf"].append(cf_print(read_cf(case.cf_path), stored_circle(case.cf_fov)))
+        video = read_ffa(case.ffa_path)
+        out["ffa"].append(ffa_print(video, case.ffa_times_s, stored_circle(case.ffa_fov)))
+    return out
+
+
+def _pair_rows(enc: QueryEncoder, vectors: dict[str, np.ndarray], test: np.ndarray, prints):
+    """CF↔FFA pair metrics inside the held-out split, per similarity, and the pair
+    similarity re-ranked by the vessel check ("pair+vessels"); the top-level cf2ffa /
+    ffa2cf are the pair similarity's (the one that looks for the true pair)."""
     cf, ffa = vectors["cf"][test], vectors["ffa"][test]
     per = {}
     for kind in enc.similarities:
@@ -143,7 +166,13 @@ def _pair_rows(enc: QueryEncoder, vectors: dict[str, np.ndarray], test: np.ndarr
             "cf2ffa": pair_metrics(pair_ranks((cf * w) @ ffa.T)),
             "ffa2cf": pair_metrics(pair_ranks((ffa * w) @ cf.T)),
         }
-    return {"pair": per, **per["pair"]}
+    w = enc.similarity_weights("pair")
+    checked = {}
+    for name, q, g in (("cf2ffa", "cf", "ffa"), ("ffa2cf", "ffa", "cf")):
+        scores = (vectors[q][test] * w) @ vectors[g][test].T
+        found = top_agreements(scores, prints[q].__getitem__, prints[g])
+        checked[name] = pair_metrics(pair_ranks(scores + VESSEL_WEIGHT * found))
+    return {"pair": {**per, "pair+vessels": checked}, **per["pair"]}
 
 
 def _clinical_rows(enc, vectors, labels, test, archive) -> dict[str, Any]:
