@@ -32,18 +32,10 @@ import numpy as np
 from tqdm import tqdm
 
 from encoder.embedder import embed_ffa_array
-from encoder.fov import stored_circle
 from encoder.ranking import clinical_metrics, pair_metrics, pair_ranks, ranks_from_order
 from retrieval.data.cohort import Cohort
-from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.training_data import load_paired
-from retrieval.data.vessel_check import (
-    VESSEL_WEIGHT,
-    VesselPrint,
-    cf_print,
-    ffa_print,
-    top_agreements,
-)
+from retrieval.data.vessel_check import VESSEL_WEIGHT, VesselPrint, top_agreements
 from retrieval.errors import Fundus2VideoError
 from retrieval.evaluation.held_out import check_no_leak, check_split
 from retrieval.evaluation.suggestion import reliability_png, suggestion_metrics
@@ -51,6 +43,7 @@ from retrieval.models.embedding import QueryEncoder
 from retrieval.models.similarity import default_similarity
 from retrieval.models.suggestion import fit_for_archive, neighbours, vote
 from retrieval.search.queries import reciprocal_rank_fusion
+from retrieval.search.vessels import case_print
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +141,8 @@ def held_out_prints(cases: list[Any], progress: bool) -> dict[str, list[VesselPr
     """The held-out cases' vessel prints of each modality, from their stored media."""
     out: dict[str, list[VesselPrint]] = {"cf": [], "ffa": []}
     for case in tqdm(cases, desc="vessel prints", disable=not progress):
-        out["cf"].append(cf_print(read_cf(case.cf_path), stored_circle(case.cf_fov)))
-        video = read_ffa(case.ffa_path)
-        out["ffa"].append(ffa_print(video, case.ffa_times_s, stored_circle(case.ffa_fov)))
+        for modality, prints in out.items():
+            prints.append(case_print(case, modality))
     return out
 
 
