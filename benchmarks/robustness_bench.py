@@ -36,18 +36,19 @@ from benchmarks.report import finish_report, report_header  # noqa: E402
 from encoder.embedder import embed_ffa_array  # noqa: E402
 from encoder.ranking import clinical_metrics, pair_metrics, pair_ranks  # noqa: E402
 from retrieval.data.cohort import Cohort  # noqa: E402
-from retrieval.data.media import read_cf, read_ffa  # noqa: E402
+from retrieval.data.media import read_cf  # noqa: E402
 from retrieval.data.training_data import load_paired  # noqa: E402
 from retrieval.data.vessel_check import (  # noqa: E402
     VESSEL_WEIGHT,
     VesselPrint,
     cf_print,
-    ffa_print,
+    checked_scores,
     top_agreements,
 )
 from retrieval.evaluation.retrieval import label_arrays  # noqa: E402
 from retrieval.models.embedding import QueryEncoder  # noqa: E402
 from retrieval.models.similarity import default_similarity  # noqa: E402
+from retrieval.search.vessels import case_print  # noqa: E402
 
 MAX_R1_DROP = 0.05
 
@@ -154,7 +155,7 @@ def split_of(cohort: Cohort, everything, split: str, progress: bool) -> Split:
         q={k: v[test] for k, v in labels.items()},
         a={k: v[archive] for k, v in labels.items()},
         photos=[read_cf(cases[i].cf_path) for i in test],  # as decoded, any size
-        prints=[ffa_print(read_ffa(c.ffa_path), c.ffa_times_s) for c in held],
+        prints=[case_print(c, "ffa") for c in held],  # as the engine prints a candidate
     )
 
 
@@ -184,9 +185,10 @@ def perturbation_rows(
     for name, arm in arms.items():
         plain = pair_metrics(pair_ranks(pair[name]))
         by_weight = {
-            w: pair_metrics(pair_ranks(pair[name] + w * agreements[name]))["R@1"] for w in weights
+            w: pair_metrics(pair_ranks(checked_scores(pair[name], agreements[name], w)))["R@1"]
+            for w in weights
         }
-        verified = pair_metrics(pair_ranks(pair[name] + VESSEL_WEIGHT * agreements[name]))
+        verified = pair_metrics(pair_ranks(checked_scores(pair[name], agreements[name])))
         clin = clinical_metrics((cf[name] * arm.w_same) @ arm.archive_cf.T, sp.q, sp.a)
         rows[name] = {
             "perturbation": pert,

@@ -135,11 +135,17 @@ def agreement(query: QueryPrint, candidate: VesselPrint) -> float:
     return best
 
 
+def checked_scores(scores, agreements, weight: float = VESSEL_WEIGHT) -> np.ndarray:
+    """Pair cosines and vessel agreements (any matching shapes) → the checked scores,
+    cosine + weight × agreement (float64): the one rule the engine, `evaluate` and the
+    robustness benchmark order by."""
+    return np.asarray(scores, np.float64) + weight * np.asarray(agreements, np.float64)
+
+
 def rerank(scores: Sequence[float], agreements: Sequence[float]) -> np.ndarray:
     """Hits' pair cosines and vessel agreements → their order by the checked score
     (best first; ties keep the given order)."""
-    checked = np.asarray(scores, np.float64) + VESSEL_WEIGHT * np.asarray(agreements, np.float64)
-    return np.argsort(-checked, kind="stable")
+    return np.argsort(-checked_scores(scores, agreements), kind="stable")
 
 
 def top_agreements(
@@ -149,9 +155,9 @@ def top_agreements(
     found: dict[tuple[int, int], float] | None = None,  # (q, n) → agreement, shared
 ) -> np.ndarray:
     """(Q, N) agreements of each query's CHECK_DEPTH best candidates with it, 0 elsewhere:
-    the vessel check's scores are `scores + VESSEL_WEIGHT × agreements` (the engine's
+    `checked_scores(scores, agreements)` are the vessel check's scores (the engine's
     order). `found` keeps the pairs compared, so that several rankings of the same
-    queries (embedders, weights) compare each pair once."""
+    queries (embedders, weights) compare each pair once; `checked_scores` adds them."""
     found = {} if found is None else found
     out = np.zeros(scores.shape, np.float64)
     for q in range(len(scores)):

@@ -35,7 +35,7 @@ from encoder.embedder import embed_ffa_array
 from encoder.ranking import clinical_metrics, pair_metrics, pair_ranks, ranks_from_order
 from retrieval.data.cohort import Cohort
 from retrieval.data.training_data import load_paired
-from retrieval.data.vessel_check import VESSEL_WEIGHT, VesselPrint, top_agreements
+from retrieval.data.vessel_check import VesselPrint, checked_scores, top_agreements
 from retrieval.errors import Fundus2VideoError
 from retrieval.evaluation.held_out import check_no_leak, check_split
 from retrieval.evaluation.suggestion import reliability_png, suggestion_metrics
@@ -163,7 +163,7 @@ def _pair_rows(enc: QueryEncoder, vectors: dict[str, np.ndarray], test: np.ndarr
     for name, q, g in (("cf2ffa", "cf", "ffa"), ("ffa2cf", "ffa", "cf")):
         scores = (vectors[q][test] * w) @ vectors[g][test].T
         found = top_agreements(scores, prints[q].__getitem__, prints[g])
-        checked[name] = pair_metrics(pair_ranks(scores + VESSEL_WEIGHT * found))
+        checked[name] = pair_metrics(pair_ranks(checked_scores(scores, found)))
     return {"pair": {**per, "pair+vessels": checked}, **per["pair"]}
 
 
