@@ -13,12 +13,13 @@ that its field-of-view circle fills. The query's print is warped once over `ANGL
 `SCALES` (`QueryPrint`; scales below 1 for a narrower camera field, above for a wider
 one); against each candidate the best shifts come from FFT cross-correlation on a
 half-size grid, and the `agreement` is the registration's tile quality (the lower
-quartile of the maps' correlation over 4 × 4 tiles, in [0, 1]) at the best of the
-`CANDIDATES` placements. `rerank` orders the `CHECK_DEPTH` best hits by
+quartile of the maps' correlation over 4 × 4 tiles, in [0, 1]) of the two maps, each
+smoothed by `MATCH_SMOOTH` pixels so that a placement a pixel off still counts, at the
+best of the `CANDIDATES` placements. `rerank` orders the `CHECK_DEPTH` best hits by
 
     pair cosine + VESSEL_WEIGHT × agreement
 
-(depth and weight chosen on a validation split, `docs/results.md`). A true pair agrees
+(depth, weight, smoothing and placements chosen on a validation split, `docs/results.md`). A true pair agrees
 at about 0.3-0.7; another eye mostly below 0.2. A print takes about 0.1 s and a comparison
 about 0.03 s on one CPU core.
 """
@@ -48,7 +49,8 @@ from .registration import (
 SIDE = 128  # the working grid's side, pixels
 ANGLES = tuple(float(a) for a in np.arange(-12.0, 12.01, 1.5))  # degrees
 SCALES = (0.75, 0.8, 0.87, 0.93, 1.0, 1.07, 1.15, 1.25, 1.33)  # candidate over query
-CANDIDATES = 3  # the coarse search's best placements, each scored by tile quality
+CANDIDATES = 6  # the coarse search's best placements, each scored by tile quality
+MATCH_SMOOTH = 0.7  # Gaussian sigma (grid pixels) of both maps before the tile quality
 CHECK_DEPTH = 20  # hits of a pair search that the vessel check re-ranks
 VESSEL_WEIGHT = 0.75  # agreement's weight beside the pair cosine
 
@@ -124,6 +126,7 @@ def agreement(query: QueryPrint, candidate: VesselPrint) -> float:
     reach = int(MAX_SHIFT * SIDE // 2)
     span = 2 * reach + 1
     corr = np.roll(corr, (reach, reach), axis=(1, 2))[:, :span, :span].reshape(len(corr), -1)
+    fixed = ndimage.gaussian_filter(candidate.vessels, MATCH_SMOOTH)
     best = 0.0
     for i in np.argsort(-corr.max(axis=1))[:CANDIDATES]:
         iy, ix = divmod(int(corr[i].argmax()), span)
@@ -131,7 +134,8 @@ def agreement(query: QueryPrint, candidate: VesselPrint) -> float:
         params = np.array([2.0 * (reach - ix), 2.0 * (reach - iy), deg, np.log(scale)])
         m = params_matrix(params, SIDE)
         warped = resample(query.print.vessels, np.linalg.inv(m), (SIDE, SIDE))
-        best = max(best, tile_quality(candidate.vessels, candidate.field, warped))
+        warped = ndimage.gaussian_filter(warped, MATCH_SMOOTH)
+        best = max(best, tile_quality(fixed, candidate.field, warped))
     return best
 
 
