@@ -150,6 +150,32 @@ def test_similarity_weights_pick_each_part(run_dir) -> None:
         similarity_weights(no_clinical, "clinical")
 
 
+def test_the_clinical_part_is_the_same_for_a_picture_and_its_mirror_image(run_dir) -> None:
+    from encoder.embedder import embed_ffa_array
+
+    e = create_embedder(SMALL, run_dir=run_dir)
+    data = toy_paired_videos(4, S, 4, seed=1)
+    mirror = np.ascontiguousarray(data.cf[:, :, ::-1])
+    z, zm = embed_cf_array(e, data.cf), embed_cf_array(e, mirror)
+    np.testing.assert_allclose(z[:, 16:], zm[:, 16:], atol=1e-5)  # the same disease ...
+    assert np.abs(z[:, :16] - zm[:, :16]).max() > 1e-3  # ... not the same eye
+    videos = np.ascontiguousarray(data.ffa[..., ::-1])
+    v = embed_ffa_array(e, data.ffa, data.times_s)
+    vm = embed_ffa_array(e, videos, data.times_s)
+    np.testing.assert_allclose(v[:, 16:], vm[:, 16:], atol=1e-5)
+    assert np.abs(v[:, :16] - vm[:, :16]).max() > 1e-3
+
+
+def test_the_embedder_id_names_how_vectors_are_made(tmp_path, run_dir, monkeypatch) -> None:
+    from encoder import embedder as module
+    from encoder.embedder import embedder_id, save_embedder
+
+    folder = save_embedder(tmp_path / "e", create_embedder(SMALL, run_dir=run_dir))
+    before = embedder_id(folder)
+    monkeypatch.setattr(module, "VECTOR_RECIPE", "clinical part: the picture alone")
+    assert embedder_id(folder) != before  # an index built the old way is refused
+
+
 def test_training_with_labels_trains_the_clinical_part(tmp_path, run_dir) -> None:
     data = toy_paired_videos(8, S, 4, seed=0)
     labels = CaseLabels(diagnoses=("A", "B") * 4, lesions=((), ("x",)) * 4)
