@@ -19,9 +19,9 @@ best of the `CANDIDATES` placements. `rerank` orders the `CHECK_DEPTH` best hits
 
     pair cosine + VESSEL_WEIGHT × agreement
 
-(depth, weight, smoothing and placements chosen on a validation split, `docs/results.md`). A true pair agrees
-at about 0.3-0.7; another eye mostly below 0.2. A print takes about 0.1 s and a comparison
-about 0.03 s on one CPU core.
+(depth, weight, smoothing and placements chosen on a validation split, `docs/results.md`).
+A true pair agrees at about 0.3-0.7; another eye mostly below 0.2. A print takes about
+0.1 s and a comparison about 0.03 s on one CPU core.
 """
 
 from __future__ import annotations
