@@ -298,3 +298,33 @@ def test_search_refuses_an_unknown_or_unsupported_similarity(pixel_cli):
     unsupported = invoke("search", index, photo, "--similarity", "clinical")
     assert unsupported.exit_code == 2
     assert "similarity must be one of pair" in unsupported.output
+
+
+def test_search_through_synthesis_is_scored_by_the_pair_similarity(monkeypatch) -> None:
+    """The synthesized video's pair part points at its own case, its clinical part at the
+    next one: scored by the pair similarity (as the engine does), synthesis finds each."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from retrieval.evaluation import retrieval as module
+
+    n = 4
+    eye = np.eye(n, dtype=np.float32)
+    ffa = np.concatenate([eye, np.roll(eye, 1, axis=1)], axis=1)  # (n, 2n)
+    synth = np.concatenate([eye, 2 * np.roll(eye, 2, axis=1)], axis=1)  # clinical: case i+1
+    pair_weights = np.concatenate([np.ones(n), np.zeros(n)]).astype(np.float32)
+    enc = SimpleNamespace(
+        embedder=None,
+        synthesize_unmarked=lambda im, t: (np.zeros((2, 8, 8), np.uint8), t),
+        similarity_weights=lambda kind: pair_weights if kind == "pair" else np.ones(2 * n),
+    )
+    monkeypatch.setattr(module, "embed_ffa_array", lambda *a: synth.copy())
+
+    class Held(SimpleNamespace):
+        def __len__(self) -> int:
+            return n
+
+    test = Held(cf=[None] * n, times_s=[np.zeros(2)] * n)
+    rows = module.via_synthesis(enc, test, ffa * pair_weights, ffa, progress=False)
+    assert rows["synthesis"]["R@1"] == 1.0 and rows["direct"]["R@1"] == 1.0

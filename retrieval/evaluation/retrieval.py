@@ -206,7 +206,8 @@ def _suggestion_rows(enc, vectors, labels, splits, test, archive) -> dict[str, A
 def via_synthesis(
     enc: QueryEncoder, test: Any, cf: np.ndarray, ffa: np.ndarray, progress: bool
 ) -> dict[str, Any]:
-    """CF→FFA direct vs through the synthesized video vs fused, on the same queries."""
+    """CF→FFA direct vs through the synthesized video vs fused, on the same queries, all
+    by the pair similarity (`cf`: the queries' vectors already weighted for it)."""
     synth = np.stack(
         [
             enc.synthesize_unmarked(im, t)[0]
@@ -219,6 +220,7 @@ def via_synthesis(
         ]
     )  # (N, T, S, S) at the cases' own frame times
     synth_emb = embed_ffa_array(enc.embedder, synth, test.times_s)
+    synth_emb *= enc.similarity_weights("pair")  # as the engine weights a synthesis query
     direct = np.argsort(-(cf @ ffa.T), axis=1, kind="stable")
     synthesis = np.argsort(-(synth_emb @ ffa.T), axis=1, kind="stable")
     fused = fuse_orders([direct, synthesis])
