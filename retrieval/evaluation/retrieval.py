@@ -220,7 +220,7 @@ def via_synthesis(
         ]
     )  # (N, T, S, S) at the cases' own frame times
     synth_emb = embed_ffa_array(enc.embedder, synth, test.times_s)
-    synth_emb *= enc.similarity_weights("pair")  # as the engine weights a synthesis query
+    synth_emb *= enc.similarity_weights("pair")  # as the engine's synthesis search by pair
     direct = np.argsort(-(cf @ ffa.T), axis=1, kind="stable")
     synthesis = np.argsort(-(synth_emb @ ffa.T), axis=1, kind="stable")
     fused = fuse_orders([direct, synthesis])
