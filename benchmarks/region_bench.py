@@ -98,13 +98,12 @@ class Gallery:
         self.clinical = self.vectors[:, self.dim :]
         self.clinical /= np.linalg.norm(self.clinical, axis=1, keepdims=True)
         with torch.no_grad():
-            feats = torch.cat(
-                [
-                    enc._cf_features([read_cf(c.cf_path) for c in self.cases[i : i + 64]])
-                    for i in range(0, len(self.cases), 64)
-                ]
-            )
-        self.feats = feats  # (N, C, g, g)
+            batches = [
+                enc._cf_features([read_cf(c.cf_path) for c in self.cases[i : i + 64]])
+                for i in range(0, len(self.cases), 64)
+            ]
+        # (N, C, g, g) each: the photos' grids and their mirror images'
+        self.feats = tuple(torch.cat(part) for part in zip(*batches, strict=True))
 
     def top(self, scores: np.ndarray, k: int) -> list[int]:
         return [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
@@ -112,7 +111,7 @@ class Gallery:
     def windows(self, qclin: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         e = self.engine.encoder.embedder
         with torch.no_grad():
-            win = e.cf_window_clinical_embed(self.feats, *shape)  # (N, a, b, c)
+            win = e.cf_window_clinical_embed(*self.feats, *shape)  # (N, a, b, c)
             s = win @ torch.from_numpy(qclin)
         return s.flatten(1).amax(1).numpy()
 

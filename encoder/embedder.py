@@ -370,17 +370,27 @@ class Embedder(nn.Module):
         mean = (w[..., None] * pooled).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
         return F.normalize(head.project(mean), dim=-1)
 
-    def cf_region_clinical_embed(self, feats: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        """Backbone grids (B, C, g, g), bool (g, g) mask → the clinical part (B, clinical_dim)
-        of those regions' content alone (location-invariant), L2-normalised."""
+    def cf_region_clinical_embed(
+        self, feats: torch.Tensor, mirrored: torch.Tensor, regions: torch.Tensor
+    ) -> torch.Tensor:
+        """Backbone grids of photos and of their mirror images (B, C, g, g), bool (g, g) mask
+        → the clinical part (B, clinical_dim) of those regions' content alone
+        (location-invariant), averaged with the mirrored regions' as `embed_cf` does."""
         head = self.cf_clinical
-        return F.normalize(head.project(head.pool_regions(feats, regions)), dim=-1)
+        own = F.normalize(head.project(head.pool_regions(feats, regions)), dim=-1)
+        mirror = F.normalize(head.project(head.pool_regions(mirrored, regions.flip(-1))), dim=-1)
+        return F.normalize(own + mirror, dim=-1)
 
-    def cf_window_clinical_embed(self, feats: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        """Backbone grids (B, C, g, g) → (B, g - rows + 1, g - cols + 1, clinical_dim): the
-        clinical part of every window of rows x cols regions, L2-normalised."""
+    def cf_window_clinical_embed(
+        self, feats: torch.Tensor, mirrored: torch.Tensor, rows: int, cols: int
+    ) -> torch.Tensor:
+        """Backbone grids of photos and of their mirror images (B, C, g, g) → (B, g - rows + 1,
+        g - cols + 1, clinical_dim): the clinical part of every window of rows x cols
+        regions, averaged with the mirrored window's as `embed_cf` does."""
         head = self.cf_clinical
-        return F.normalize(head.project(head.pool_windows(feats, rows, cols)), dim=-1)
+        own = F.normalize(head.project(head.pool_windows(feats, rows, cols)), dim=-1)
+        mirror = F.normalize(head.project(head.pool_windows(mirrored, rows, cols)), dim=-1)
+        return F.normalize(own + mirror.flip(2), dim=-1)  # window c ↔ its mirror's last - c
 
     def join(self, pair: torch.Tensor, clinical: torch.Tensor | None) -> torch.Tensor:
         """Unit pair (B, dim) and clinical (B, clinical_dim) parts → the stored (B, out_dim)."""

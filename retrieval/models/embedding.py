@@ -196,9 +196,10 @@ class QueryEncoder:
     @torch.no_grad()
     def _cf_features(
         self, images: Sequence[np.ndarray], circles: Sequence[FovCircle | None] | None = None
-    ) -> torch.Tensor:
-        cf = self.squares(images, circles)  # (N, S, S, 3)
-        return self.embedder.cf_features(cf_tensor(cf).to(self.embedder.device))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone grids (N, C, g, g) of the photos and of their mirror images."""
+        cf = cf_tensor(self.squares(images, circles)).to(self.embedder.device)  # (N, 3, S, S)
+        return self.embedder.cf_features(cf), self.embedder.cf_features(cf.flip(-1))
 
     @torch.no_grad()
     def embed_cf_region(
@@ -213,10 +214,12 @@ class QueryEncoder:
         mask[cells[0] : cells[1], cells[2] : cells[3]] = True
         out = [np.zeros((0, self.dim), np.float32)]
         for i in range(0, len(images), EMBED_BATCH_SIZE):
-            feats = self._cf_features(images[i : i + EMBED_BATCH_SIZE])
+            feats, mirrored = self._cf_features(images[i : i + EMBED_BATCH_SIZE])
             keep = mask.flatten().repeat_interleave(e.config.dim // (g * g)).float()
             pair = torch.nn.functional.normalize(e.cf_head(feats) * keep, dim=-1)
-            clinical = e.cf_region_clinical_embed(feats, mask) if e.config.clinical_dim else None
+            clinical = None
+            if e.config.clinical_dim:
+                clinical = e.cf_region_clinical_embed(feats, mirrored, mask)
             out.append(e.join(pair, clinical).float().cpu().numpy())
         return np.concatenate(out)
 
@@ -239,8 +242,9 @@ class QueryEncoder:
         q = torch.nn.functional.normalize(q, dim=0)
         maps = [np.zeros((0, *(self.region_grid - n + 1 for n in shape)), np.float32)]
         for i in range(0, len(images), EMBED_BATCH_SIZE):
-            feats = self._cf_features(images[i : i + EMBED_BATCH_SIZE])
-            maps.append((e.cf_window_clinical_embed(feats, *shape) @ q).float().cpu().numpy())
+            feats, mirrored = self._cf_features(images[i : i + EMBED_BATCH_SIZE])
+            windows = e.cf_window_clinical_embed(feats, mirrored, *shape)
+            maps.append((windows @ q).float().cpu().numpy())
         return np.concatenate(maps)
 
     @property
