@@ -351,6 +351,12 @@ class Embedder(nn.Module):
         return logits.softmax(-1)
 
     @staticmethod
+    def _with_mirror(own: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+        """Unit clinical vectors of a picture and of its mirror image → their mean direction
+        (the rule `VECTOR_RECIPE` names)."""
+        return F.normalize(own + mirror, dim=-1)
+
+    @staticmethod
     def _unflip_regions(parts: torch.Tensor, g: int) -> torch.Tensor:
         """Per-region parts (..., g², D) of a mirror image → the same parts at the regions
         of the picture itself (columns reversed)."""
@@ -379,7 +385,7 @@ class Embedder(nn.Module):
         head = self.cf_clinical
         own = F.normalize(head.project(head.pool_regions(feats, regions)), dim=-1)
         mirror = F.normalize(head.project(head.pool_regions(mirrored, regions.flip(-1))), dim=-1)
-        return F.normalize(own + mirror, dim=-1)
+        return self._with_mirror(own, mirror)
 
     def cf_window_clinical_embed(
         self, feats: torch.Tensor, mirrored: torch.Tensor, rows: int, cols: int
@@ -390,7 +396,7 @@ class Embedder(nn.Module):
         head = self.cf_clinical
         own = F.normalize(head.project(head.pool_windows(feats, rows, cols)), dim=-1)
         mirror = F.normalize(head.project(head.pool_windows(mirrored, rows, cols)), dim=-1)
-        return F.normalize(own + mirror.flip(2), dim=-1)  # window c ↔ its mirror's last - c
+        return self._with_mirror(own, mirror.flip(2))  # window c ↔ its mirror's last - c
 
     def join(self, pair: torch.Tensor, clinical: torch.Tensor | None) -> torch.Tensor:
         """Unit pair (B, dim) and clinical (B, clinical_dim) parts → the stored (B, out_dim)."""
@@ -408,7 +414,7 @@ class Embedder(nn.Module):
         clinical = None
         if self.config.clinical_dim:
             mirror = self.cf_clinical_embed(self.cf_features(cf.flip(-1)))
-            clinical = F.normalize(self.cf_clinical_embed(feats) + mirror, dim=-1)
+            clinical = self._with_mirror(self.cf_clinical_embed(feats), mirror)
         return self.join(self.cf_head_embed(feats), clinical).float()
 
     def embed_ffa(
@@ -422,7 +428,7 @@ class Embedder(nn.Module):
         if self.config.clinical_dim:
             flipped = self.ffa_features(frames.flip(-1), times_s, mask)
             mirror = self.ffa_clinical_embed(flipped, mask)
-            clinical = F.normalize(self.ffa_clinical_embed(feats, mask) + mirror, dim=-1)
+            clinical = self._with_mirror(self.ffa_clinical_embed(feats, mask), mirror)
         return self.join(pair, clinical).float()
 
     # ------------------------------------------------------------------ explanation

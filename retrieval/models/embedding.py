@@ -196,10 +196,12 @@ class QueryEncoder:
     @torch.no_grad()
     def _cf_features(
         self, images: Sequence[np.ndarray], circles: Sequence[FovCircle | None] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The backbone grids (N, C, g, g) of the photos and of their mirror images."""
-        cf = cf_tensor(self.squares(images, circles)).to(self.embedder.device)  # (N, 3, S, S)
-        return self.embedder.cf_features(cf), self.embedder.cf_features(cf.flip(-1))
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The backbone grids (N, C, g, g) of the photos and of their mirror images (None
+        without a clinical part, which alone reads them)."""
+        e = self.embedder
+        cf = cf_tensor(self.squares(images, circles)).to(e.device)  # (N, 3, S, S)
+        return e.cf_features(cf), e.cf_features(cf.flip(-1)) if e.config.clinical_dim else None
 
     @torch.no_grad()
     def embed_cf_region(
