@@ -9,10 +9,14 @@ import pytest
 from typer.testing import CliRunner
 
 from encoder import create_generator, synthesize
+from encoder.testing import micro_scale
 from retrieval.apps.cli import app
+from retrieval.data.cohort import Cohort
 from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.media_write import mark_synthetic
 from retrieval.data.phantom import write_phantom_cohort
+from retrieval.data.registration import register_cohort
+from retrieval.models.generation import train_run
 
 runner = CliRunner()
 
@@ -113,3 +117,27 @@ def test_evaluate_reports_models_and_baselines_on_held_out_patients(cohort, run,
     )
     assert leak.exit_code == 2 and "shares" in leak.output
     assert not (tmp_path / "leak.json").exists()
+
+
+def test_train_records_how_many_pairs_are_registered(tmp_path, caplog):
+    cohort = write_phantom_cohort(
+        tmp_path / "c", cases=6, size=64, frames=5, seed=2, progress=False
+    )
+    kw = {"scale": micro_scale(32), "iters": 1, "preview_every": 0, "progress": False}
+
+    def trained(out):
+        caplog.clear()
+        train_run(cohort, tmp_path / out, **kw)
+        warned = any("not registered" in r.getMessage() for r in caplog.records)
+        info = json.loads((tmp_path / out / "training_options.json").read_text())["data"]
+        return info["registered_pairs"], warned, (tmp_path / out / "log.txt").read_text()
+
+    with caplog.at_level("WARNING", logger="retrieval"):
+        registered, warned, log_text = trained("before")
+        assert registered == 0 and warned and "registered_pairs" in log_text
+        register_cohort(cohort, progress=False)
+        train = Cohort.open(cohort).cases("train")
+        ok = sum(case.registration_status == "ok" for case in train)
+        assert ok > 0
+        registered, warned, _ = trained("after")
+    assert registered == ok and warned == (ok < len(train))

@@ -122,9 +122,12 @@ def training_loop(
     progress: bool = True,
     progress_fn: Callable[[dict[str, Any]], None] | None = None,
     abort_fn: Callable[[], bool] | None = None,
+    data_notes: dict[str, Any] | None = None,  # more facts of the data for the run's record
     **changes: Any,  # GeneratorTrainOptions fields, replacing those of `options`
 ) -> TrainingSummary:
-    """Train a Fundus2Video generator; resumable; see the module docstring for the run folder."""
+    """Train a Fundus2Video generator; resumable; see the module docstring for the run folder.
+    `data_notes` (e.g. how many pairs are registered) go into training_options.json's
+    "data" and the run's log."""
     options = GeneratorTrainOptions.merged(options, changes)
     distributed.setup()  # a no-op unless started by torchrun with several processes
     run_dir = Path(run_dir)
@@ -152,7 +155,7 @@ def training_loop(
         if resuming:
             run.resume()
         else:
-            run.begin(data)
+            run.begin(data, data_notes or {})
         return run.train()
 
 
@@ -252,15 +255,17 @@ class _GeneratorRun:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"G": self.opt_g, "D": self.opt_d}
 
-    def begin(self, data: PairedVideos) -> None:
+    def begin(self, data: PairedVideos, notes: dict[str, Any]) -> None:
         """A new run: training_options.json and the first preview; the clock starts."""
+        if notes:
+            log.info("training data: %d pairs, %s", len(data), notes)
         self.session.write_options(
             self.options.to_dict(),
             amp=self.amp_dtype,
             model=self.scale.to_dict(),
             # the median time of each frame position: the default times of `generate`
             data=data_summary(
-                data, median_times_s=np.median(data.times_s, axis=0).round(3).tolist()
+                data, median_times_s=np.median(data.times_s, axis=0).round(3).tolist(), **notes
             ),
         )
         self.preview()
