@@ -41,7 +41,7 @@ def train_run(
 ) -> TrainingSummary:
     """Train a generator on the cohort's train split (previews from its val split). A
     registered pair's CF is warped onto its FFA (`case_squares`); the run records how many
-    pairs are, and warns when some are not."""
+    pairs are, and warns when some were never registered."""
     options = GeneratorTrainOptions.merged(options, changes)
     out = Path(out)
     distributed.setup()  # under torchrun: join the other processes (else a no-op)
@@ -56,13 +56,18 @@ def train_run(
         val = load_paired(
             opened, size=size, split="val", frames=train.frames, limit=4, progress=False
         )
-    registered = sum(case.registration_status == "ok" for case in opened.cases("train"))
-    if registered < len(train):
+    statuses = [case.registration_status for case in opened.cases("train")]
+    registered, failed, never = (statuses.count(s) for s in ("ok", "failed", None))
+    if never:
         log.warning(
-            "%s: %d of %d training pairs are not registered (CF and FFA a few pixels apart), "
-            "which blurs the generated vessels; `fundus2video register %s` registers them",
-            opened.root, len(train) - registered, len(train), opened.root,
+            "%s: %d of %d training pairs were never registered (CF and FFA a few pixels "
+            "apart), which blurs the generated vessels; `fundus2video register %s` first",
+            opened.root, never, len(statuses), opened.root,
         )  # fmt: skip
+    if failed:
+        log.info(
+            "%s: %d training pairs failed registration (kept unregistered)", opened.root, failed
+        )
     return training_loop(
         options,
         run_dir=out,
