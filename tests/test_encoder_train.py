@@ -91,6 +91,32 @@ def test_ablation_steps(data) -> None:
     assert "Loss/D_knowledge_real" not in stats and stats["Loss/G_gan_knowledge"] == 0.0
 
 
+def test_mask_without_its_discriminator_still_weights_the_losses(tmp_path, data) -> None:
+    """The no-knowledge-discriminator variant: no knowledge-aware D, but the mask still
+    weights the L1 (and the PatchNCE sampling), unlike the no-knowledge-mask variant."""
+    nets = Nets.build(micro_scale(), knowledge=False)
+    twin = copy.deepcopy(nets)
+    batch = _fixed_batch(data)
+    assert batch.mask.sum() > 0
+    torch.manual_seed(0)
+    masked = train_step(
+        nets, *make_optimizers(nets), batch, StepOptions(True, True, knowledge_discriminator=False)
+    )
+    torch.manual_seed(0)
+    plain = train_step(twin, *make_optimizers(twin), batch, StepOptions(False, True))
+    assert "Loss/D_knowledge_real" not in masked and masked["Loss/G_gan_knowledge"] == 0.0
+    assert masked["Loss/G_l1"] != pytest.approx(plain["Loss/G_l1"], rel=1e-3)
+    # a run records the flag, saves no knowledge-aware D and resumes only as it started
+    run = tmp_path / "nkd"
+    training_loop(run_dir=run, data=data, iters=2, knowledge_discriminator=False, **RUN)
+    assert read_checkpoint_config(run)["training"]["knowledge_discriminator"] is False
+    state = load_file(str(run / "training-state.safetensors"))
+    assert any(k.startswith("D.") for k in state)
+    assert not any(k.startswith("D_knowledge.") for k in state)
+    with pytest.raises(ConfigError, match="uses_knowledge_discriminator"):
+        training_loop(run_dir=run, data=data, iters=3, resume=True, **RUN)
+
+
 def test_schedules() -> None:
     assert schedule(0.2) == 1.0 and schedule(0.75) == pytest.approx(0.5) and schedule(1.0) == 0.0
     assert scheduled_sampling_prob(0.05, 0.5, 0.1, 0.6) == 0.0

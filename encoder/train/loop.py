@@ -48,6 +48,9 @@ class GeneratorTrainOptions(TrainOptions):
 
     scale: str | ScaleConfig = "tiny"  # a bundled scale's name, or the config itself
     knowledge_mask: bool = True
+    # the second, knowledge-aware discriminator pass on masked windows (only with the mask;
+    # without it the mask still weights the L1 and the PatchNCE sampling)
+    knowledge_discriminator: bool = True
     knowledge_centred: bool = True  # centre frames on their FOV median before differencing
     knowledge_threshold: float = KNOWLEDGE_THRESHOLD
     autoregressive: bool = True
@@ -69,6 +72,11 @@ class GeneratorTrainOptions(TrainOptions):
         super().__post_init__()
         if self.precision not in ("auto", "float32"):
             raise ConfigError(f"precision must be auto or float32, got {self.precision!r}")
+
+    @property
+    def uses_knowledge_discriminator(self) -> bool:
+        """Whether the knowledge-aware discriminator trains (it needs the knowledge mask)."""
+        return self.knowledge_mask and self.knowledge_discriminator
 
     def scale_config(self) -> ScaleConfig:
         """The model: the scale with this run's autoregressive flag."""
@@ -172,16 +180,17 @@ def _resuming(run_dir: Path, resume: bool) -> bool:
 
 
 def _check_resume(state_path: Path, scale: ScaleConfig, options: GeneratorTrainOptions) -> None:
-    """A run resumes with the model and knowledge mask it started with."""
+    """A run resumes with the model, knowledge mask and discriminators it started with."""
     meta = read_training_meta(state_path)
     saved = ScaleConfig.from_dict(meta["scale"])
     if saved != scale:
         raise ConfigError(f"resume with a different model config: saved {saved}, asked {scale}")
-    saved_mask = GeneratorTrainOptions.from_dict(meta["options"]).knowledge_mask
-    if saved_mask != options.knowledge_mask:
-        raise ConfigError(
-            f"resume with knowledge_mask={options.knowledge_mask}, run used {saved_mask}"
-        )
+    run = GeneratorTrainOptions.from_dict(meta["options"])
+    for flag in ("knowledge_mask", "uses_knowledge_discriminator"):
+        if getattr(run, flag) != getattr(options, flag):
+            raise ConfigError(
+                f"resume with {flag}={getattr(options, flag)}, run used {getattr(run, flag)}"
+            )
 
 
 @dataclass
@@ -215,7 +224,9 @@ class _GeneratorRun:
         autocast, amp_dtype, use_scaler = _amp(session.device, o.precision)
         torch.manual_seed(o.seed)
         np_rng = np.random.default_rng(o.seed)
-        nets = Nets.build(scale, knowledge=o.knowledge_mask, vgg_weights=o.vgg_weights)
+        nets = Nets.build(
+            scale, knowledge=o.uses_knowledge_discriminator, vgg_weights=o.vgg_weights
+        )
         nets.to(session.device)
         if amp_dtype == "bfloat16" and session.device.type == "cpu":
             # oneDNN's fast layout for G's convolutions; not for the discriminators, whose
@@ -247,7 +258,12 @@ class _GeneratorRun:
             np_rng=np_rng,
             sampler=sampler,
             preview_set=shown.subset(range(min(o.preview_cases, len(shown)))),
-            step_options=StepOptions(o.knowledge_mask, o.autoregressive, o.loss_weights),
+            step_options=StepOptions(
+                o.knowledge_mask,
+                o.autoregressive,
+                o.loss_weights,
+                knowledge_discriminator=o.uses_knowledge_discriminator,
+            ),
             part=distributed.part(o.batch_size),
         )
 

@@ -156,9 +156,10 @@ class WindowSampler:
 
 @dataclass(frozen=True)
 class StepOptions:
-    knowledge_mask: bool = True
+    knowledge_mask: bool = True  # mask-weighted L1 and PatchNCE sampling
     autoregressive: bool = True
     weights: LossWeights = LossWeights()
+    knowledge_discriminator: bool = True  # with the mask: the knowledge-aware D's pass
 
 
 def _blacken(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -233,7 +234,9 @@ def train_step(
     cond = torch.cat([batch.cf, prev], 1)  # (B, 3 + K, S, S)
     with ctx:
         fake = nets.G(batch.cf, prev, batch.times)  # (B, K, S, S)
-        preds = discriminate(nets, batch, cond, fake, options.knowledge_mask)
+        preds = discriminate(
+            nets, batch, cond, fake, options.knowledge_mask and options.knowledge_discriminator
+        )
     g_losses = generator_phase(nets, opt_g, batch, fake, preds, options, ctx, scaler_g)
     d_losses = discriminator_phase(opt_d, preds, options.weights, scaler_d)
     return sampling | loss_stats(d_losses | g_losses)

@@ -418,7 +418,10 @@ def train(
     iters: Annotated[int | None, typer.Option(min=0, help="Iteration budget.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     variant: Annotated[
-        str, typer.Option(help="full, or an ablation: no-knowledge-mask, per-frame.")
+        str,
+        typer.Option(
+            help="full, or an ablation: no-knowledge-mask, no-knowledge-discriminator, per-frame."
+        ),
     ] = "full",
     batch_size: Annotated[int, typer.Option(min=1, help=BATCH_SIZE_HELP)] = 4,
     seed: Annotated[int, typer.Option()] = 0,

@@ -23,9 +23,11 @@ from retrieval.errors import Fundus2VideoError, OutputExists, QueryError
 
 log = logging.getLogger(__name__)
 
-VARIANTS = {  # name -> GeneratorTrainOptions flags; the full model and its two ablations
+VARIANTS = {  # name -> GeneratorTrainOptions flags; the full model and its ablations
     "full": {"knowledge_mask": True, "autoregressive": True},
     "no-knowledge-mask": {"knowledge_mask": False, "autoregressive": True},
+    # the mask still weights the L1 and the PatchNCE sampling; no knowledge-aware D
+    "no-knowledge-discriminator": {"knowledge_mask": True, "knowledge_discriminator": False},
     "per-frame": {"knowledge_mask": True, "autoregressive": False},
 }
 
