@@ -73,10 +73,14 @@ class GeneratorTrainOptions(TrainOptions):
         if self.precision not in ("auto", "float32"):
             raise ConfigError(f"precision must be auto or float32, got {self.precision!r}")
 
-    @property
-    def uses_knowledge_discriminator(self) -> bool:
-        """Whether the knowledge-aware discriminator trains (it needs the knowledge mask)."""
-        return self.knowledge_mask and self.knowledge_discriminator
+    def step_options(self) -> StepOptions:
+        """What each training step does with the mask, the previous frames and the losses."""
+        return StepOptions(
+            self.knowledge_mask,
+            self.autoregressive,
+            self.loss_weights,
+            knowledge_discriminator=self.knowledge_discriminator,
+        )
 
     def scale_config(self) -> ScaleConfig:
         """The model: the scale with this run's autoregressive flag."""
@@ -185,11 +189,12 @@ def _check_resume(state_path: Path, scale: ScaleConfig, options: GeneratorTrainO
     saved = ScaleConfig.from_dict(meta["scale"])
     if saved != scale:
         raise ConfigError(f"resume with a different model config: saved {saved}, asked {scale}")
-    run = GeneratorTrainOptions.from_dict(meta["options"])
+    run = GeneratorTrainOptions.from_dict(meta["options"]).step_options()
+    asked = options.step_options()
     for flag in ("knowledge_mask", "uses_knowledge_discriminator"):
-        if getattr(run, flag) != getattr(options, flag):
+        if getattr(run, flag) != getattr(asked, flag):
             raise ConfigError(
-                f"resume with {flag}={getattr(options, flag)}, run used {getattr(run, flag)}"
+                f"resume with {flag}={getattr(asked, flag)}, run used {getattr(run, flag)}"
             )
 
 
@@ -224,8 +229,9 @@ class _GeneratorRun:
         autocast, amp_dtype, use_scaler = _amp(session.device, o.precision)
         torch.manual_seed(o.seed)
         np_rng = np.random.default_rng(o.seed)
+        step_options = o.step_options()
         nets = Nets.build(
-            scale, knowledge=o.uses_knowledge_discriminator, vgg_weights=o.vgg_weights
+            scale, knowledge=step_options.uses_knowledge_discriminator, vgg_weights=o.vgg_weights
         )
         nets.to(session.device)
         if amp_dtype == "bfloat16" and session.device.type == "cpu":
@@ -258,12 +264,7 @@ class _GeneratorRun:
             np_rng=np_rng,
             sampler=sampler,
             preview_set=shown.subset(range(min(o.preview_cases, len(shown)))),
-            step_options=StepOptions(
-                o.knowledge_mask,
-                o.autoregressive,
-                o.loss_weights,
-                knowledge_discriminator=o.uses_knowledge_discriminator,
-            ),
+            step_options=step_options,
             part=distributed.part(o.batch_size),
         )
 

@@ -161,6 +161,11 @@ class StepOptions:
     weights: LossWeights = LossWeights()
     knowledge_discriminator: bool = True  # with the mask: the knowledge-aware D's pass
 
+    @property
+    def uses_knowledge_discriminator(self) -> bool:
+        """Whether the knowledge-aware discriminator looks (it needs the knowledge mask)."""
+        return self.knowledge_mask and self.knowledge_discriminator
+
 
 def _blacken(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Keep x inside the mask (B, 1, S, S), black (-1) outside."""
@@ -234,9 +239,7 @@ def train_step(
     cond = torch.cat([batch.cf, prev], 1)  # (B, 3 + K, S, S)
     with ctx:
         fake = nets.G(batch.cf, prev, batch.times)  # (B, K, S, S)
-        preds = discriminate(
-            nets, batch, cond, fake, options.knowledge_mask and options.knowledge_discriminator
-        )
+        preds = discriminate(nets, batch, cond, fake, options.uses_knowledge_discriminator)
     g_losses = generator_phase(nets, opt_g, batch, fake, preds, options, ctx, scaler_g)
     d_losses = discriminator_phase(opt_d, preds, options.weights, scaler_d)
     return sampling | loss_stats(d_losses | g_losses)
