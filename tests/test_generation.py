@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from encoder import create_generator, synthesize
@@ -62,6 +63,28 @@ def test_train_records_training_patients_and_resumes(cohort, run):
         app, ["train", str(cohort), "--out", str(run), "--iters", "3", "--stage", "generator"]
     )
     assert refused.exit_code == 2 and "already holds files" in refused.output
+
+
+def test_train_variant_sets_the_runs_flags(cohort, tmp_path):
+    """--variant names a set of GeneratorTrainOptions flags, recorded in the run; the
+    per-frame generator saves no knowledge-aware D when that is dropped too."""
+    out = tmp_path / "pfnk"
+    result = runner.invoke(
+        app,
+        ["train", str(cohort), "--out", str(out), "--iters", "1", "--stage", "generator",
+         "--variant", "per-frame-no-knowledge-discriminator"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    opts = json.loads((out / "training_options.json").read_text())
+    assert opts["autoregressive"] is False and opts["knowledge_discriminator"] is False
+    assert opts["knowledge_mask"] is True and create_generator(out).config.autoregressive is False
+    state = load_file(str(out / "training-state.safetensors"))
+    assert not any(k.startswith("D_knowledge.") for k in state)
+    bad = runner.invoke(
+        app, ["train", str(cohort), "--out", str(tmp_path / "x"), "--iters", "1",
+              "--stage", "generator", "--variant", "per-frame-no-mask"],
+    )  # fmt: skip
+    assert bad.exit_code == 2 and "--variant must be one of" in bad.output
 
 
 def test_generate_writes_a_marked_video(cohort, run, tmp_path):

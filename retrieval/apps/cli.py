@@ -420,7 +420,8 @@ def train(
     variant: Annotated[
         str,
         typer.Option(
-            help="full, or an ablation: no-knowledge-mask, no-knowledge-discriminator, per-frame."
+            help="full, or an ablation: no-knowledge-mask, no-knowledge-discriminator, "
+            "per-frame, per-frame-no-knowledge-discriminator."
         ),
     ] = "full",
     batch_size: Annotated[int, typer.Option(min=1, help=BATCH_SIZE_HELP)] = 4,

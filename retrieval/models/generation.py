@@ -29,6 +29,11 @@ VARIANTS = {  # name -> GeneratorTrainOptions flags; the full model and its abla
     # the mask still weights the L1 and the PatchNCE sampling; no knowledge-aware D
     "no-knowledge-discriminator": {"knowledge_mask": True, "knowledge_discriminator": False},
     "per-frame": {"knowledge_mask": True, "autoregressive": False},
+    "per-frame-no-knowledge-discriminator": {
+        "knowledge_mask": True,
+        "autoregressive": False,
+        "knowledge_discriminator": False,
+    },
 }
 
 
