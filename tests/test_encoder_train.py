@@ -114,7 +114,9 @@ def test_mask_without_its_discriminator_still_weights_the_losses(tmp_path, data)
     assert any(k.startswith("D.") for k in state)
     assert not any(k.startswith("D_knowledge.") for k in state)
     with pytest.raises(ConfigError, match="uses_knowledge_discriminator"):
-        training_loop(run_dir=run, data=data, iters=3, resume=True, **RUN)
+        training_loop(
+            run_dir=run, data=data, iters=3, resume=True, knowledge_discriminator=True, **RUN
+        )
 
 
 def test_schedules() -> None:
@@ -141,6 +143,7 @@ def test_run_folder(tmp_path, data) -> None:
     assert Image.open(run / "previews" / "preview-000004.png").size[1] > 2 * 96
     cfg = read_checkpoint_config(run)
     assert cfg["iteration"] == 4 and cfg["training"]["autoregressive"] is True
+    assert cfg["training"]["knowledge_discriminator"] is False  # the default
     g = create_generator(run)
     state = load_file(str(run / "training-state.safetensors"))
     assert all(torch.equal(v, state[f"G.{k}"]) for k, v in g.state_dict().items())
@@ -166,6 +169,7 @@ def test_training_precision_is_recorded_and_its_weights_load(tmp_path, data, pre
 def test_resume_continues_exactly(tmp_path, data) -> None:
     """3 iterations + resume to 6 == 6 in one go (constant lr, no scheduled sampling ramp)."""
     kw = dict(RUN, lr_decay_start=1.0, ss_start=0.0, ss_end=0.0, ss_max=0.5)
+    kw["knowledge_discriminator"] = True  # the paper's model: both discriminators resume
     training_loop(run_dir=tmp_path / "a", data=data, iters=6, **kw)
     training_loop(run_dir=tmp_path / "b", data=data, iters=3, **kw)
     summary = training_loop(run_dir=tmp_path / "b", data=data, iters=6, resume=True, **kw)
@@ -192,12 +196,15 @@ def test_budget_and_abort(tmp_path, data) -> None:
     assert read_checkpoint_config(tmp_path / "x")["iteration"] == 2
 
 
-@pytest.mark.parametrize("flag", ["knowledge_mask", "autoregressive"])
-def test_ablation_runs_train_and_record_the_flag(tmp_path, data, flag) -> None:
-    s = training_loop(run_dir=tmp_path / flag, data=data, iters=3, **{flag: False}, **RUN)
+@pytest.mark.parametrize(
+    "flag, value",
+    [("knowledge_mask", False), ("autoregressive", False), ("knowledge_discriminator", True)],
+)
+def test_variant_runs_train_and_record_the_flag(tmp_path, data, flag, value) -> None:
+    s = training_loop(run_dir=tmp_path / flag, data=data, iters=3, **{flag: value}, **RUN)
     assert s.iterations == 3 and np.isfinite(s.last_stats["Loss/G_total"])
     cfg = read_checkpoint_config(tmp_path / flag)
-    assert cfg["training"][flag] is False
+    assert cfg["training"][flag] is value
     g = create_generator(tmp_path / flag)
     assert g.config.autoregressive is (flag != "autoregressive")
     assert synthesize(g, data.cf[0], data.times_s[0]).shape == (6, 32, 32)

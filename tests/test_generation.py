@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -11,13 +12,15 @@ from typer.testing import CliRunner
 
 from encoder import create_generator, synthesize
 from encoder.testing import micro_scale
+from encoder.train import GeneratorTrainOptions
+from retrieval.apps import cli
 from retrieval.apps.cli import app
 from retrieval.data.cohort import Cohort
 from retrieval.data.media import read_cf, read_ffa
 from retrieval.data.media_write import mark_synthetic
 from retrieval.data.phantom import write_phantom_cohort
 from retrieval.data.registration import register_cohort
-from retrieval.models.generation import train_run
+from retrieval.models.generation import DEFAULT_VARIANT, VARIANTS, train_run
 
 runner = CliRunner()
 
@@ -85,6 +88,18 @@ def test_train_variant_sets_the_runs_flags(cohort, tmp_path):
               "--stage", "generator", "--variant", "per-frame-no-mask"],
     )  # fmt: skip
     assert bad.exit_code == 2 and "--variant must be one of" in bad.output
+
+
+def test_the_default_variant_is_the_options_defaults():
+    """`train` without --variant, `train_run` without flags and `make demo` train the same
+    generator: DEFAULT_VARIANT, whose flags are GeneratorTrainOptions' defaults."""
+    defaults = GeneratorTrainOptions(iters=1)
+    assert inspect.signature(cli.train).parameters["variant"].default == DEFAULT_VARIANT
+    for name, flags in VARIANTS.items():
+        assert flags.keys() == VARIANTS[DEFAULT_VARIANT].keys(), name  # every flag explicit
+    assert all(getattr(defaults, k) == v for k, v in VARIANTS[DEFAULT_VARIANT].items())
+    # a run recorded before the flag existed had the knowledge-aware discriminator
+    assert GeneratorTrainOptions.from_dict({"iters": 1}).knowledge_discriminator is True
 
 
 def test_generate_writes_a_marked_video(cohort, run, tmp_path):

@@ -403,6 +403,12 @@ TRAIN_PRECISION_HELP = (
     "with AVX512-BF16) or float32."
 )
 
+VARIANT_HELP = (
+    "no-knowledge-discriminator (the default: level with the paper's model and faster), "
+    "full (the paper's model, with the knowledge-aware discriminator), or no-knowledge-mask, "
+    "per-frame, per-frame-no-knowledge-discriminator."
+)
+
 CF_HISTOGRAM_MATCH_HELP = (
     "Embedder: match each CF photo's colour channels to the training photos' histogram "
     "(undoes exposure, gamma and colour balance)."
@@ -417,13 +423,7 @@ def train(
     minutes: Annotated[float | None, typer.Option(min=0.01, help="Wall-clock budget.")] = None,
     iters: Annotated[int | None, typer.Option(min=0, help="Iteration budget.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
-    variant: Annotated[
-        str,
-        typer.Option(
-            help="full, or an ablation: no-knowledge-mask, no-knowledge-discriminator, "
-            "per-frame, per-frame-no-knowledge-discriminator."
-        ),
-    ] = "full",
+    variant: Annotated[str, typer.Option(help=VARIANT_HELP)] = "no-knowledge-discriminator",
     batch_size: Annotated[int, typer.Option(min=1, help=BATCH_SIZE_HELP)] = 4,
     seed: Annotated[int, typer.Option()] = 0,
     vgg_weights: Annotated[
