@@ -24,10 +24,10 @@ from retrieval.errors import Fundus2VideoError, OutputExists, QueryError
 log = logging.getLogger(__name__)
 
 # name -> GeneratorTrainOptions flags, each set explicitly: the paper's model ("full") and
-# its ablations. The default (GeneratorTrainOptions' defaults) drops only the knowledge-aware
-# discriminator: level with the full model, faster, and its encoder serves search as well
-# (docs/results.md); the per-frame variants draw better angiograms but embed FFA through
-# previous-frame channels they never trained.
+# its ablations. `train`'s default, no-knowledge-discriminator (GeneratorTrainOptions'
+# defaults), drops only the knowledge-aware discriminator: level with the full model, faster,
+# and its encoder serves search as well (docs/results.md); the per-frame variants draw
+# better angiograms but embed FFA through previous-frame channels they never trained.
 VARIANTS = {
     "full": {"knowledge_mask": True, "knowledge_discriminator": True, "autoregressive": True},
     "no-knowledge-mask": {
@@ -48,7 +48,6 @@ VARIANTS = {
         "autoregressive": False,
     },
 }
-DEFAULT_VARIANT = "no-knowledge-discriminator"
 
 
 def train_run(
