@@ -117,6 +117,9 @@ def test_mask_without_its_discriminator_still_weights_the_losses(tmp_path, data)
         training_loop(
             run_dir=run, data=data, iters=3, resume=True, knowledge_discriminator=True, **RUN
         )
+    for change, flag in (({"lr": 2e-4}, "lr=0.0002"), ({"ss_rollout": 2}, "ss_rollout=2")):
+        with pytest.raises(ConfigError, match=flag):
+            training_loop(run_dir=run, data=data, iters=3, resume=True, **change, **RUN)
 
 
 def test_schedules() -> None:
@@ -218,13 +221,34 @@ def test_window_sampler_frames() -> None:
     assert torch.equal(b.prev[0], torch.full((3, 16, 16), -1.0))  # before frame 0: black
     assert torch.equal(b.target[0], ffa[0:3]) and torch.equal(b.target[1], ffa[4:7])
     assert torch.equal(b.prev[1], ffa[1:4])
-    assert torch.equal(b.prev2[1][2], ffa[0]) and torch.equal(
-        b.prev2[1][:2], -torch.ones(2, 16, 16)
-    )
-    assert b.prev_valid[0].tolist() == [False] * 3 and b.prev_valid[1].tolist() == [True] * 3
+    assert b.earlier.shape == (2, 1, 3, 16, 16)
+    assert torch.equal(b.earlier[1, 0, 2], ffa[0])
+    assert torch.equal(b.earlier[1, 0, :2], -torch.ones(2, 16, 16))
+    assert b.earlier_valid[0, 0].tolist() == [False] * 3
+    assert b.earlier_valid[1, 0].tolist() == [True] * 3
     assert torch.allclose(b.times[1], torch.from_numpy(data.times_s[1, 4:7]))
-    assert torch.allclose(b.prev_times[1], torch.from_numpy(data.times_s[1, 1:4]))
+    assert torch.allclose(b.earlier_times[1, 0], torch.from_numpy(data.times_s[1, 1:4]))
     assert b.mask.shape == (2, 1, 16, 16) and b.cf.shape == (2, 3, 16, 16)
+
+
+def test_window_sampler_rollout_windows() -> None:
+    """With rollout R, each item carries the R real windows before `prev`, latest first,
+    with the times and validity of the windows G predicts from them."""
+    data = toy_paired_videos(2, 16, 12)
+    sampler = WindowSampler(data, 3, np.random.default_rng(0), flip=True, rollout=2)
+    b = sampler.batch(np.array([1, 1]), np.array([9, 5]), np.array([False, True]))
+    ffa = torch.from_numpy(data.ffa[1]).float() / 127.5 - 1  # (T, S, S)
+    assert b.earlier.shape == (2, 2, 3, 16, 16)
+    assert torch.equal(b.earlier[0, 0], ffa[3:6]) and torch.equal(b.earlier[0, 1], ffa[0:3])
+    times = torch.from_numpy(data.times_s[1])
+    assert torch.allclose(b.earlier_times[0, 0], times[6:9])
+    assert torch.allclose(b.earlier_times[0, 1], times[3:6])
+    assert b.earlier_valid[0].all()
+    # start 5 (flipped): prev = frames 2..4, earlier[0] = -1..1, earlier[1] = -4..-2 (black);
+    # G predicts prev (all valid) from earlier[0] (frame -1 not), which it predicts from black
+    assert torch.equal(b.earlier[1, 0, 1:], ffa[0:2].flip(-1))
+    assert torch.equal(b.earlier[1, 1], -torch.ones(3, 16, 16))
+    assert b.earlier_valid[1].tolist() == [[True, True, True], [False, True, True]]
 
 
 def test_options_round_trip_through_the_run_folder(tmp_path, data) -> None:
@@ -255,6 +279,8 @@ def test_options_round_trip_through_the_run_folder(tmp_path, data) -> None:
 def test_options_are_checked_when_made() -> None:
     with pytest.raises(ConfigError, match="iters or minutes"):
         GeneratorTrainOptions()
+    with pytest.raises(ConfigError, match="ss_rollout must be >= 1"):
+        GeneratorTrainOptions(iters=1, ss_rollout=0)
     with pytest.raises(ConfigError, match="precision must be auto or float32"):
         GeneratorTrainOptions(iters=1, precision="float16")
     with pytest.raises(ConfigError, match="iters must be >= 0"):
@@ -298,6 +324,29 @@ def test_session_stop_reasons_stats_and_log(tmp_path) -> None:
         s.start(iteration=5, elapsed_s=30.0)  # a resumed run: its past time counts
         assert not s.running() and s.stop_reason == "minutes" and s.fraction() == 1.0
     assert not s.due(0) and s.due(5)
+
+
+def test_scheduled_sampling_chains_the_rollout_windows() -> None:
+    """With rollout R and ss_prob 1, the previous frames are G's own, predicted window by
+    window from the real frames R windows earlier (black where a window is before frame 0)."""
+    data = toy_paired_videos(2, 32, 12)
+    nets = Nets.build(micro_scale())
+    sampler = WindowSampler(data, 3, np.random.default_rng(0), flip=False, rollout=2)
+    b = sampler.batch(np.array([0, 1]), np.array([9, 4]))
+    prev, stats = previous_frames(nets, b, True, 1.0, contextlib.nullcontext())
+    assert stats == {"Progress/ss_used": 1.0}
+    with torch.no_grad():
+        first = nets.G(b.cf, b.earlier[:, 1], b.earlier_times[:, 1])
+        first = torch.where(b.earlier_valid[:, 1, :, None, None], first, -1.0)
+        want = nets.G(b.cf, first, b.earlier_times[:, 0])
+    assert torch.allclose(prev, want, atol=1e-6)
+    assert torch.equal(first[1, 0], torch.full((32, 32), -1.0))  # frame -1 of the 2nd item
+    one = WindowSampler(data, 3, np.random.default_rng(0), flip=False).batch(
+        np.array([0, 1]), np.array([9, 4])
+    )
+    with torch.no_grad():
+        single = nets.G(one.cf, one.earlier[:, 0], one.earlier_times[:, 0])
+    assert not torch.allclose(prev, single)  # two windows chained, not one
 
 
 def test_step_phases_update_their_own_networks(data) -> None:

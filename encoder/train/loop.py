@@ -47,6 +47,7 @@ class GeneratorTrainOptions(TrainOptions):
     """The options of a generator run: TrainOptions' plus the model's and its losses'."""
 
     scale: str | ScaleConfig = "tiny"  # a bundled scale's name, or the config itself
+    lr: float = 8e-4  # G's and the discriminators' (pix2pixHD: 2e-4; docs/results.md)
     knowledge_mask: bool = True  # weights the L1 and the PatchNCE sampling
     # a second, knowledge-aware discriminator pass on masked windows (only with the mask).
     # Off by default: level with it on three seeds and 1.2-1.3x faster (docs/results.md).
@@ -59,6 +60,9 @@ class GeneratorTrainOptions(TrainOptions):
     ss_max: float = 1.0  # final probability of generated previous frames
     ss_start: float = 0.1  # fraction of the run where scheduled sampling starts ramping
     ss_end: float = 0.6  # ... and reaches ss_max
+    # windows G chains from real frames to make its own previous frames (scheduled sampling):
+    # more is closer to synthesis, which chains every window, and costs a forward pass each
+    ss_rollout: int = 1
     loss_weights: LossWeights = LossWeights()
     # "auto": bfloat16 autocast where the device has it natively (CUDA; a CPU with
     # AVX512-BF16 or AMX: 1.6x faster on 2 cores, with channels-last), float16 + GradScaler
@@ -72,6 +76,8 @@ class GeneratorTrainOptions(TrainOptions):
         super().__post_init__()
         if self.precision not in ("auto", "float32"):
             raise ConfigError(f"precision must be auto or float32, got {self.precision!r}")
+        if self.ss_rollout < 1:
+            raise ConfigError(f"ss_rollout must be >= 1, got {self.ss_rollout}")
 
     def step_options(self) -> StepOptions:
         """What each training step does with the mask, the previous frames and the losses."""
@@ -190,13 +196,21 @@ def _check_resume(state_path: Path, scale: ScaleConfig, options: GeneratorTrainO
     saved = ScaleConfig.from_dict(meta["scale"])
     if saved != scale:
         raise ConfigError(f"resume with a different model config: saved {saved}, asked {scale}")
-    run = GeneratorTrainOptions.from_dict(meta["options"]).step_options()
-    asked = options.step_options()
-    for flag in ("knowledge_mask", "uses_knowledge_discriminator"):
-        if getattr(run, flag) != getattr(asked, flag):
-            raise ConfigError(
-                f"resume with {flag}={getattr(asked, flag)}, run used {getattr(run, flag)}"
-            )
+    run = _resumed_facts(GeneratorTrainOptions.from_dict(meta["options"]))
+    for flag, asked in _resumed_facts(options).items():
+        if run[flag] != asked:
+            raise ConfigError(f"resume with {flag}={asked}, run used {run[flag]}")
+
+
+def _resumed_facts(o: GeneratorTrainOptions) -> dict[str, Any]:
+    """What a resume must keep: the networks trained and how the steps train them."""
+    step = o.step_options()
+    return {
+        "knowledge_mask": step.knowledge_mask,
+        "uses_knowledge_discriminator": step.uses_knowledge_discriminator,
+        "lr": o.lr,
+        "ss_rollout": o.ss_rollout,
+    }
 
 
 @dataclass
@@ -251,6 +265,7 @@ class _GeneratorRun:
             flip=o.flip,
             threshold=o.knowledge_threshold,
             centred=o.knowledge_centred,
+            rollout=o.ss_rollout,
         )
         return cls(
             session=session,

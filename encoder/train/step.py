@@ -91,9 +91,11 @@ class Nets:
 class Batch:
     cf: torch.Tensor  # (B, 3, S, S) in [-1, 1]
     prev: torch.Tensor  # (B, K, S, S) real frames j-K .. j-1 (black before frame 0)
-    prev2: torch.Tensor  # (B, K, S, S) real frames j-2K .. j-K-1 (to predict `prev`)
-    prev_times: torch.Tensor  # (B, K) times of `prev` (frame 0's time where index < 0)
-    prev_valid: torch.Tensor  # (B, K) bool: index of `prev` >= 0
+    # (B, R, K, S, S) the R windows before `prev`, latest first: earlier[:, r] are real
+    # frames j-(r+2)K .. j-(r+1)K-1 (scheduled sampling predicts `prev` from them)
+    earlier: torch.Tensor
+    earlier_times: torch.Tensor  # (B, R, K) times of `prev` and the R-1 windows before it
+    earlier_valid: torch.Tensor  # (B, R, K) bool: those frames' indices are >= 0
     target: torch.Tensor  # (B, K, S, S) frames j .. j+K-1
     times: torch.Tensor  # (B, K)
     mask: torch.Tensor  # (B, 1, S, S) float knowledge mask in {0, 1}
@@ -112,6 +114,7 @@ class WindowSampler:
     flip: bool = True
     threshold: float = KNOWLEDGE_THRESHOLD
     centred: bool = True  # knowledge_mask(..., fov=data.fov): see losses.knowledge_mask
+    rollout: int = 1  # windows before `prev` in each item (`Batch.earlier`)
     masks: np.ndarray = field(init=False)  # bool (N, S, S)
 
     def __post_init__(self) -> None:
@@ -135,21 +138,23 @@ class WindowSampler:
         for v, j, fl in zip(
             vids, starts, flips if flips is not None else [False] * len(vids), strict=True
         ):
-            lo = max(j - 2 * k, 0)  # only the frames this window needs: j-2K .. j+K-1
-            ffa = to_model(self.data.ffa[v, lo : j + k])[None]  # (1, <= 3K, S, S)
-            idx = torch.arange(j - k, j).clamp(min=0)
+            r = self.rollout
+            lo = max(j - (r + 1) * k, 0)  # only the frames this item needs
+            ffa = to_model(self.data.ffa[v, lo : j + k])[None]  # (1, <= (R + 2)K, S, S)
+            starts = [j - (i + 1) * k for i in range(r + 1)]  # prev's window, then earlier
+            idx = torch.stack([torch.arange(a, a + k) for a in starts[:-1]])  # (R, K)
             item = dict(
                 cf=cf_tensor(self.data.cf[v]),
                 prev=window(ffa, j - k - lo, k)[0],
-                prev2=window(ffa, j - 2 * k - lo, k)[0],
-                prev_times=torch.from_numpy(self.data.times_s[v])[idx],
-                prev_valid=torch.arange(j - k, j) >= 0,
+                earlier=torch.stack([window(ffa, a - lo, k)[0] for a in starts[1:]]),
+                earlier_times=torch.from_numpy(self.data.times_s[v])[idx.clamp(min=0)],
+                earlier_valid=idx >= 0,
                 target=ffa[0, j - lo : j - lo + k],
                 times=torch.from_numpy(self.data.times_s[v, j : j + k]),
                 mask=torch.from_numpy(self.masks[v])[None].float(),
             )
             if fl:
-                item = {key: x.flip(-1) if x.ndim == 3 else x for key, x in item.items()}
+                item = {key: x.flip(-1) if x.ndim >= 3 else x for key, x in item.items()}
             items.append(item)
         return Batch(**{key: torch.stack([it[key] for it in items]) for key in items[0]})
 
@@ -262,11 +267,14 @@ def previous_frames(
     draw = torch.rand(b * distributed.world_size(), device=prev.device)
     use = draw[rank * b : (rank + 1) * b] < ss_prob  # (B,)
     if use.any():
+        cf, times, valid = batch.cf[use], batch.earlier_times[use], batch.earlier_valid[use]
+        gen = batch.earlier[use][:, -1]  # real frames, then G's own window by window
         with torch.no_grad(), ctx:
-            gen = nets.G(batch.cf[use], batch.prev2[use], batch.prev_times[use]).float()
-        valid = batch.prev_valid[use][..., None, None]  # (b, K, 1, 1)
+            for r in reversed(range(times.shape[1])):
+                out = nets.G(cf, gen, times[:, r]).float()
+                gen = torch.where(valid[:, r, :, None, None], out, -1.0)
         prev = prev.clone()
-        prev[use] = torch.where(valid, gen, -1.0)
+        prev[use] = gen
     return prev, {"Progress/ss_used": float(use.float().mean())}
 
 
