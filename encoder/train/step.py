@@ -133,20 +133,19 @@ class WindowSampler:
         return self.batch(vids[part], starts[part], flips[part])
 
     def batch(self, vids: np.ndarray, starts: np.ndarray, flips: np.ndarray | None = None) -> Batch:
-        k = self.k
+        k, r = self.k, self.rollout
         items = []
         for v, j, fl in zip(
             vids, starts, flips if flips is not None else [False] * len(vids), strict=True
         ):
-            r = self.rollout
             lo = max(j - (r + 1) * k, 0)  # only the frames this item needs
             ffa = to_model(self.data.ffa[v, lo : j + k])[None]  # (1, <= (R + 2)K, S, S)
-            starts = [j - (i + 1) * k for i in range(r + 1)]  # prev's window, then earlier
-            idx = torch.stack([torch.arange(a, a + k) for a in starts[:-1]])  # (R, K)
+            before = [j - (i + 1) * k for i in range(r + 1)]  # prev's window's start, then earlier
+            idx = torch.stack([torch.arange(a, a + k) for a in before[:-1]])  # (R, K)
             item = dict(
                 cf=cf_tensor(self.data.cf[v]),
                 prev=window(ffa, j - k - lo, k)[0],
-                earlier=torch.stack([window(ffa, a - lo, k)[0] for a in starts[1:]]),
+                earlier=torch.stack([window(ffa, a - lo, k)[0] for a in before[1:]]),
                 earlier_times=torch.from_numpy(self.data.times_s[v])[idx.clamp(min=0)],
                 earlier_valid=idx >= 0,
                 target=ffa[0, j - lo : j - lo + k],
