@@ -138,13 +138,13 @@ class WindowSampler:
         for v, j, fl in zip(
             vids, starts, flips if flips is not None else [False] * len(vids), strict=True
         ):
-            lo = max(j - (r + 1) * k, 0)  # only the frames this item needs
-            ffa = to_model(self.data.ffa[v, lo : j + k])[None]  # (1, <= (R + 2)K, S, S)
             before = [j - (i + 1) * k for i in range(r + 1)]  # prev's window's start, then earlier
+            lo = max(before[-1], 0)  # only the frames this item needs
+            ffa = to_model(self.data.ffa[v, lo : j + k])[None]  # (1, <= (R + 2)K, S, S)
             idx = torch.stack([torch.arange(a, a + k) for a in before[:-1]])  # (R, K)
             item = dict(
                 cf=cf_tensor(self.data.cf[v]),
-                prev=window(ffa, j - k - lo, k)[0],
+                prev=window(ffa, before[0] - lo, k)[0],
                 earlier=torch.stack([window(ffa, a - lo, k)[0] for a in before[1:]]),
                 earlier_times=torch.from_numpy(self.data.times_s[v])[idx.clamp(min=0)],
                 earlier_valid=idx >= 0,
