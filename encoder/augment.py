@@ -44,8 +44,8 @@ class AugmentConfig:
     aperture_min: float = 0.75  # ... its radius over the usual one, uniform in [min, 1]
     frame_cut_prob: float = 0.15  # probability of a frame that cuts the top and bottom ...
     frame_cut_min: float = 0.7  # ... keeping a centred band of [min, 1] of the height
-    jpeg_prob: float = 0.25  # probability of JPEG compression (CF only) ...
-    jpeg_quality_min: int = 15  # ... at a quality uniform in [min, 95]
+    jpeg_prob: float = 0.5  # probability of JPEG compression (CF only) ...
+    jpeg_quality_min: int = 10  # ... at a quality uniform in [min, 95]
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -164,7 +164,8 @@ def _camera(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Te
 
 def _jpeg(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """JPEG compression of a random subset of CF items (B, 3, S, S), each at its own
-    quality (torchvision's libjpeg, on the CPU)."""
+    quality (torchvision's libjpeg, on the CPU, with 4:2:0 chroma as cameras store it:
+    the colour detail that a compressed query photo loses)."""
     b = x.shape[0]
     apply = torch.rand(b, generator=g) < cfg.jpeg_prob
     quality = torch.randint(cfg.jpeg_quality_min, 96, (b,), generator=g)

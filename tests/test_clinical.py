@@ -307,6 +307,21 @@ def test_a_cut_frame_has_black_bands_and_jpeg_keeps_the_black_surround() -> None
         AugmentConfig(jpeg_quality_min=0)
 
 
+def test_jpeg_augmentation_drops_colour_detail_as_cameras_store_it() -> None:
+    """A camera's JPEG keeps chroma at half resolution (4:2:0): a fine colour checker
+    of constant luma is smoothed away, a grey checker is kept. Query photos' JPEG
+    damage is in their chroma, so the augmentation must be too."""
+    check = ((torch.arange(32)[:, None] + torch.arange(32)[None]) % 2).float() * 0.3 - 0.15
+    luma = torch.full((32, 32), 0.5)
+    colour = torch.stack([luma + 1.402 * check, luma - 0.714 * check, luma])  # Cr only
+    grey = torch.stack([luma + check] * 3)
+    cfg = AugmentConfig(**_ONLY_CAMERA | {"jpeg_prob": 1.0, "jpeg_quality_min": 95})
+    for u, kept in ((colour, lambda r: r < 0.5), (grey, lambda r: r > 0.9)):
+        x = (u * 2 - 1)[None]  # model space
+        y = augment_cf(x, torch.Generator().manual_seed(0), cfg)
+        assert kept(float((y - y.mean()).std() / (x - x.mean()).std()))
+
+
 # ---------------------------------------------------------------- the suggestion
 
 
