@@ -8,7 +8,7 @@ rotation, a narrower field of view, a 4:3 frame, a lower and a higher resolution
 go through the query path a user's upload takes (`QueryEncoder.embed_cf`: any size,
 made square, resized). The galleries stay clean. For each perturbation: pair R@1
 (CF→FFA inside the held-out split, pair similarity), the same with the vessel check
-that pair searches use (`retrieval.data.vessel_check`: the 20 best re-ranked by how
+that pair searches use (`retrieval.data.vessel_check`: the 40 best re-ranked by how
 well the photo's vessels lie on each angiogram's), and CF→CF precision@10 by diagnosis
 against the archive (train + val, clinical similarity), next to the clean queries.
 Target: no perturbation costs more than 0.05 of pair R@1. Prints a table and writes a

@@ -66,6 +66,25 @@ def test_no_vessels_agree_with_nothing(cohort):
     assert agreement(black, ffa_print(read_ffa(case.ffa_path), case.ffa_times_s)) == 0.0
 
 
+def _recoloured(photo: np.ndarray, amplitude: int) -> np.ndarray:
+    """The photo with its colour (chroma) moved in 2 × 2 blocks at constant luma, as a
+    JPEG's 4:2:0 chroma does."""
+    ycc = np.asarray(Image.fromarray(photo).convert("YCbCr")).astype(np.int16)
+    h, w = photo.shape[:2]
+    shift = np.random.default_rng(0).integers(-amplitude, amplitude + 1, (h // 2, w // 2, 2))
+    ycc[: h // 2 * 2, : w // 2 * 2, 1:] += shift.repeat(2, 0).repeat(2, 1)
+    recoloured = Image.fromarray(np.clip(ycc, 0, 255).astype(np.uint8), "YCbCr")
+    return np.asarray(recoloured.convert("RGB"))
+
+
+def test_the_photo_print_reads_luma_so_a_colour_change_leaves_it(cohort):
+    for case in cohort.cases():
+        photo = read_cf(case.cf_path)
+        clean, recoloured = cf_print(photo), cf_print(_recoloured(photo, 20))
+        # unit maps: 1 is the same map (the green channel's print: 0.91-0.95)
+        assert float((clean.vessels * recoloured.vessels).sum()) > 0.98
+
+
 def test_top_agreements_fill_each_querys_best_and_compare_each_pair_once(cohort):
     cases = cohort.cases()
     ffa = [ffa_print(read_ffa(c.ffa_path), c.ffa_times_s) for c in cases]
@@ -80,13 +99,13 @@ def test_top_agreements_fill_each_querys_best_and_compare_each_pair_once(cohort)
     found: dict = {}
     got = top_agreements(scores, query, ffa, found)
     direct = [[agreement(QueryPrint.of(p), f) for f in ffa] for p in photos]
-    assert np.allclose(got, direct)  # CHECK_DEPTH (20) covers all 6 candidates
+    assert np.allclose(got, direct)  # CHECK_DEPTH covers all 6 candidates
     assert len(found) == len(cases) ** 2 and asked == list(range(len(cases)))
     assert np.array_equal(top_agreements(scores, query, ffa, found), got)
     assert len(asked) == len(cases)  # nothing compared twice
-    shallow = np.zeros((1, 30))
-    shallow[0, :] = np.arange(30)[::-1]  # candidate 0 best
-    prints = [ffa[0]] * 30
+    many = CHECK_DEPTH + 10
+    shallow = np.arange(many, dtype=np.float64)[None, ::-1]  # candidate 0 best
+    prints = [ffa[0]] * many
     deep = top_agreements(shallow, lambda q: photos[0], prints)
     assert (deep[0, :CHECK_DEPTH] > 0).all() and (deep[0, CHECK_DEPTH:] == 0).all()
 

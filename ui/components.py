@@ -94,8 +94,8 @@ def similarity_options(with_default: bool = True) -> list[str]:
 
 
 VESSEL_CHECK_HELP = (
-    "For Same eye (pair) searches: re-rank the 20 best by how well the query's vessels lie "
-    "on each case's, so a turned, zoomed or cropped photo still finds its own angiogram."
+    "For Same eye (pair) searches: re-rank the best hits by how well the query's vessels "
+    "lie on each case's, so a turned, zoomed or cropped photo still finds its own angiogram."
 )
 VESSEL_MATCH_HELP = (
     "How well the query's vessels lie on this case's once turned, scaled and shifted onto "

@@ -879,7 +879,7 @@ def _search_record(result, rows: list[dict], target: str, via: str) -> dict:
 
 
 VESSEL_CHECK_HELP = (
-    "With --similarity pair (via direct, no feedback or region): re-rank the 20 best by how "
+    "With --similarity pair (via direct, no feedback or region): re-rank the best hits by how "
     "well the query's vessels lie on each case's; a turned, zoomed or cropped photo still "
     "finds its own angiogram. --no-vessel-check ranks by the embedding alone."
 )

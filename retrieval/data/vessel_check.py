@@ -7,7 +7,7 @@ retrieval answers this with spatial verification of the top candidates (Philbin 
 2007); here the geometry is the eye's vessel tree, which no other eye shares.
 
 Each picture becomes a `VesselPrint`: the vessel map of `retrieval.data.registration`
-(a ridge filter on the CF's green channel, where vessels are dark, or on the mean of
+(a ridge filter on the CF's luma, where vessels are dark, or on the mean of
 the venous-phase FFA frames, where they are bright) on a `SIDE`-pixel working grid
 that its field-of-view circle fills. The query's print is warped once over `ANGLES` ×
 `SCALES` (`QueryPrint`; scales below 1 for a narrower camera field, above for a wider
@@ -51,7 +51,8 @@ ANGLES = tuple(float(a) for a in np.arange(-12.0, 12.01, 1.5))  # degrees
 SCALES = (0.75, 0.8, 0.87, 0.93, 1.0, 1.07, 1.15, 1.25, 1.33)  # candidate over query
 CANDIDATES = 6  # the coarse search's best placements, each scored by tile quality
 MATCH_SMOOTH = 0.7  # Gaussian sigma (grid pixels) of both maps before the tile quality
-CHECK_DEPTH = 20  # hits of a pair search that the vessel check re-ranks
+CHECK_DEPTH = 40  # hits of a pair search that the vessel check re-ranks
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601: the Y that JPEG keeps
 VESSEL_WEIGHT = 0.75  # agreement's weight beside the pair cosine
 
 
@@ -74,11 +75,16 @@ def _half(image: np.ndarray) -> np.ndarray:
 
 
 def cf_print(photo: np.ndarray, circle: FovCircle | None = None) -> VesselPrint:
-    """A CF photo (H, W, 3) uint8 (its FOV circle, detected when None) → its print."""
+    """A CF photo (H, W, 3) uint8 (its FOV circle, detected when None) → its print.
+
+    The print reads the photo's luma, not its green channel: JPEG stores the colour
+    (chroma) at a quarter of the pixels and quantises it hardest, and the green channel
+    carries that damage; the luma is kept at full resolution."""
     if photo.ndim != 3 or photo.shape[2] != 3:
         raise ValueError(f"a CF photo must be (H, W, 3), got shape {photo.shape}")
     circle = detect_fov(photo) if circle is None else circle
-    vessels, field = vessel_map(on_grid(photo[..., 1], circle, SIDE), dark_vessels=True)
+    luma = photo.astype(np.float32) @ LUMA
+    vessels, field = vessel_map(on_grid(luma, circle, SIDE), dark_vessels=True)
     return VesselPrint(vessels, field)
 
 

@@ -5,7 +5,7 @@ test FFA video, and the reverse); the true pair is the one relevant item, so mAP
 mean reciprocal rank of the pair. For a run with a generator, CF→FFA is also measured
 through synthesis (CF → synthesized FFA → FFA index) and fused (reciprocal-rank fusion
 of direct and synthesis), on the same queries and gallery. "pair+vessels" is the pair
-similarity as a pair search serves it: its 20 best re-ranked by the vessel check
+similarity as a pair search serves it: its `CHECK_DEPTH` (40) best re-ranked by the vessel check
 (`retrieval.data.vessel_check`, the stored photos' and videos' vessel prints).
 
 Clinical metrics, as a clinic searches: the held-out split's cases are the queries and

@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from retrieval.data.vessel_check import CHECK_DEPTH
 from retrieval.search.engine import CaseQuery, CFQuery, Engine, FFAQuery, WouldBlock
 from retrieval.search.region import REGION_EXAMPLE
 
@@ -55,10 +56,11 @@ SIMILARITY_HELP = (
     "asking for another is a 422)."
 )
 VESSEL_CHECK_HELP = (
-    "With similarity pair via direct (no feedback, no region): re-rank the 20 best by how "
-    "well the query's vessels lie on each case's (each result's `vessel_match`), which "
-    "keeps a photo's own angiogram on top when the camera turns, zooms, crops or blurs the "
-    "eye. Costs about 0.1 s per unseen case and 0.03 s per compared one. Ignored otherwise."
+    "With similarity pair via direct (no feedback, no region): re-rank the "
+    f"{CHECK_DEPTH} best by how well the query's vessels lie on each case's (each result's "
+    "`vessel_match`), which keeps a photo's own angiogram on top when the camera turns, "
+    "zooms, crops or blurs the eye. Costs about 0.1 s per unseen case and 0.03 s per "
+    "compared one. Ignored otherwise."
 )
 SEARCH_DESCRIPTION = (
     "The response's `suggestion` is the diagnosis voted by the query's nearest labelled "
