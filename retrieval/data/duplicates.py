@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from retrieval.errors import Fundus2VideoError, UnreadableMedia
 
-from .media import read_cf, read_ffa
+from .media import luma, read_cf, read_ffa
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _gray(image: np.ndarray) -> np.ndarray:
     """A CF (H, W, 3) or gray (H, W) uint8/float image as float32 luminance."""
     arr = np.asarray(image, np.float32)
     if arr.ndim == 3:
-        arr = arr[..., :3] @ np.asarray([0.299, 0.587, 0.114], np.float32)
+        arr = luma(arr)
     if arr.ndim != 2 or min(arr.shape) < 4:
         raise Fundus2VideoError(f"a duplicate descriptor needs a 2-D picture, got {arr.shape}")
     return arr

@@ -41,6 +41,7 @@ CF_SUFFIXES = (".png", ".jpg", ".jpeg", *TIFF_SUFFIXES)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
 FFA_SUFFIXES = (*VIDEO_SUFFIXES, *TIFF_SUFFIXES)  # files; a folder of frames also works
 FRAME_SUFFIXES = CF_SUFFIXES  # the files of a folder of frames
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601: JPEG's Y, Pillow's "L"
 
 Source = str | os.PathLike[str] | bytes
 
@@ -245,6 +246,11 @@ def _scale_float(arr: np.ndarray, src: _Input) -> np.ndarray:
         work *= 255.0
     np.clip(work, 0.0, 255.0, out=work)
     return np.rint(work, out=work).astype(np.uint8)
+
+
+def luma(image: np.ndarray) -> np.ndarray:
+    """An (H, W, 3+) RGB picture → its luma (H, W) as float32, unrounded (ITU-R 601)."""
+    return np.asarray(image[..., :3], np.float32) @ LUMA
 
 
 def _to_gray(image: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ from scipy import fft, ndimage
 from encoder.fov import FovCircle, detect_fov, detect_video_fov
 from encoder.metrics import venous_frames
 
+from .media import luma
 from .registration import (
     MAX_SHIFT,
     homogeneous,
@@ -52,7 +53,6 @@ SCALES = (0.75, 0.8, 0.87, 0.93, 1.0, 1.07, 1.15, 1.25, 1.33)  # candidate over 
 CANDIDATES = 6  # the coarse search's best placements, each scored by tile quality
 MATCH_SMOOTH = 0.7  # Gaussian sigma (grid pixels) of both maps before the tile quality
 CHECK_DEPTH = 40  # hits of a pair search that the vessel check re-ranks
-LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601: the Y that JPEG keeps
 VESSEL_WEIGHT = 0.75  # agreement's weight beside the pair cosine
 
 
@@ -83,8 +83,7 @@ def cf_print(photo: np.ndarray, circle: FovCircle | None = None) -> VesselPrint:
     if photo.ndim != 3 or photo.shape[2] != 3:
         raise ValueError(f"a CF photo must be (H, W, 3), got shape {photo.shape}")
     circle = detect_fov(photo) if circle is None else circle
-    luma = photo.astype(np.float32) @ LUMA
-    vessels, field = vessel_map(on_grid(luma, circle, SIDE), dark_vessels=True)
+    vessels, field = vessel_map(on_grid(luma(photo), circle, SIDE), dark_vessels=True)
     return VesselPrint(vessels, field)
 
 
