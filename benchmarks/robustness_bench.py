@@ -285,7 +285,7 @@ def main() -> None:
         type=lambda v: [float(w) for w in v.split(",")],
         default=[],
         help="comma-separated weights of the vessel agreement to compare beside the default "
-        "(as chosen: --split val --vessel-weights 0.3,0.5,1.0)",
+        "(e.g. --split val --vessel-weights 0.75,1.0,2.0)",
     )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness.json"))
     ap.add_argument("--quiet", action="store_true")

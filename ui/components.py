@@ -99,8 +99,8 @@ VESSEL_CHECK_HELP = (
 )
 VESSEL_MATCH_HELP = (
     "How well the query's vessels lie on this case's once turned, scaled and shifted onto "
-    "them (0-1): a photo and its own angiogram about 0.3-0.7, another eye mostly below 0.2. The "
-    "results are ordered by score + 0.75 × this."
+    "them (0-1): a photo and its own angiogram about 0.25-0.7, another eye mostly below 0.2. "
+    "The results are ordered by the score plus a fixed multiple of this."
 )
 
 

@@ -29,6 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from retrieval.data.cohort import CASE_FIELDS, CatalogField
 from retrieval.data.media_write import SYNTHETIC_LABEL
+from retrieval.data.vessel_check import VESSEL_WEIGHT
 from retrieval.search.queries import SUGGESTION_LABEL
 from retrieval.search.region import format_region, parse_region
 
@@ -324,8 +325,9 @@ class ResultRow(_Model):
         default=None,
         description="A vessel-checked search (similarity pair, via direct, `vessel_check` on): "
         "how well the query's vessels lie on this case's once turned, scaled and shifted onto "
-        "them, 0-1 (a photo and its own angiogram: about 0.3-0.7; another eye: mostly below 0.2). "
-        "The results are then ordered by score + 0.75 x vessel_match. Null otherwise.",
+        "them, 0-1 (a photo and its own angiogram: about 0.25-0.7; another eye: mostly below "
+        f"0.2). The results are then ordered by score + {VESSEL_WEIGHT} x vessel_match. Null "
+        "otherwise.",
         examples=[0.48],
     )
 

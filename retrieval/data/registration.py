@@ -278,14 +278,16 @@ def _refine(
     return best if best[1] >= start else (m, start)
 
 
-def tile_quality(fixed: np.ndarray, fov: np.ndarray, warped: np.ndarray) -> float:
-    """The lower quartile of the maps' normalised correlation over `QUALITY_TILES`² tiles
-    (those at least half inside the field): most of the picture must agree, not only the
-    big vessels that every eye has in about the same place."""
-    n = fixed.shape[0] // QUALITY_TILES
+def tile_quality(
+    fixed: np.ndarray, fov: np.ndarray, warped: np.ndarray, tiles: int = QUALITY_TILES
+) -> float:
+    """The lower quartile of the maps' normalised correlation over `tiles`² tiles (those
+    at least half inside the field): most of the picture must agree, not only the big
+    vessels that every eye has in about the same place."""
+    n = fixed.shape[0] // tiles
     scores = []
-    for i in range(QUALITY_TILES):
-        for j in range(QUALITY_TILES):
+    for i in range(tiles):
+        for j in range(tiles):
             tile = (slice(i * n, (i + 1) * n), slice(j * n, (j + 1) * n))
             inside = fov[tile]
             if inside.mean() >= 0.5:

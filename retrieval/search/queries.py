@@ -88,7 +88,7 @@ class Hit:
     region: tuple[float, float, float, float] | None = None
     region_score: float | None = None
     # a vessel-checked pair search: how well the query's vessels lie on this case's, 0-1
-    # (`retrieval.search.vessels`); the hits are ordered by score + 0.75 x this
+    # (`retrieval.search.vessels`); the hits are ordered by score + VESSEL_WEIGHT x this
     vessel_match: float | None = None
 
 
