@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DataError
+from .fov import LUMA
 
 FOV_THRESHOLD = 20  # uint8 luminance of the smoothed CF above which a pixel is in the FOV
 
@@ -112,7 +113,7 @@ def estimate_fov(cf: np.ndarray, threshold: int = FOV_THRESHOLD) -> np.ndarray:
         raise DataError(f"cf must be uint8 (..., H, W, 3), got {cf.dtype} {cf.shape}")
     lead, (h, w) = cf.shape[:-3], cf.shape[-3:-1]
     x = torch.from_numpy(cf.reshape(-1, h, w, 3)).float()
-    lum = (x @ x.new_tensor([0.299, 0.587, 0.114]))[:, None]  # (N, 1, H, W)
+    lum = (x @ x.new_tensor(LUMA))[:, None]  # (N, 1, H, W)
     k = max(3, (min(h, w) // 32) | 1)
     smooth = F.avg_pool2d(lum, k, stride=1, padding=k // 2, count_include_pad=False)
     return (smooth[:, 0] > threshold).numpy().reshape(*lead, h, w)

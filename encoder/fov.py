@@ -41,7 +41,7 @@ RAYS = 360  # rays along which the edge is refined to a sub-pixel position
 MIN_COVERAGE = 0.25  # inliers over the in-frame circumference needed to trust a fit
 MAX_BRIGHT_OUTSIDE = 0.3  # a FOV's circle has (nearly) only dark pixels outside it
 MIN_BRIGHT_INSIDE = 0.6  # ... and mostly bright ones inside
-_LUMA = (0.299, 0.587, 0.114)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights of R, G, B
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def _work_gray(image: np.ndarray) -> tuple[torch.Tensor, float, float]:
     x = torch.from_numpy(np.asarray(image, np.float32))
     if x.ndim == 3:
         rgb = x[..., :3] if x.shape[-1] >= 3 else x[..., :1].expand(*x.shape[:2], 3)
-        x = torch.maximum(rgb @ rgb.new_tensor(_LUMA), rgb[..., 0])
+        x = torch.maximum(rgb @ rgb.new_tensor(LUMA), rgb[..., 0])
     h, w = x.shape
     k = min(1.0, WORK_SIZE / max(h, w))
     hw = (max(4, round(h * k)), max(4, round(w * k)))
