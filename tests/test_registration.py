@@ -20,6 +20,7 @@ from retrieval.data.registration import (
     register_cohort,
     register_pair,
     similarity_matrix,
+    tile_quality,
     venous_frames,
     warp_cf,
 )
@@ -70,6 +71,19 @@ def test_another_eyes_cf_fails():
 def test_flat_pictures_fail_without_error():
     reg = register_pair(np.zeros((64, 64, 3), np.uint8), np.zeros((3, 64, 64), np.uint8))
     assert not reg.ok and reg.quality == 0.0
+
+
+def test_tiles_without_vessels_agree_on_nothing():
+    """A vessel map is a constant level away from its vessels; two such tiles share no
+    vessel, whatever rounding the level leaves (float32 means once scored them 1.0)."""
+    yy, xx = np.mgrid[:128, :128]
+    field = (yy - 63.5) ** 2 + (xx - 63.5) ** 2 < 60**2
+    flat = np.full((128, 128), 0.0035131292, np.float32)  # a real map's level
+    for tiles in (4, 8):
+        assert tile_quality(flat, field, flat.copy(), tiles) == 0.0
+    vessels = flat.copy()
+    vessels[::9] += 0.05  # lines: the same structure on both sides agrees fully
+    assert tile_quality(vessels, field, vessels.copy(), 4) == pytest.approx(1.0)
 
 
 def test_bad_shapes_are_named():
