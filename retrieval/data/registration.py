@@ -295,10 +295,14 @@ def tile_quality(
     kept = inside.mean(axis=1) >= 0.5
     if not kept.any():
         return 0.0
-    inside, count = inside[kept], inside[kept].sum(axis=1, keepdims=True)
-    a, b = (rows(image)[kept] * inside for image in (fixed, warped))
-    a = (a - a.sum(axis=1, keepdims=True) / count) * inside
-    b = (b - b.sum(axis=1, keepdims=True) / count) * inside
+    inside = inside[kept]
+    count = inside.sum(axis=1, keepdims=True)
+
+    def centred(image: np.ndarray) -> np.ndarray:  # each kept tile less its mean in the field
+        x = rows(image)[kept] * inside
+        return (x - x.sum(axis=1, keepdims=True) / count) * inside
+
+    a, b = centred(fixed), centred(warped)
     denom = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
     ncc = np.divide((a * b).sum(axis=1), denom, out=np.zeros_like(denom), where=denom > 0)
     return float(np.clip(np.percentile(ncc, 25), 0.0, 1.0))
